@@ -1,0 +1,1 @@
+"""MisoTTS: fast runtime for RVQ text-to-dialogue speech models."""

@@ -1,0 +1,40 @@
+"""Installs one import package, ``misotts``.
+
+The repository keeps the design card's folders (``kernels/``, ``runtime/``,
+``weights/``, ``bench/``) at the top level; ``package_dir`` maps them under
+``misotts.`` so nothing called ``kernels`` or ``runtime`` lands top-level in
+site-packages (``kernels`` is a real PyPI package that transformers imports).
+"""
+from setuptools import setup
+
+SUBPACKAGES = ["kernels", "runtime", "weights", "bench"]
+
+setup(
+    name="misotts",
+    version="0.1.0",
+    description="Fast runtime for RVQ text-to-dialogue speech models (MisoTTS, Sesame CSM)",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["misotts"] + [f"misotts.{name}" for name in SUBPACKAGES],
+    package_dir={"misotts": "misotts", **{f"misotts.{name}": name for name in SUBPACKAGES}},
+    install_requires=[
+        "torch>=2.4",
+        "triton>=3.0",
+        "safetensors>=0.4",
+        "numpy",
+        "tokenizers>=0.15",
+        "huggingface_hub>=0.20",
+        "tqdm",
+        # moshi is installed separately with --no-deps (it pins torch<2.10; its Mimi runs on newer
+        # torch); these are the packages its Mimi code imports.
+        "einops",
+        "sentencepiece",
+    ],
+    extras_require={
+        "test": ["pytest", "transformers>=5.0"],
+        "dev": ["pytest", "transformers>=5.0", "matplotlib"],
+        "flash": ["flash-attn"],
+    },
+    entry_points={"console_scripts": ["misotts=misotts.cli:main"]},
+)
