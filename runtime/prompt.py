@@ -1,0 +1,90 @@
+"""Segments and the prompt layout: every backbone position is a row of 33 ints + 33 bools.
+
+Columns 0..31 hold audio codes, column 32 a text token.  A text row masks only column 32; an
+audio row masks columns 0..31 and leaves column 32 at 0.  A segment is its text rows
+(``[speaker]text`` wrapped in BOS/EOS), then, if it has audio, one row per Mimi frame and one
+all-zero audio row that ends the audio.  The prompt is the context segments followed by the
+target's text rows.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+
+@dataclass
+class Segment:
+    """One turn of a conversation.
+
+    audio: mono samples (tensor/array at 24 kHz, or a (samples, rate) tuple) or a WAV path;
+    codes: Mimi codes [T, num_codebooks] instead of audio (skips encoding).
+    """
+
+    speaker: int
+    text: str
+    audio: object = None
+    codes: torch.Tensor | None = None
+
+
+def text_rows(tokens: list[int], num_codebooks: int = 32):
+    frames = torch.zeros(len(tokens), num_codebooks + 1, dtype=torch.long)
+    mask = torch.zeros(len(tokens), num_codebooks + 1, dtype=torch.bool)
+    frames[:, -1] = torch.tensor(tokens, dtype=torch.long)
+    mask[:, -1] = True
+    return frames, mask
+
+
+def audio_rows(codes: torch.Tensor, end_of_audio: bool = True):
+    """codes [T, n] -> frames, mask [T (+1), n + 1]; the extra all-zero row marks the end."""
+    t, n = codes.shape
+    rows = t + int(end_of_audio)
+    frames = torch.zeros(rows, n + 1, dtype=torch.long)
+    mask = torch.zeros(rows, n + 1, dtype=torch.bool)
+    frames[:t, :n] = codes
+    mask[:, :n] = True
+    return frames, mask
+
+
+def check_codes(codes: torch.Tensor, num_codebooks: int, vocab: int = 2048) -> torch.Tensor:
+    codes = torch.as_tensor(codes)
+    if codes.ndim != 2 or codes.shape[1] != num_codebooks:
+        raise ValueError(f"segment codes must be [frames, {num_codebooks}], got {tuple(codes.shape)}")
+    if codes.dtype.is_floating_point or codes.dtype == torch.bool:
+        raise ValueError(f"segment codes must be integers, got {codes.dtype}")
+    if codes.numel() and (codes.min() < 0 or codes.max() >= vocab):
+        raise ValueError(f"segment codes must lie in 0..{vocab - 1}")
+    return codes.long().cpu()
+
+
+def segment_rows(segment: Segment, tokenizer, num_codebooks: int,
+                 encode_audio: Callable[[object], torch.Tensor] | None, with_audio: bool = True):
+    if not isinstance(segment, Segment):
+        raise TypeError(f"context items must be misotts.Segment, got {type(segment).__name__}")
+    frames, mask = text_rows(tokenizer.encode(f"[{segment.speaker}]{segment.text}"), num_codebooks)
+    if not with_audio:
+        return frames, mask
+    if segment.audio is not None and segment.codes is not None:
+        raise ValueError("give a segment audio or codes, not both")
+    codes = segment.codes
+    if segment.audio is not None:
+        if encode_audio is None:
+            raise ValueError("this model has no codec to encode segment audio; pass codes instead")
+        if isinstance(segment.audio, (str, Path)) and not Path(segment.audio).is_file():
+            raise FileNotFoundError(f"segment audio file not found: {segment.audio}")
+        codes = encode_audio(segment.audio)
+    if codes is None:
+        return frames, mask
+    a_frames, a_mask = audio_rows(check_codes(codes, num_codebooks))
+    return torch.cat([frames, a_frames]), torch.cat([mask, a_mask])
+
+
+def build_prompt(text: str, speaker: int, context, tokenizer, num_codebooks: int = 32,
+                 encode_audio: Callable[[object], torch.Tensor] | None = None):
+    """Context segments, then the target turn's text rows -> frames, mask [S, n + 1]."""
+    parts = [segment_rows(s, tokenizer, num_codebooks, encode_audio) for s in context or ()]
+    parts.append(segment_rows(Segment(speaker, text), tokenizer, num_codebooks, None, with_audio=False))
+    frames, mask = zip(*parts)
+    return torch.cat(frames), torch.cat(mask)
