@@ -1,0 +1,5 @@
+import sys
+
+from misotts.cli import main
+
+sys.exit(main())

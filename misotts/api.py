@@ -1,0 +1,194 @@
+"""The public face: `load` a model, `TTS.generate` / `TTS.stream` speech, `Audio` results."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from misotts.runtime.config import PRESETS, ModelConfig
+from misotts.runtime.generate import iter_frames, max_frames_for
+from misotts.runtime.model import CSMModel
+from misotts.runtime.prompt import Segment, build_prompt
+from misotts.runtime.tokenizer import ByteTokenizer, Llama3Tokenizer, load_tokenizer
+
+SAMPLE_RATE = 24_000
+# Presets that name a public checkpoint; others need a local path or random_init=True.
+PRESET_HUB_IDS = {"csm-1b": "sesame/csm-1b"}
+DEFAULT_CODEC = "kyutai/moshiko-pytorch-bf16"
+
+
+@dataclass
+class Audio:
+    """Generated speech: mono float32 samples [N] at `sample_rate`, and the Mimi codes [T, 32]."""
+
+    samples: torch.Tensor
+    sample_rate: int
+    codes: torch.Tensor
+
+    @property
+    def duration_s(self) -> float:
+        return self.samples.numel() / self.sample_rate
+
+    def save(self, path: str | Path) -> Path:
+        from misotts.runtime.audio import save_wav
+
+        save_wav(path, self.samples, self.sample_rate)
+        return Path(path)
+
+
+@dataclass
+class GenerationStats:
+    """Timings of the last generation (seconds); filled by `TTS.stream` and `TTS.generate`."""
+
+    first_audio_s: float = float("nan")
+    total_s: float = float("nan")
+    frames: int = 0
+    audio_s: float = 0.0
+
+    @property
+    def frames_per_s(self) -> float:
+        return self.frames / self.total_s if self.total_s > 0 else float("nan")
+
+    @property
+    def real_time_factor(self) -> float:
+        return self.total_s / self.audio_s if self.audio_s > 0 else float("nan")
+
+
+@dataclass
+class TTS:
+    """A loaded model, its tokenizer and (loaded on first use) its Mimi codec."""
+
+    model: CSMModel
+    tokenizer: object
+    codec_source: str | None = None  # None: the untrained Mimi
+    untrained: bool = False
+    source: str = ""
+    last_stats: GenerationStats = field(default_factory=GenerationStats)
+    _codec: object = None
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.config
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.audio_head.device
+
+    @property
+    def codec(self):
+        if self._codec is None:
+            from misotts.runtime.codec import load_codec
+
+            self._codec = load_codec(self.codec_source, device=self.device, num_codebooks=self.config.num_codebooks)
+        return self._codec
+
+    def prompt(self, text: str, speaker: int = 0, context=()):
+        """The prompt rows (frames, mask [S, 33]) for a turn after `context`."""
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError("text must be a non-empty string")
+        return build_prompt(text, speaker, context, self.tokenizer, self.config.num_codebooks, self._encode_audio)
+
+    def _encode_audio(self, audio) -> torch.Tensor:
+        from misotts.runtime.audio import load_audio
+
+        return self.codec.encode(load_audio(audio, SAMPLE_RATE).to(self.device)).cpu()
+
+    def iter_codes(self, text: str, speaker: int = 0, context=(), max_audio_ms: float = 10_000,
+                   temperature: float = 0.9, topk: int = 50, seed: int = 0) -> Iterator[torch.Tensor]:
+        """Codes [32] per frame, as they are generated."""
+        frames, mask = self.prompt(text, speaker, context)
+        yield from iter_frames(self.model, frames, mask, max_frames_for(max_audio_ms),
+                               temperature=temperature, topk=topk, seed=seed)
+
+    def generate_codes(self, text: str, **kwargs) -> torch.Tensor:
+        codes = [c.cpu() for c in self.iter_codes(text, **kwargs)]
+        return torch.stack(codes) if codes else torch.zeros(0, self.config.num_codebooks, dtype=torch.long)
+
+    def stream(self, text: str, speaker: int = 0, context=(), max_audio_ms: float = 10_000,
+               temperature: float = 0.9, topk: int = 50, seed: int = 0, chunk_frames: int = 1) -> Iterator[Audio]:
+        """Yield `Audio` chunks of `chunk_frames` frames (the last may be shorter) as they are made.
+
+        Concatenated, the chunks equal `generate()` with the same arguments.
+        """
+        if chunk_frames < 1:
+            raise ValueError(f"chunk_frames must be >= 1, got {chunk_frames}")
+        stats = self.last_stats = GenerationStats()
+        start = time.perf_counter()
+        pending: list[torch.Tensor] = []
+        with self.codec.stream_decoder(batch_size=1) as decoder:
+            def flush() -> Audio:
+                codes = torch.stack(pending)
+                pcm = torch.cat([decoder.decode_frame(c[None].to(self.device))[0] for c in codes])
+                pending.clear()
+                stats.frames += codes.shape[0]
+                stats.audio_s = stats.frames * self.codec.frame_size / SAMPLE_RATE
+                if stats.frames == codes.shape[0]:
+                    stats.first_audio_s = time.perf_counter() - start
+                return Audio(pcm.float().cpu(), SAMPLE_RATE, codes.cpu())
+
+            for codes in self.iter_codes(text, speaker, context, max_audio_ms, temperature, topk, seed):
+                pending.append(codes.cpu())
+                if len(pending) == chunk_frames:
+                    yield flush()
+            if pending:
+                yield flush()
+        stats.total_s = time.perf_counter() - start
+
+    def generate(self, text: str, speaker: int = 0, context=(), max_audio_ms: float = 10_000,
+                 temperature: float = 0.9, topk: int = 50, seed: int = 0) -> Audio:
+        """Speech for `text` spoken by `speaker`, following the conversation in `context`."""
+        chunks = list(self.stream(text, speaker, context, max_audio_ms, temperature, topk, seed, chunk_frames=8))
+        if not chunks:
+            n = self.config.num_codebooks
+            return Audio(torch.zeros(0), SAMPLE_RATE, torch.zeros(0, n, dtype=torch.long))
+        return Audio(torch.cat([c.samples for c in chunks]), SAMPLE_RATE, torch.cat([c.codes for c in chunks]))
+
+    def info(self) -> dict:
+        params = sum(p.numel() for p in self.model.parameters())
+        nbytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        return {"source": self.source, "config": self.config.to_dict(), "parameters": params,
+                "weight_bytes": nbytes, "device": str(self.device),
+                "dtype": str(self.model.audio_head.dtype).replace("torch.", ""), "untrained": self.untrained,
+                "codec": self.codec_source or "untrained Mimi (random weights)"}
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def load(source: str | Path = "tiny", device=None, dtype: torch.dtype | None = None, *,
+         random_init: bool = False, seed: int = 0, codec: str | None = None,
+         tokenizer: str | Path | None = None, progress: bool = True) -> TTS:
+    """Load a model by preset name ("tiny", "csm-1b", "miso-8b"), local path or hub id.
+
+    random_init: build the named preset with seeded random weights (no download; for
+    benchmarks).  "tiny" is always random: it exists for tests and the demo.
+    codec: Mimi weights (a .safetensors path or hub repo id); default the untrained Mimi for
+    random models and kyutai's Mimi for real checkpoints.
+    tokenizer: a tokenizer.json to use instead of the one beside the weights.
+    """
+    from misotts.weights import load_model, random_model
+
+    device = torch.device(device) if device is not None else default_device()
+    dtype = dtype or default_dtype(device)
+    name = str(source)
+    if name in PRESETS and (random_init or name == "tiny"):
+        config = PRESETS[name]
+        model = random_model(config, seed=seed, device=device, dtype=dtype)
+        # Random weights make noise whatever the text; bytes stand in when no tokenizer.json is given.
+        tok = Llama3Tokenizer(tokenizer, config.bos_id, config.eos_id) if tokenizer else ByteTokenizer(config.bos_id, config.eos_id)
+        return TTS(model.eval(), tok, codec_source=codec, untrained=True, source=f"{name} (random weights, seed {seed})")
+    if name in PRESETS and name not in PRESET_HUB_IDS:
+        raise ValueError(f"no public checkpoint is known for {name!r}: pass a local checkpoint path, "
+                         f"or random_init=True for seeded random weights of this shape")
+    model, config, checkpoint_dir = load_model(PRESET_HUB_IDS.get(name, name), device=device, dtype=dtype,
+                                               progress=progress)
+    tok = Llama3Tokenizer(tokenizer, config.bos_id, config.eos_id) if tokenizer else load_tokenizer(config, checkpoint_dir)
+    return TTS(model.eval(), tok, codec_source=codec or DEFAULT_CODEC, source=name)
