@@ -1,0 +1,128 @@
+"""Torch references for every kernel: the tests' oracle and the runtime's CPU path.
+
+Plain torch, fp32 math, same arguments as the launchers (minus scratch buffers). They return
+new tensors instead of writing in place, except `write_kv_ref`, which fills the caches it is given.
+"""
+import torch
+import torch.nn.functional as F
+
+from .rng import uniform
+
+
+def rvq_embed_ref(frames, mask, text_table, audio_table):
+    """frames [B,S,K+1] int, mask [B,S,K+1] bool -> [B,S,D] in the table dtype.
+
+    Columns 0..K-1 are audio codes (codebook k's code c is row c + k*V of audio_table [K*V, D]),
+    column K is a text token. The row embedding is the fp32 sum over the masked columns.
+    """
+    num_codebooks = frames.shape[-1] - 1
+    audio_vocab = audio_table.shape[0] // num_codebooks
+    offsets = torch.arange(num_codebooks, device=frames.device) * audio_vocab
+    rows = frames[..., :num_codebooks].long().clamp(0, audio_vocab - 1) + offsets
+    audio = audio_table[rows].float() * mask[..., :num_codebooks, None]
+    text = text_table[frames[..., -1].long().clamp(0, text_table.shape[0] - 1)].float() * mask[..., -1:]
+    return (audio.sum(-2) + text).to(audio_table.dtype)
+
+
+def rope_ref(x, positions, inv_freq):
+    """x [T,H,d] rotated HF rotate_half style (pairs (i, i+d/2)); angle = position * inv_freq in fp32."""
+    angle = positions.float()[:, None] * inv_freq.float()[None, :]  # [T, d/2]
+    cos, sin = angle.cos()[:, None, :], angle.sin()[:, None, :]
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+def write_kv_ref(k, v, k_cache, v_cache, slot_mapping):
+    """Write k/v [T,Hkv,d] into caches [blocks, block_size, Hkv, d] at slot_mapping (-1 = skip)."""
+    block_size = k_cache.shape[1]
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    k_cache[slots // block_size, slots % block_size] = k[keep].to(k_cache.dtype)
+    v_cache[slots // block_size, slots % block_size] = v[keep].to(v_cache.dtype)
+
+
+def rope_kv_write_ref(q, k, v, positions, inv_freq, k_cache, v_cache, slot_mapping):
+    """Rotated q (new tensor); rotated k and v written into the caches (in place)."""
+    write_kv_ref(rope_ref(k, positions, inv_freq), v, k_cache, v_cache, slot_mapping)
+    return rope_ref(q, positions, inv_freq)
+
+
+def gather_kv(cache, block_table, length):
+    """Contiguous [length, Hkv, d] view of one sequence's paged cache."""
+    block_size = cache.shape[1]
+    blocks = block_table[: (length + block_size - 1) // block_size].long()
+    return cache[blocks].flatten(0, 1)[:length]
+
+
+def _attend(q, k, v, scale, causal_offset=None):
+    """q [Tq,Hq,d], k/v [Tk,Hkv,d]; fp32 softmax; query i sees keys <= causal_offset + i."""
+    group = q.shape[1] // k.shape[1]
+    k = k.float().repeat_interleave(group, dim=1)
+    v = v.float().repeat_interleave(group, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q.float(), k) * scale
+    if causal_offset is not None:
+        qpos = torch.arange(q.shape[0], device=q.device)[:, None] + causal_offset
+        scores = scores.masked_fill(torch.arange(k.shape[0], device=q.device)[None, :] > qpos, float("-inf"))
+    return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).to(q.dtype)
+
+
+def paged_decode_ref(q, k_cache, v_cache, block_tables, context_lens, scale):
+    """q [N,Hq,d], one token per sequence attending to its context_lens[n] cached tokens."""
+    out = [_attend(q[n:n + 1], gather_kv(k_cache, block_tables[n], int(length)),
+                   gather_kv(v_cache, block_tables[n], int(length)), scale)
+           for n, length in enumerate(context_lens.tolist())]
+    return torch.cat(out)
+
+
+def paged_prefill_ref(q, cu_seqlens_q, k_cache, v_cache, block_tables, context_lens, scale):
+    """q [T,Hq,d] packed chunks; chunk n (its k/v already cached) sees its prefix and itself, causally."""
+    out = torch.empty_like(q)
+    cu = cu_seqlens_q.tolist()
+    for n, length in enumerate(context_lens.tolist()):
+        start, end = cu[n], cu[n + 1]
+        if end == start:
+            continue
+        k = gather_kv(k_cache, block_tables[n], length)
+        v = gather_kv(v_cache, block_tables[n], length)
+        out[start:end] = _attend(q[start:end], k, v, scale, causal_offset=length - (end - start))
+    return out
+
+
+def rmsnorm_ref(x, weight, eps, residual=None):
+    """Returns (weight * norm(h), h) with h = x + residual rounded to the residual dtype (or x)."""
+    h = x if residual is None else (x.float() + residual.float()).to(residual.dtype)
+    hf = h.float()
+    out = hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+    return out.to(x.dtype), h
+
+
+def swiglu_ref(gate_up):
+    """gate_up [..., 2F] (gate first, up second) -> silu(gate) * up [..., F], fp32 math."""
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    return (F.silu(gate) * up).to(gate_up.dtype)
+
+
+def sample_topk_ref(logits, temperature, topk, seed, counter):
+    """Sesame's top-k sampler with the shared RNG: logits [B,V] -> int64 tokens [B].
+
+    Greedy argmax (lowest index on ties) when temperature == 0 or topk == 1. Otherwise keep the
+    entries >= the k-th largest of logits/temperature (ties kept), softmax, and return
+    argmax(probs / -log(u)) with u = uniform(seed, counter, V) (an exponential race = a draw).
+    """
+    x = logits.float()
+    if temperature == 0 or topk == 1:
+        return x.argmax(-1)
+    x = x / temperature
+    threshold = torch.topk(x, min(topk, x.shape[-1]), dim=-1).values[:, -1:]
+    probs = x.masked_fill(x < threshold, float("-inf")).softmax(-1)
+    return (probs / -torch.log(uniform(seed, counter, x.shape[-1]).to(x.device))).argmax(-1)
+
+
+def depth_step_ref(h, head, codebook, embed_table, seed, counter, temperature, topk):
+    """One depth-decoder step: (tokens [B], next_input [B,D'], logits [B,V] fp32).
+
+    logits = h [B,D] @ head [D,V]; tokens sampled; next_input = embed_table[token + codebook*V].
+    """
+    logits = h.float() @ head.float()
+    tokens = sample_topk_ref(logits, temperature, topk, seed, counter)
+    return tokens, embed_table[tokens + codebook * head.shape[1]], logits
