@@ -121,7 +121,8 @@ class TTS:
         with self.codec.stream_decoder(batch_size=1) as decoder:
             def flush() -> Audio:
                 codes = torch.stack(pending)
-                pcm = torch.cat([decoder.decode_frame(c[None].to(self.device))[0] for c in codes])
+                playable = mimi_codes(codes, self.codec.cardinality).to(self.device)
+                pcm = torch.cat([decoder.decode_frame(c[None])[0] for c in playable])
                 pending.clear()
                 stats.frames += codes.shape[0]
                 stats.audio_s = stats.frames * self.codec.frame_size / SAMPLE_RATE
@@ -153,6 +154,15 @@ class TTS:
                 "weight_bytes": nbytes, "device": str(self.device),
                 "dtype": str(self.model.audio_head.dtype).replace("torch.", ""), "untrained": self.untrained,
                 "codec": self.codec_source or "untrained Mimi (random weights)"}
+
+
+def mimi_codes(codes: torch.Tensor, cardinality: int = 2048) -> torch.Tensor:
+    """Codes Mimi can decode: the vocabulary's special ids (2048..2050) become 0.
+
+    A trained model does not emit them as audio codes; untrained weights can.  `Audio.codes`
+    keeps what the model sampled.
+    """
+    return codes.masked_fill(codes >= cardinality, 0)
 
 
 def default_device() -> torch.device:

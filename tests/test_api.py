@@ -1,0 +1,117 @@
+"""The public API and the CLI on the `tiny` preset (untrained weights, untrained Mimi)."""
+import subprocess
+import sys
+import wave
+
+import pytest
+import torch
+
+import misotts
+from misotts.api import mimi_codes
+from misotts.cli import main
+from misotts.runtime.generate import generate_codes
+
+FRAME = 1920
+
+
+@pytest.fixture(scope="module")
+def tts():
+    return misotts.load("tiny", device="cpu")
+
+
+def read_wav(path):
+    with wave.open(str(path)) as w:
+        return w.getframerate(), w.getnchannels(), w.getsampwidth(), w.getnframes()
+
+
+def test_generate_matches_the_reference_loop_and_decodes_every_frame(tts):
+    audio = tts.generate("Hello there.", speaker=0, max_audio_ms=240, temperature=0.9, topk=50, seed=3)
+    frames, mask = tts.prompt("Hello there.", speaker=0)
+    codes = generate_codes(tts.model, frames, mask, 3, temperature=0.9, topk=50, seed=3)
+    assert torch.equal(audio.codes, codes)
+    assert audio.sample_rate == 24_000 and audio.samples.dtype == torch.float32
+    assert audio.samples.shape == (codes.shape[0] * FRAME,)
+    torch.testing.assert_close(audio.samples, tts.codec.decode(mimi_codes(codes)).float(), rtol=0, atol=1e-5)
+
+
+def test_stream_concatenates_to_generate(tts):
+    chunks = list(tts.stream("Stream me.", max_audio_ms=320, seed=5, chunk_frames=3))
+    whole = tts.generate("Stream me.", max_audio_ms=320, seed=5)
+    assert [c.codes.shape[0] for c in chunks] == [3, 1]
+    assert torch.equal(torch.cat([c.codes for c in chunks]), whole.codes)
+    torch.testing.assert_close(torch.cat([c.samples for c in chunks]), whole.samples, rtol=0, atol=0)
+    stats = tts.last_stats
+    assert stats.frames == 4 and 0 < stats.first_audio_s <= stats.total_s
+
+
+def test_seed_and_context_change_the_codes(tts):
+    a = tts.generate_codes("Same text.", max_audio_ms=160, seed=1)
+    assert torch.equal(a, tts.generate_codes("Same text.", max_audio_ms=160, seed=1))
+    assert not torch.equal(a, tts.generate_codes("Same text.", max_audio_ms=160, seed=2))
+    wav = torch.sin(torch.arange(4800) / 10.0) * 0.3
+    ctx = [misotts.Segment(1, "Earlier.", wav)]
+    with_ctx = tts.generate_codes("Same text.", context=ctx, max_audio_ms=160, seed=1)
+    assert not torch.equal(a, with_ctx)
+    # Audio context equals giving its codes directly.
+    codes = tts.codec.encode(wav)
+    assert codes.shape == (3, 32)
+    same = tts.generate_codes("Same text.", context=[misotts.Segment(1, "Earlier.", codes=codes)],
+                              max_audio_ms=160, seed=1)
+    assert torch.equal(with_ctx, same)
+
+
+def test_save_writes_a_24khz_mono_wav(tts, tmp_path):
+    audio = tts.generate("Save me.", max_audio_ms=160, seed=0)
+    path = audio.save(tmp_path / "sub" / "x.wav")
+    assert read_wav(path) == (24_000, 1, 2, 2 * FRAME)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(text=""), "non-empty"),
+    (dict(text="hi", max_audio_ms=0), "max_audio_ms"),
+    (dict(text="hi", topk=0), "topk"),
+    (dict(text="hi", temperature=-1.0), "temperature"),
+    (dict(text="hi", max_audio_ms=200_000), "context window"),
+])
+def test_bad_requests_are_refused(tts, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        tts.generate(**kwargs)
+
+
+def test_multichannel_context_audio_is_refused(tts):
+    with pytest.raises(ValueError, match="mono"):
+        tts.generate("hi", context=[misotts.Segment(1, "x", torch.zeros(2, 4800))], max_audio_ms=80)
+
+
+def test_load_errors_are_clear():
+    with pytest.raises(ValueError, match="random_init=True"):
+        misotts.load("miso-8b", device="cpu")
+
+
+def test_cli_speak_writes_wav_and_reports_timings(tmp_path, capsys):
+    out = tmp_path / "hello.wav"
+    assert main(["speak", "Hello", "-o", str(out), "--max-audio-ms", "240", "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert "untrained" in captured.err
+    assert "time to first audio" in captured.out and "real-time factor" in captured.out
+    assert read_wav(out) == (24_000, 1, 2, 3 * FRAME)
+
+
+def test_cli_info_and_errors(capsys):
+    assert main(["info", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert f"{misotts.load('tiny', device='cpu').info()['parameters'] / 1e6:,.1f} M" in out
+    assert main(["info", "--model", "/nonexistent/checkpoint", "--device", "cpu"]) == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_console_script_is_installed(tmp_path):
+    out = tmp_path / "cli.wav"
+    run = subprocess.run([sys.executable, "-m", "misotts", "speak", "Hi", "-o", str(out), "--max-audio-ms", "160",
+                          "--device", "cpu"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert read_wav(out) == (24_000, 1, 2, 2 * FRAME)
+
+
+def test_special_ids_are_decoded_as_code_zero():
+    assert mimi_codes(torch.tensor([[0, 2047, 2048, 2050]])).tolist() == [[0, 2047, 0, 0]]
