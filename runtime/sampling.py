@@ -7,9 +7,7 @@ samples from probs exactly and needs no multinomial (hence no sync and no data-d
 """
 from __future__ import annotations
 
-import torch
-
-from misotts.kernels.rng import uniform
+from misotts.kernels.reference import sample_topk_ref
 
 
 def is_greedy(temperature: float, topk: int) -> bool:
@@ -23,19 +21,5 @@ def check_sampling_args(temperature: float, topk: int, vocab_size: int) -> None:
         raise ValueError(f"topk must be in 1..{vocab_size}, got {topk}")
 
 
-def sample_topk(logits: torch.Tensor, temperature: float, topk: int,
-                seed: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
-    """logits [B, V]; seed, counter int64 [B] -> tokens int64 [B].
-
-    Greedy (lowest index among maxima) when temperature == 0 or topk == 1.  Otherwise keeps the
-    logits >= the k-th largest (ties at the threshold stay, as in Sesame's reference), applies
-    the softmax at `temperature` and draws with the RNG stream (seed, counter).
-    """
-    if is_greedy(temperature, topk):
-        return logits.argmax(dim=-1)
-    scores = logits.float() / temperature
-    kth = scores.topk(topk, dim=-1).values[:, -1:]
-    scores = scores.masked_fill(scores < kth, float("-inf"))
-    probs = scores.softmax(dim=-1)
-    race = probs / -torch.log(uniform(seed, counter, logits.shape[-1]))
-    return race.argmax(dim=-1)
+# One definition of the draw, shared with the kernels' tests: Triton's sampler must match it.
+sample_topk = sample_topk_ref
