@@ -76,7 +76,8 @@ def _decode_merge_kernel(part_out, part_lse, context_lens, out, stride_on, strid
     used = splits < num_splits
     base = (seq * tl.num_programs(1) + head) * max_splits
     lse = tl.load(part_lse + base + splits, mask=used, other=float("-inf"))
-    weight = tl.where(used, tl.exp2(lse - tl.max(lse, axis=0)), 0.0)
+    top = tl.where(num_splits > 0, tl.max(lse, axis=0), 0.0)  # 0 for an empty lane: no -inf - -inf
+    weight = tl.where(used, tl.exp2(lse - top), 0.0)
     dims = tl.arange(0, HEAD_DIM)
     parts = tl.load(part_out + (base + splits)[:, None] * HEAD_DIM + dims[None, :], mask=used[:, None], other=0.0)
     total = tl.sum(weight, axis=0)
@@ -233,5 +234,5 @@ def paged_prefill(q, cu_seqlens_q, max_seqlen_q, k_cache, v_cache, block_tables,
            block_tables, cu_seqlens_q, context_lens, out, scale * LOG2E, q.stride(0), q.stride(1),
            *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0), out.stride(0), out.stride(1),
            GROUP=num_q_heads // num_kv_heads, HEAD_DIM=head_dim, PAGE=page, BLOCK_M=block_m, BLOCK_N=block_n,
-           num_warps=4)
+           num_warps=8 if head_dim >= 128 else 4)  # 4 warps spill a 64x128 fp32 accumulator on sm_80
     return out
