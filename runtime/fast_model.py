@@ -1,0 +1,341 @@
+"""CSMModel's math re-expressed for the engine: a paged backbone KV cache and static batches.
+
+`FastModel` takes a `CSMModel`'s parameters (shared, not copied) plus a few precomputed ones:
+fused qkv and gate_up weights, and `projection(audio_embeddings)` so that a depth step's next
+input is a table row.  Two entry points:
+
+- `prefill(...)`: one sequence's chunk of prompt rows into the paged cache (eager, any length);
+- `decode_frame(state, n)`: one frame for lanes 0..n-1 of a `BatchState` -- the backbone over
+  each lane's pending row, codebook 0, the 31 depth steps with sampling -- reading and writing
+  only preallocated tensors, with shapes that depend on n alone, no host sync and no Python
+  branch on tensor values, so it can be captured as a CUDA graph per batch size.
+
+The few ops that differ between devices come from an op set: `TorchOps` (the torch references,
+made sync-free where the reference syncs) or `TritonOps` (the launchers in misotts.kernels).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from misotts.kernels import reference as ref
+from misotts.kernels.rng import hash32
+
+from .config import TransformerConfig
+from .kv_cache import PagedKV
+from .model import CSMModel, apply_rope, rope_cos_sin, rope_inv_freq
+
+
+# ---- op sets -----------------------------------------------------------------------------------
+class TorchOps:
+    name = "torch"
+
+    def __init__(self):
+        self._arange = {}
+
+    def _key_positions(self, length, device):
+        # Made on the first (warm-up) call and kept: a frame's step creates no tensors from nothing.
+        if (length, device) not in self._arange:
+            self._arange[(length, device)] = torch.arange(length, device=device)
+        return self._arange[(length, device)]
+
+    @staticmethod
+    def embed(frames, mask, text_table, audio_table):
+        return ref.rvq_embed_ref(frames[None], mask[None], text_table, audio_table)[0]
+
+    @staticmethod
+    def rmsnorm(x, weight, eps, residual=None):
+        return ref.rmsnorm_ref(x, weight, eps, residual)
+
+    @staticmethod
+    def swiglu(gate_up):
+        return ref.swiglu_ref(gate_up)
+
+    @staticmethod
+    def rope_kv_write(q, k, v, positions, inv_freq, k_cache, v_cache, slots):
+        # The reference write skips slot -1 with a boolean index (a host sync); the engine never
+        # passes -1 (padding lanes write to the scratch block), so a plain index_copy_ does.
+        k_cache.flatten(0, 1).index_copy_(0, slots, ref.rope_ref(k, positions, inv_freq))
+        v_cache.flatten(0, 1).index_copy_(0, slots, v)
+        return ref.rope_ref(q, positions, inv_freq)
+
+    def decode_attention(self, q, k_cache, v_cache, block_tables, context_lens, scale):
+        """q [N, H, d]: each lane attends to its first context_lens[n] cached positions.
+        Gathers every lane's whole table (static shapes) and masks; no host sync."""
+        n, max_blocks = block_tables.shape
+        tables = block_tables.long()
+        keys = k_cache[tables].flatten(1, 2).transpose(1, 2)  # [N, K, max_blocks * block_size, d]
+        values = v_cache[tables].flatten(1, 2).transpose(1, 2)
+        allowed = self._key_positions(keys.shape[2], q.device)[None, :] < context_lens[:, None]
+        out = F.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=allowed, scale=scale,
+                                             enable_gqa=q.shape[1] != keys.shape[1])
+        return out[:, :, 0]
+
+    @staticmethod
+    def prefill_attention(q, k_cache, v_cache, block_table, context_len: int, scale):
+        """q [T, H, d]: the last T of context_len positions of one sequence, causal."""
+        keys = ref.gather_kv(k_cache, block_table, context_len).transpose(0, 1)  # [K, L, d]
+        values = ref.gather_kv(v_cache, block_table, context_len).transpose(0, 1)
+        t = q.shape[0]
+        q_pos = torch.arange(context_len - t, context_len, device=q.device)
+        allowed = torch.arange(context_len, device=q.device)[None, :] <= q_pos[:, None]
+        out = F.scaled_dot_product_attention(q.transpose(0, 1), keys, values, attn_mask=allowed, scale=scale,
+                                             enable_gqa=q.shape[1] != keys.shape[0])
+        return out.transpose(0, 1)
+
+
+class TritonOps:
+    name = "triton"
+
+    def __init__(self):
+        from misotts.kernels import embedding, paged_attention, rmsnorm, rope, swiglu
+
+        self.k_embed, self.k_attn, self.k_norm, self.k_rope, self.k_swiglu = (
+            embedding, paged_attention, rmsnorm, rope, swiglu)
+
+    def embed(self, frames, mask, text_table, audio_table):
+        return self.k_embed.rvq_embed(frames[None].contiguous(), mask[None].contiguous(), text_table, audio_table)[0]
+
+    def rmsnorm(self, x, weight, eps, residual=None):
+        out, res = self.k_norm.rmsnorm(x, weight, eps, residual)  # adds into `residual` in place
+        return out, (x if residual is None else res)
+
+    def swiglu(self, gate_up):
+        return self.k_swiglu.swiglu(gate_up)
+
+    def rope_kv_write(self, q, k, v, positions, inv_freq, k_cache, v_cache, slots):
+        return self.k_rope.rope_kv_write(q, k, v, positions, inv_freq, k_cache, v_cache, slots)
+
+    def decode_attention(self, q, k_cache, v_cache, block_tables, context_lens, scale):
+        return self.k_attn.paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale)
+
+    def prefill_attention(self, q, k_cache, v_cache, block_table, context_len: int, scale):
+        t = q.shape[0]
+        cu = torch.tensor([0, t], dtype=torch.int32, device=q.device)
+        lens = torch.tensor([context_len], dtype=torch.int32, device=q.device)
+        return self.k_attn.paged_prefill(q, cu, t, k_cache, v_cache, block_table[None], lens, scale)
+
+
+def make_ops(kind: str, device: torch.device):
+    """"auto": Triton on CUDA, torch elsewhere; or "torch" / "triton" explicitly."""
+    if kind == "auto":
+        kind = "triton" if device.type == "cuda" else "torch"
+    if kind == "torch":
+        return TorchOps()
+    if kind == "triton":
+        return TritonOps()
+    raise ValueError(f"unknown ops {kind!r}: expected 'auto', 'torch' or 'triton'")
+
+
+# ---- sampling with per-lane parameters --------------------------------------------------------
+def sample_lanes(logits, temperature, topk, seed, counter, vocab_index):
+    """`misotts.kernels.reference.sample_topk_ref` with per-lane temperature [N] and topk [N]
+    (int64), bit for bit the same tokens as calling it lane by lane with Python numbers.
+
+    Sorting finds each lane's k-th largest score (topk needs one k for the batch); the uniforms
+    are `misotts.kernels.rng.uniform` computed with a preallocated index vector.
+    """
+    x = logits.float()
+    greedy = (temperature == 0) | (topk == 1)
+    scores = x / torch.where(greedy, 1.0, temperature)[:, None]
+    threshold = scores.sort(dim=-1, descending=True).values.gather(1, (topk - 1)[:, None])
+    probs = scores.masked_fill(scores < threshold, float("-inf")).softmax(-1)
+    race = probs / -torch.log(_uniform(seed, counter, vocab_index))
+    return torch.where(greedy, x.argmax(-1), race.argmax(-1))
+
+
+def _uniform(seed, counter, index):
+    # misotts.kernels.rng.uniform, minus its torch.arange (tests/engine checks they agree).
+    stream = hash32(hash32((seed & 0xFFFFFFFF) ^ 0x9E3779B9) ^ (counter & 0xFFFFFFFF))
+    return ((hash32(stream[:, None] ^ index[None, :]) >> 9).to(torch.float32) + 0.5) * 2.0**-23
+
+
+# ---- the batch state: everything a frame reads or writes ------------------------------------
+class BatchState:
+    """Per-lane device tensors for `max_batch` lanes; lanes 0..n-1 are the running requests.
+
+    rows, row_mask [B, n+1]: the row each lane feeds the backbone next (the last prompt row,
+    then its previous frame); positions [B]: that row's position; counter [B]: the frame's first
+    RNG counter (frame index * num_codebooks); codes [B, n]: the frame just made.
+    """
+
+    def __init__(self, max_batch: int, num_codebooks: int, max_blocks: int, scratch_block: int, device):
+        b, w = max_batch, num_codebooks + 1
+        z = dict(device=device)
+        self.rows = torch.zeros(b, w, dtype=torch.long, **z)
+        self.row_mask = torch.zeros(b, w, dtype=torch.bool, **z)
+        self.positions = torch.zeros(b, dtype=torch.long, **z)
+        self.block_tables = torch.full((b, max_blocks), scratch_block, dtype=torch.int32, **z)
+        self.seed = torch.zeros(b, dtype=torch.long, **z)
+        self.counter = torch.zeros(b, dtype=torch.long, **z)
+        self.temperature = torch.zeros(b, dtype=torch.float32, **z)
+        self.topk = torch.ones(b, dtype=torch.long, **z)
+        self.codes = torch.zeros(b, num_codebooks, dtype=torch.long, **z)
+        self.audio_row_mask = torch.ones(w, dtype=torch.bool, **z)
+        self.audio_row_mask[-1] = False
+        self.scratch_block = scratch_block
+
+    def lane_tensors(self):
+        return (self.rows, self.row_mask, self.positions, self.block_tables, self.seed, self.counter,
+                self.temperature, self.topk, self.codes)
+
+    def set_lane(self, lane: int, row, row_mask, position: int, blocks: list[int], seed: int,
+                 temperature: float, topk: int) -> None:
+        self.rows[lane] = row
+        self.row_mask[lane] = row_mask
+        self.positions[lane] = position
+        table = torch.full((self.block_tables.shape[1],), self.scratch_block, dtype=torch.int32)
+        table[:len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+        self.block_tables[lane] = table
+        self.seed[lane], self.counter[lane] = seed, 0
+        self.temperature[lane], self.topk[lane] = temperature, topk
+
+    def clear_lane(self, lane: int) -> None:
+        """A padding lane: reads and writes only the scratch block, samples greedily."""
+        self.set_lane(lane, 0, False, 0, [], 0, 0.0, 1)
+
+    def move_lane(self, src: int, dst: int) -> None:
+        for t in self.lane_tensors():
+            t[dst] = t[src]
+
+
+# ---- the model --------------------------------------------------------------------------------
+class _Stack:
+    """One transformer's weights, fused: qkv [(H + 2K) d, D], gate_up [2F, D]."""
+
+    def __init__(self, module, cfg: TransformerConfig):
+        self.cfg = cfg
+        self.qkv = [torch.cat([l.attn.wq.weight, l.attn.wk.weight, l.attn.wv.weight]) for l in module.layers]
+        self.wo = [l.attn.wo.weight for l in module.layers]
+        self.gate_up = [torch.cat([l.mlp.w_gate.weight, l.mlp.w_up.weight]) for l in module.layers]
+        self.down = [l.mlp.w_down.weight for l in module.layers]
+        self.attn_norm = [l.attn_norm.weight for l in module.layers]
+        self.mlp_norm = [l.mlp_norm.weight for l in module.layers]
+        self.norm = module.norm.weight
+        self.q_dim, self.kv_dim = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+        self.scale = cfg.head_dim ** -0.5
+
+    def split_qkv(self, qkv):
+        """[N, (H + 2K) d] -> q [N, H, d], k, v [N, K, d] (views)."""
+        c = self.cfg
+        q, k, v = qkv.split([self.q_dim, self.kv_dim, self.kv_dim], dim=-1)
+        return (q.unflatten(-1, (c.n_heads, c.head_dim)), k.unflatten(-1, (c.n_kv_heads, c.head_dim)),
+                v.unflatten(-1, (c.n_kv_heads, c.head_dim)))
+
+
+class FastModel:
+    def __init__(self, model: CSMModel, ops, max_batch: int, num_blocks: int, block_size: int):
+        cfg = self.config = model.config
+        p = model.audio_head
+        self.device, self.dtype, self.ops = p.device, p.dtype, ops
+        self.n, self.vocab = cfg.num_codebooks, cfg.audio_vocab_size
+        self.text_table, self.audio_table = model.text_embeddings.weight, model.audio_embeddings.weight
+        self.bb, self.dec = _Stack(model.backbone, cfg.backbone), _Stack(model.decoder, cfg.decoder)
+        self.c0_head, self.projection, self.audio_head = model.codebook0_head.weight, model.projection.weight, p
+        with torch.inference_mode():
+            # projection(audio_embeddings[c + k*V]) for every (k, c): a depth step's next input is a row.
+            self.proj_table = torch.cat([F.linear(chunk, self.projection) for chunk in self.audio_table.split(8192)])
+        self.bb_inv_freq = rope_inv_freq(cfg.backbone, self.device)
+        self.block_size = block_size
+        self.max_blocks = -(-cfg.max_seq_len // block_size)
+        self.kv = PagedKV(cfg.backbone, num_blocks, block_size, self.dtype, self.device)
+        self.state = BatchState(max_batch, self.n, self.max_blocks, self.kv.scratch_block, self.device)
+        # Depth decoder: a contiguous cache per layer [B, K, n, d], reset (overwritten) each frame.
+        d = cfg.decoder
+        self.depth_k = torch.zeros(d.n_layers, max_batch, d.n_kv_heads, self.n, d.head_dim, dtype=self.dtype,
+                                   device=self.device)
+        self.depth_v = torch.zeros_like(self.depth_k)
+        positions = torch.arange(self.n, device=self.device)
+        self.depth_cos, self.depth_sin = rope_cos_sin(d, positions, rope_inv_freq(d, self.device))
+        self.depth_allowed = positions[None, :] <= positions[:, None]  # [query pos, key pos]
+        self.vocab_index = torch.arange(self.vocab, device=self.device)
+
+    # ---- backbone ------------------------------------------------------------------------
+    def _backbone(self, x, positions, slots, attend):
+        """x [T, D] -> final-normed hidden [T, D]; writes KV at slots; attend(layer, q) -> [T, H, d]."""
+        s, ops = self.bb, self.ops
+        xn, h = ops.rmsnorm(x, s.attn_norm[0], s.cfg.norm_eps)
+        for i in range(s.cfg.n_layers):
+            q, k, v = s.split_qkv(F.linear(xn, s.qkv[i]))
+            k_cache, v_cache = self.kv.layer(i)
+            q = ops.rope_kv_write(q, k, v, positions, self.bb_inv_freq, k_cache, v_cache, slots)
+            o = F.linear(attend(i, q).flatten(1), s.wo[i])
+            xn, h = ops.rmsnorm(o, s.mlp_norm[i], s.cfg.norm_eps, residual=h)
+            m = F.linear(ops.swiglu(F.linear(xn, s.gate_up[i])), s.down[i])
+            last = i + 1 == s.cfg.n_layers
+            xn, h = ops.rmsnorm(m, s.norm if last else s.attn_norm[i + 1], s.cfg.norm_eps, residual=h)
+        return xn
+
+    @torch.inference_mode()
+    def prefill(self, frames, mask, start: int, blocks: list[int]) -> None:
+        """Write the KV of rows frames, mask [T, n+1] at positions start.. of the sequence whose
+        blocks are `blocks` (eager; the hidden states are not needed)."""
+        t = frames.shape[0]
+        positions = torch.arange(start, start + t, device=self.device)
+        table = torch.tensor(blocks, dtype=torch.int32, device=self.device)
+        slots = table[positions // self.block_size].long() * self.block_size + positions % self.block_size
+        x = self.ops.embed(frames.to(self.device), mask.to(self.device), self.text_table, self.audio_table)
+
+        def attend(i, q):
+            k_cache, v_cache = self.kv.layer(i)
+            return self.ops.prefill_attention(q, k_cache, v_cache, table, start + t, self.bb.scale)
+
+        self._backbone(x, positions, slots, attend)
+
+    # ---- depth decoder ----------------------------------------------------------------------
+    def _depth(self, x, start: int, n: int):
+        """Depth decoder over x [n, S, D'] at positions start..start+S-1 -> last hidden [n, D']."""
+        s, ops, c = self.dec, self.ops, self.dec.cfg
+        steps = x.shape[1]
+        end = start + steps
+        cos, sin = self.depth_cos[start:end], self.depth_sin[start:end]
+        allowed = self.depth_allowed[start:end, :end]
+        x = x.flatten(0, 1)
+        xn, h = ops.rmsnorm(x, s.attn_norm[0], c.norm_eps)
+        for i in range(c.n_layers):
+            q, k, v = (t.unflatten(0, (n, steps)) for t in s.split_qkv(F.linear(xn, s.qkv[i])))
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            self.depth_k[i, :n, :, start:end] = k.transpose(1, 2)
+            self.depth_v[i, :n, :, start:end] = v.transpose(1, 2)
+            o = F.scaled_dot_product_attention(q.transpose(1, 2), self.depth_k[i, :n, :, :end],
+                                               self.depth_v[i, :n, :, :end], attn_mask=allowed,
+                                               enable_gqa=c.n_heads != c.n_kv_heads)
+            o = F.linear(o.transpose(1, 2).flatten(0, 1).flatten(1), s.wo[i])
+            xn, h = ops.rmsnorm(o, s.mlp_norm[i], c.norm_eps, residual=h)
+            m = F.linear(ops.swiglu(F.linear(xn, s.gate_up[i])), s.down[i])
+            last = i + 1 == c.n_layers
+            xn, h = ops.rmsnorm(m, s.norm if last else s.attn_norm[i + 1], c.norm_eps, residual=h)
+        return xn.unflatten(0, (n, steps))[:, -1]
+
+    # ---- one frame for lanes 0..n-1 ------------------------------------------------------------
+    @torch.inference_mode()
+    def decode_frame(self, n: int) -> None:
+        st, bs = self.state, self.block_size
+        positions, tables = st.positions[:n], st.block_tables[:n]
+        # Padding lanes count up forever; clamping keeps their reads in bounds (real lanes never clamp).
+        block_index = (positions // bs).clamp(max=self.max_blocks - 1)
+        slots = tables.gather(1, block_index[:, None])[:, 0].long() * bs + positions % bs
+        context_lens = (positions + 1).clamp(max=self.max_blocks * bs).to(torch.int32)
+        x = self.ops.embed(st.rows[:n], st.row_mask[:n], self.text_table, self.audio_table)
+
+        def attend(i, q):
+            k_cache, v_cache = self.kv.layer(i)
+            return self.ops.decode_attention(q, k_cache, v_cache, tables, context_lens, self.bb.scale)
+
+        h = self._backbone(x, positions, slots, attend)
+        temp, topk, seed, counter = st.temperature[:n], st.topk[:n], st.seed[:n], st.counter[:n]
+        codes = st.codes[:n]
+        codes[:, 0] = sample_lanes(F.linear(h, self.c0_head), temp, topk, seed, counter, self.vocab_index)
+        first = torch.stack([F.linear(h, self.projection), self.proj_table[codes[:, 0]]], dim=1)
+        dec_h = self._depth(first, 0, n)
+        for i in range(1, self.n):
+            token = sample_lanes(dec_h @ self.audio_head[i - 1], temp, topk, seed, counter + i, self.vocab_index)
+            codes[:, i] = token
+            if i + 1 < self.n:
+                dec_h = self._depth(self.proj_table[token + i * self.vocab][:, None], i + 1, n)
+        # The frame becomes each lane's next backbone row.
+        st.rows[:n, :self.n] = codes
+        st.rows[:n, self.n] = 0
+        st.row_mask[:n] = st.audio_row_mask
+        positions += 1
+        counter += self.n

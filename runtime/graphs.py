@@ -1,0 +1,65 @@
+"""CUDA graphs of one frame (`FastModel.decode_frame`), one per batch-size bucket.
+
+A frame is ~30 small launches per layer of the backbone and 31 depth steps of the decoder: at
+small batch the GPU would mostly wait for the host to launch them.  Captured once per bucket
+(1, 2, 4, ..., max_batch), a frame is one `replay()`.  All buckets share one memory pool,
+captured largest first so the smaller ones fit in its blocks.  Inputs and outputs are the
+tensors of `BatchState`, written between replays; nothing is copied in or out by the graph.
+Without CUDA (or with graphs off) `run` calls the same function eagerly at the bucket size,
+so the CPU runs exactly the code that would be captured.
+"""
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+
+
+def batch_buckets(max_batch: int) -> list[int]:
+    buckets, b = [], 1
+    while b < max_batch:
+        buckets.append(b)
+        b *= 2
+    return buckets + [max_batch]
+
+
+class FrameGraphs:
+    def __init__(self, step, max_batch: int):
+        self.step = step  # step(n): one frame for lanes 0..n-1, on static tensors only
+        self.buckets = batch_buckets(max_batch)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+
+    def bucket(self, n: int) -> int:
+        return next(b for b in self.buckets if b >= n)
+
+    def capture(self, progress: bool = False) -> None:
+        """Warm up and capture every bucket (CUDA only). The step's writes land on padding lanes."""
+        pool, start = None, time.perf_counter()
+        for i, n in enumerate(sorted(self.buckets, reverse=True)):
+            if progress:
+                print(f"\rcapturing CUDA graphs: batch {n:>3} ({i + 1}/{len(self.buckets)})", end="", file=sys.stderr)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up: Triton compiles, cuBLAS picks kernels, outside capture
+                for _ in range(2):
+                    self.step(n)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.step(n)
+            pool = graph.pool()
+            self.graphs[n] = graph
+        torch.cuda.synchronize()
+        if progress:
+            print(f"\rcaptured {len(self.graphs)} CUDA graphs in {time.perf_counter() - start:.1f} s" + " " * 20,
+                  file=sys.stderr)
+
+    def run(self, n: int) -> int:
+        """One frame for lanes 0..n-1 (padded up to a bucket); returns the bucket used."""
+        b = self.bucket(n)
+        if b in self.graphs:
+            self.graphs[b].replay()
+        else:
+            self.step(b)
+        return b

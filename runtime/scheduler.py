@@ -1,0 +1,166 @@
+"""Requests and their streams: what a caller holds while the engine works for it.
+
+A `Request` is one generation: its prompt rows, sampling settings, and where it stands (its
+blocks, its lane in the running batch, the frames made so far).  Its `Stream` is the caller's
+end: iterate it (threads) or `async for` over it (asyncio) to get codes [num_codebooks] per
+frame; closing it, breaking out of the loop or cancelling the task cancels the request, and the
+engine frees its blocks at the next frame boundary.
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+
+class EngineBusy(RuntimeError):
+    """The request could not be served: the waiting queue was full, or no KV blocks freed up in time."""
+
+
+class EngineStopped(RuntimeError):
+    """The engine was closed before the request finished."""
+
+
+_END = object()
+
+
+@dataclass
+class RequestStats:
+    prompt_positions: int = 0
+    reused_positions: int = 0  # prompt positions whose KV came from the prefix cache
+    computed_positions: int = 0  # prompt positions prefilled (or run by the first frame)
+    frames: int = 0
+    wait_s: float = 0.0  # queued for a lane and KV blocks
+    first_frame_s: float = float("nan")  # from submit to the first frame's codes on the host
+    total_s: float = float("nan")
+    finish: str = ""  # "eos", "max_frames", "cancelled" or "error"
+
+
+@dataclass(eq=False)
+class Request:
+    frames: torch.Tensor  # prompt rows [S, n + 1] (CPU)
+    mask: torch.Tensor
+    max_frames: int
+    temperature: float
+    topk: int
+    seed: int
+    stop_on_eos: bool
+    keys: list  # chained keys of the prompt's full blocks (kv_cache.block_keys)
+    submitted: float = field(default_factory=time.perf_counter)
+    blocks: list = field(default_factory=list)
+    prefilled: int = 0  # prompt positions whose KV is written
+    generated: list = field(default_factory=list)  # codes [n] per frame (CPU), fed back as rows
+    cancelled: bool = False
+    stats: RequestStats = field(default_factory=RequestStats)
+    stream: "Stream" = None
+
+    @property
+    def prompt_len(self) -> int:
+        return self.frames.shape[0]
+
+    def rows(self, start: int, end: int):
+        """Backbone rows (frames, mask) of positions start..end-1: prompt rows, then generated frames."""
+        s, parts = self.prompt_len, []
+        if start < s:
+            parts.append((self.frames[start:min(end, s)], self.mask[start:min(end, s)]))
+        if end > s:
+            codes = torch.stack(self.generated[max(start, s) - s:end - s])
+            frames = torch.cat([codes, codes.new_zeros(len(codes), 1)], dim=1)
+            mask = torch.ones_like(frames, dtype=torch.bool)
+            mask[:, -1] = False
+            parts.append((frames, mask))
+        frames, mask = zip(*parts)
+        return torch.cat(frames), torch.cat(mask)
+
+
+class Stream:
+    """The caller's end of a request: codes [num_codebooks] (CPU int64) per frame, then the end.
+
+    Errors met by the engine for this request are raised here.  `stats` fills in as it runs.
+    """
+
+    def __init__(self, request: Request, wake):
+        self.request, self._wake = request, wake
+        self._items: deque = deque()
+        self._cond = threading.Condition()
+        self._waiter = None  # (loop, future) of an async consumer waiting for an item
+
+    @property
+    def stats(self) -> RequestStats:
+        return self.request.stats
+
+    # engine side
+    def _put(self, item) -> None:
+        with self._cond:
+            self._items.append(item)
+            self._cond.notify()
+            waiter, self._waiter = self._waiter, None
+        if waiter is not None:
+            loop, fut = waiter
+            loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(None))
+
+    def _end(self, error: BaseException | None = None) -> None:
+        self._put(_END if error is None else error)
+
+    # caller side
+    def cancel(self) -> None:
+        """Stop generating; the engine frees the request's blocks at the next frame boundary."""
+        if not self.request.cancelled:
+            self.request.cancelled = True
+            self._wake()
+
+    close = cancel
+
+    def _unpack(self, item):
+        if item is _END:
+            self._items.appendleft(_END)  # stay ended for later reads
+            raise StopIteration
+        if isinstance(item, BaseException):
+            self._items.appendleft(_END)
+            raise item
+        return item
+
+    def __iter__(self):
+        try:
+            while True:
+                with self._cond:
+                    while not self._items:
+                        self._cond.wait()
+                    item = self._items.popleft()
+                try:
+                    codes = self._unpack(item)
+                except StopIteration:
+                    return
+                yield codes
+        finally:
+            self.cancel()  # a no-op once finished; frees the blocks when the caller stops early
+
+    async def __aiter__(self):
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                with self._cond:
+                    item = self._items.popleft() if self._items else None
+                    if item is None:
+                        fut = loop.create_future()
+                        self._waiter = (loop, fut)
+                if item is None:
+                    await fut
+                    continue
+                try:
+                    codes = self._unpack(item)
+                except StopIteration:
+                    return
+                yield codes
+        finally:
+            self.cancel()
+
+    def codes(self) -> torch.Tensor:
+        """All frames: codes [T, num_codebooks] (T may be 0)."""
+        frames = list(self)
+        n = self.request.frames.shape[1] - 1
+        return torch.stack(frames) if frames else torch.zeros(0, n, dtype=torch.long)

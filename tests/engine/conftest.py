@@ -1,0 +1,62 @@
+"""Shared models and prompts for the engine tests (CPU, fp32, the `tiny` preset unless noted)."""
+import pytest
+import torch
+
+from misotts.runtime.config import PRESETS, ModelConfig
+from misotts.runtime.engine import Engine, EngineConfig
+from misotts.runtime.model import CSMModel
+from misotts.runtime.prompt import Segment, build_prompt
+from misotts.runtime.tokenizer import ByteTokenizer
+
+TINY = PRESETS["tiny"]
+TOKENIZER = ByteTokenizer(TINY.bos_id, TINY.eos_id)
+
+
+def make_model(config: ModelConfig = TINY, seed: int = 0, std: float = 0.1) -> CSMModel:
+    """Random weights, norms included (so a misplaced norm weight shows), fp32, CPU.
+
+    Like a trained model it never emits the special ids 2048..2050 (their head columns are 0,
+    below the top 50 of ~2048 random logits), so its codes can go back into a prompt as audio.
+    """
+    torch.manual_seed(seed)
+    model = CSMModel(config)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=std)
+    model.codebook0_head.weight.data[2048:] = 0
+    model.audio_head.data[..., 2048:] = 0
+    return model.eval().requires_grad_(False)
+
+
+def prompt(text: str = "Hello there, how are you?", speaker: int = 0, context=()):
+    return build_prompt(text, speaker, context, TOKENIZER, TINY.num_codebooks)
+
+
+def random_codes(frames: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 2048, (frames, TINY.num_codebooks), generator=torch.Generator().manual_seed(seed))
+
+
+def history(turns: int = 2, frames: int = 6, name: str = ""):
+    """A few context turns with (random) audio codes."""
+    return [Segment(t % 2, f"{name}turn number {t}, with some words", codes=random_codes(frames, seed=t))
+            for t in range(turns)]
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    return make_model()
+
+
+@pytest.fixture
+def engine(tiny_model):
+    eng = Engine(tiny_model, EngineConfig(max_batch=8))
+    yield eng
+    eng.close()
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matmuls gain nothing from a second thread and lose much when the cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -1,0 +1,103 @@
+"""The engine computes the reference model's codes: same greedy codes, same sampled codes per seed."""
+import pytest
+import torch
+
+from misotts.kernels.reference import sample_topk_ref
+from misotts.kernels.rng import uniform
+from misotts.runtime.config import ModelConfig
+from misotts.runtime.engine import Engine, EngineConfig
+from misotts.runtime.fast_model import _uniform, sample_lanes
+from misotts.runtime.generate import generate_codes
+
+from .conftest import history, make_model, prompt
+
+ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+def stack(dim, heads, kv_heads, head_dim, ffn):
+    return dict(hidden_size=dim, num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+                intermediate_size=ffn, num_hidden_layers=2, rope_parameters=ROPE)
+
+
+# The shapes tests/weights checks against transformers' CSM (GQA 1/2/4, head_dim 32/64/128).
+HF_SHAPES = {
+    "gqa1-hd32": (stack(128, 4, 4, 32, 256), stack(64, 4, 2, 64, 128)),
+    "gqa2-hd64": (stack(128, 4, 2, 64, 256), stack(64, 4, 1, 32, 128)),
+    "gqa4-hd128": (stack(256, 8, 2, 128, 512), stack(128, 2, 2, 128, 256)),
+}
+
+
+def hf_config(name) -> ModelConfig:
+    backbone, decoder = HF_SHAPES[name]
+    return ModelConfig.from_hf_dict({**backbone, "depth_decoder_config": decoder, "text_vocab_size": 261,
+                                     "vocab_size": 2051, "num_codebooks": 32, "bos_token_id": 256})
+
+
+SETTINGS = [dict(temperature=0.0, topk=50, seed=0), dict(temperature=0.9, topk=50, seed=7)]
+
+
+def assert_engine_equals_reference(model, frames, mask, max_frames, **engine_config):
+    engine = Engine(model, EngineConfig(max_batch=4, **engine_config))
+    try:
+        for kw in SETTINGS:
+            ref = generate_codes(model, frames, mask, max_frames, stop_on_eos=False, **kw)
+            out = engine.generate(frames, mask, max_frames, stop_on_eos=False, **kw)
+            assert torch.equal(out, ref), f"{kw}: {(out != ref).any(1).nonzero()[:1].tolist()} first differing frame"
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("std", [0.02, 0.1])
+def test_tiny_codes_equal_reference(std):
+    # A prompt with audio context spans several blocks; a 16-position prefill chunk splits it.
+    frames, mask = prompt("And what did you think of it?", 1, history(2))
+    assert_engine_equals_reference(make_model(std=std), frames, mask, 12, prefill_chunk=16)
+
+
+@pytest.mark.parametrize("name", sorted(HF_SHAPES))
+def test_transformers_parity_shapes_equal_reference(name):
+    frames, mask = prompt("hello world, this is a test")
+    assert_engine_equals_reference(make_model(hf_config(name), std=0.05), frames, mask, 6)
+
+
+def test_one_row_prompt_and_end_of_speech():
+    model = make_model()
+    frames, mask = prompt()
+    frames, mask = frames[:1], mask[:1]  # nothing to prefill: the first frame runs the only row
+    assert_engine_equals_reference(model, frames, mask, 4)
+    # Heads of zeros: every logit ties, the greedy code is 0 everywhere, the first frame is end of speech.
+    model.codebook0_head.weight.zero_()
+    model.audio_head.zero_()
+    engine = Engine(model, EngineConfig(max_batch=2))
+    stream = engine.submit(frames, mask, 4, temperature=0.0)
+    assert stream.codes().shape == (0, 32) and stream.stats.finish == "eos"
+    assert len(generate_codes(model, frames, mask, 4, temperature=0.0)) == 0
+    engine.close()
+
+
+def test_per_lane_sampler_equals_reference_sampler():
+    torch.manual_seed(0)
+    logits = torch.randn(6, 2051) * 3
+    logits[2, :10] = logits[2].max() + 1  # ties at the top
+    settings = [(0.9, 50), (0.0, 50), (1.3, 1), (0.7, 2051), (0.5, 10), (1.0, 3)]
+    temperature = torch.tensor([t for t, _ in settings])
+    topk = torch.tensor([k for _, k in settings])
+    seed, counter = torch.arange(6) * 1000 + 5, torch.arange(6) * 32 + 3
+    got = sample_lanes(logits, temperature, topk, seed, counter, torch.arange(2051))
+    for b, (t, k) in enumerate(settings):
+        assert got[b] == sample_topk_ref(logits[b:b + 1], t, k, seed[b:b + 1], counter[b:b + 1])[0]
+    assert torch.equal(_uniform(seed, counter, torch.arange(2051)), uniform(seed, counter, 2051))
+
+
+@pytest.mark.slow
+def test_triton_ops_in_the_interpreter_equal_reference():
+    """The Triton op set (rvq_embed, rope_kv_write, paged prefill/decode, rmsnorm, swiglu) run by
+    Triton's CPU interpreter gives the reference codes: checks the engine's calls to the kernels."""
+    frames, mask = prompt("Hi!", 0, history(1, frames=10))  # 28 rows: a two-block prefill
+    model = make_model()
+    engine = Engine(model, EngineConfig(max_batch=1, ops="triton"))
+    kw = SETTINGS[1]
+    ref = generate_codes(model, frames, mask, 2, stop_on_eos=False, **kw)
+    assert torch.equal(engine.generate(frames, mask, 2, stop_on_eos=False, **kw), ref)
+    engine.close()
