@@ -108,3 +108,13 @@ def test_sampler_errors():
         depth_step(h, head.half(), 1, embed, codes, nxt, seed, seed, 1.0, 5)
     with pytest.raises(ValueError, match="logits must have shape"):
         depth_step(h, head, 1, embed, codes, nxt, seed, seed, 1.0, 5, logits=torch.empty(2, 49))
+
+
+def test_flash_backend_is_optional():
+    import importlib.util
+
+    from misotts.kernels.flash_backend import flash_decode  # importable without flash-attn
+    if importlib.util.find_spec("flash_attn") is not None:
+        pytest.skip("flash-attn is installed")
+    with pytest.raises(RuntimeError, match="needs flash-attn"):
+        flash_decode(**decode_args())
