@@ -43,13 +43,13 @@ def test_sampled_tokens_match_reference(temperature, topk):
 
 
 def test_topk_never_leaves_the_top_k():
-    """64 streams (seeds x counters) at a high temperature, with a tie at the k-th value in 16 rows."""
+    """64 seeds at a high temperature, with a tie at the k-th value in 16 rows."""
     g = torch.Generator().manual_seed(3)
     batch, vocab, topk = 64, 300, 5
     logits = torch.randn(batch, vocab, generator=g)
     top = logits.topk(topk + 1, dim=-1)
     logits[:16].scatter_(1, top.indices[:16, topk:topk + 1], top.values[:16, topk - 1:topk])  # ties: k-th == (k+1)-th
-    seed = torch.arange(batch) // 4 * 7919
+    seed = torch.arange(batch) * 7919 + 1  # 64 seeds
     counter = torch.arange(batch) % 4 + 100
     out = sample_topk(logits, 5.0, topk, seed, counter)
     kth = logits.topk(topk, dim=-1).values[:, -1]
