@@ -1,0 +1,148 @@
+"""A checkpoint folder, read one tensor at a time under our canonical names.
+
+`Checkpoint(path)` finds the format and config, opens the weight files (memory-mapped: nothing
+is read until asked), maps every tensor name to ours, and `check` compares the lot with the
+shapes a model needs, so that a bad checkpoint fails before any weight is copied, with an
+error that names the tensor and the file.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from misotts.runtime.config import ModelConfig, config_from_json_dict
+
+from .formats import (INDEX_FILE, NAME_MAPS, SESAME_DEFAULT_CONFIG, TORCH_FILE, detect_format,
+                      interleaved_to_halves, read_config_json, rope_heads, weight_file)
+
+
+class SafetensorsFile:
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self._f = safe_open(str(path), framework="pt")
+            self._keys = list(self._f.keys())
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"cannot read {path}: {e}. The file is truncated or corrupt; "
+                             "download or convert it again") from None
+
+    def keys(self) -> list[str]:
+        return self._keys
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._f.get_slice(name).get_shape())
+
+    def read(self, name: str) -> torch.Tensor:
+        try:
+            return self._f.get_tensor(name)
+        except SafetensorError as e:
+            raise ValueError(f"cannot read tensor {name!r} from {self.path}: {e}") from None
+
+
+class TorchFile:
+    """Sesame's ckpt.pt: a flat state dict, memory-mapped, loaded without unpickling code."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self._sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, ... here
+            raise ValueError(f"cannot read {path}: {e}. The file is truncated or corrupt; "
+                             "download it again") from None
+        if not isinstance(self._sd, dict) or not all(isinstance(v, torch.Tensor) for v in self._sd.values()):
+            raise ValueError(f"{path} is not a flat state dict of tensors")
+
+    def keys(self) -> list[str]:
+        return list(self._sd)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._sd[name].shape)
+
+    def read(self, name: str) -> torch.Tensor:
+        return self._sd[name]
+
+
+def open_weight_files(path: Path) -> dict[str, SafetensorsFile | TorchFile]:
+    """Tensor name -> the opened file that holds it (shards are opened once each)."""
+    file = weight_file(path)
+    if file == TORCH_FILE:
+        f = TorchFile(path / file)
+        return dict.fromkeys(f.keys(), f)
+    if file != INDEX_FILE:
+        f = SafetensorsFile(path / file)
+        return dict.fromkeys(f.keys(), f)
+    index_path = path / INDEX_FILE
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{index_path} is not a safetensors index (no valid weight_map): {e}") from None
+    for shard in sorted(set(weight_map.values())):
+        if not (path / shard).is_file():
+            raise FileNotFoundError(f"shard {shard} named by {index_path} is missing")
+    shards = {shard: SafetensorsFile(path / shard) for shard in sorted(set(weight_map.values()))}
+    held = {shard: set(f.keys()) for shard, f in shards.items()}
+    for name, shard in weight_map.items():
+        if name not in held[shard]:
+            raise ValueError(f"{index_path} puts tensor {name!r} in {shard}, which does not hold it")
+    return {name: shards[shard] for name, shard in weight_map.items()}
+
+
+class Checkpoint:
+    """A checkpoint folder: format, config, and its tensors by canonical name."""
+
+    def __init__(self, path: str | Path):
+        self.dir = Path(path)
+        self.format = detect_format(self.dir)
+        self.names = NAME_MAPS[self.format]
+        config = read_config_json(self.dir) or (SESAME_DEFAULT_CONFIG if self.format == "sesame" else {})
+        self.config: ModelConfig = config_from_json_dict(config)
+        files = open_weight_files(self.dir)
+        self.sources: dict[str, tuple[str, SafetensorsFile | TorchFile]] = {}  # ours -> (file's name, file)
+        self.unknown: list[str] = []  # the file's names that mean nothing to us
+        for name, f in files.items():
+            if name in self.names.fallbacks or self.names.is_ignored(name):
+                continue
+            ours = self.names.to_canonical(name)
+            if ours is None:
+                self.unknown.append(f"{name!r} in {f.path.name}")
+            else:
+                self.sources[ours] = (name, f)
+        for name, ours in self.names.fallbacks.items():
+            if name in files and ours not in self.sources:
+                self.sources[ours] = (name, files[name])
+
+    def _where(self, ours: str) -> str:
+        name, f = self.sources[ours]
+        return f"{name!r} in {f.path.name}"
+
+    def check(self, expected: dict[str, tuple[int, ...]]) -> None:
+        """Raise if the tensors are not exactly `expected` (our name -> shape)."""
+        where = f"{self.dir} ({self.format} format, config {self.config.name!r})"
+        missing = [self.names.from_canonical(n) for n in expected if n not in self.sources]
+        if missing:
+            raise ValueError(f"{where} lacks {len(missing)} tensor(s) the config needs: {_few(missing)}")
+        extra = self.unknown + [self._where(n) for n in self.sources if n not in expected]
+        if extra:
+            raise ValueError(f"{where} has {len(extra)} tensor(s) the model does not: {_few(extra)}")
+        wrong = [f"{self._where(n)} has shape {self.shape(n)}, expected {tuple(want)}"
+                 for n, want in expected.items() if self.shape(n) != tuple(want)]
+        if wrong:
+            raise ValueError(f"{where}: {len(wrong)} tensor(s) do not fit the config: {_few(wrong, sep='; ')}")
+
+    def shape(self, ours: str) -> tuple[int, ...]:
+        name, f = self.sources[ours]
+        return f.shape(name)
+
+    def read(self, ours: str) -> torch.Tensor:
+        """One tensor in our layout (still on the CPU, in the file's dtype)."""
+        name, f = self.sources[ours]
+        t = f.read(name)
+        heads = rope_heads(ours, self.config) if self.format == "sesame" else None
+        return t if heads is None else interleaved_to_halves(t, heads)
+
+
+def _few(items: list[str], n: int = 8, sep: str = ", ") -> str:
+    return sep.join(items[:n]) + (f"{sep}... ({len(items) - n} more)" if len(items) > n else "")
