@@ -1,0 +1,95 @@
+"""convert: any checkpoint we read -> our canonical format (sharded safetensors + config.json).
+
+Tensors stream through one shard at a time; shards are written under temporary names and
+renamed once their count (the "-of-N" in the names) is known.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from .checkpoint import Checkpoint
+from .formats import INDEX_FILE, SINGLE_FILE
+from .load import expected_shapes, resolve_source
+
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from an int or a string like "2GB", "500MB", "1.5GiB" (KB/MB/GB are powers of 10)."""
+    if isinstance(size, int):
+        n = size
+    else:
+        m = re.fullmatch(r"([\d.]+)\s*([KMG]I?B|B)?", str(size).strip().upper())
+        if not m:
+            raise ValueError(f"cannot read size {size!r}: use bytes or e.g. '2GB', '500MB', '1GiB'")
+        n = int(float(m[1]) * _UNITS[m[2] or "B"])
+    if n <= 0:
+        raise ValueError(f"shard_size must be positive, got {size!r}")
+    return n
+
+
+def convert(src: str | Path, dst: str | Path, shard_size: int | str = "2GB", progress: bool = True,
+            overwrite: bool = False, dtype: torch.dtype | None = None) -> Path:
+    """Write the checkpoint `src` (directory or hub id, any format we read) to `dst` in ours.
+
+    One model.safetensors if it fits in shard_size, else model-0000i-of-0000N.safetensors and
+    model.safetensors.index.json; config.json; tokenizer.json copied when src has one.  dtype
+    casts every tensor (None keeps the file's).  Returns dst.
+    """
+    src_dir, dst = resolve_source(src), Path(dst)
+    limit = parse_size(shard_size)
+    if dst.exists() and dst.resolve() == src_dir.resolve():
+        raise ValueError(f"convert would overwrite its source {src_dir}: choose another dst")
+    if dst.exists() and not dst.is_dir():
+        raise FileExistsError(f"{dst} exists and is not a directory")
+    if dst.is_dir() and any(dst.iterdir()) and not overwrite:
+        raise FileExistsError(f"{dst} is not empty: pass overwrite=True to write into it")
+    ckpt = Checkpoint(src_dir)
+    expected = expected_shapes(ckpt.config)
+    ckpt.check(expected)
+    dst.mkdir(parents=True, exist_ok=True)
+    # A previous conversion's weights would mix with ours (the index is read before model.safetensors).
+    for stale in [dst / SINGLE_FILE, dst / INDEX_FILE, *dst.glob("model-*.safetensors*")]:
+        stale.unlink(missing_ok=True)
+
+    written: list[tuple[Path, list[str]]] = []
+    shard: dict[str, torch.Tensor] = {}
+
+    def flush():
+        tmp = dst / f"model-{len(written):05d}.safetensors.partial"
+        save_file(shard, str(tmp), metadata={"format": "pt"})
+        written.append((tmp, list(shard)))
+        shard.clear()
+
+    total = shard_bytes = 0
+    for name in tqdm(expected, desc=f"converting {src_dir.name}", unit="tensor", disable=not progress):
+        t = ckpt.read(name)
+        t = (t if dtype is None else t.to(dtype)).contiguous()
+        if shard and shard_bytes + t.nbytes > limit:
+            flush()
+            shard_bytes = 0
+        shard[name] = t
+        shard_bytes += t.nbytes
+        total += t.nbytes
+    flush()
+
+    n = len(written)
+    weight_map = {}
+    for i, (tmp, names) in enumerate(written):
+        final = SINGLE_FILE if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        tmp.rename(dst / final)
+        weight_map.update(dict.fromkeys(names, final))
+    if n > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (dst / INDEX_FILE).write_text(json.dumps(index, indent=2))
+    (dst / "config.json").write_text(json.dumps(ckpt.config.to_dict(), indent=2))
+    if (src_dir / "tokenizer.json").is_file():
+        shutil.copyfile(src_dir / "tokenizer.json", dst / "tokenizer.json")
+    return dst
