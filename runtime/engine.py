@@ -59,9 +59,10 @@ class Engine:
         cuda = device.type == "cuda"
         self.max_batch = config.max_batch or (32 if cuda else 8)
         bs = config.block_size
+        self.fast = FastModel(model, make_ops(config.ops, device), self.max_batch, bs)
         num_blocks = config.num_blocks or self._default_num_blocks(model, bs, cuda)
+        self.fast.allocate_kv(num_blocks)
         self.pool = BlockPool(num_blocks, bs)
-        self.fast = FastModel(model, make_ops(config.ops, device), self.max_batch, num_blocks, bs)
         self.graphs = FrameGraphs(self.fast.decode_frame, self.max_batch)
         if cuda and config.cuda_graphs:
             self.graphs.capture(progress)

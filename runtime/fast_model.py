@@ -31,17 +31,22 @@ class TorchOps:
     name = "torch"
 
     def __init__(self):
-        self._arange = {}
+        self._aranges = {}
 
-    def _key_positions(self, length, device):
+    def _arange(self, length, device):
         # Made on the first (warm-up) call and kept: a frame's step creates no tensors from nothing.
-        if (length, device) not in self._arange:
-            self._arange[(length, device)] = torch.arange(length, device=device)
-        return self._arange[(length, device)]
+        if (length, device) not in self._aranges:
+            self._aranges[(length, device)] = torch.arange(length, device=device)
+        return self._aranges[(length, device)]
 
-    @staticmethod
-    def embed(frames, mask, text_table, audio_table):
-        return ref.rvq_embed_ref(frames[None], mask[None], text_table, audio_table)[0]
+    def embed(self, frames, mask, text_table, audio_table):
+        """`rvq_embed_ref` for rows [N, n+1], with its codebook offsets kept from the first call."""
+        n = frames.shape[-1] - 1
+        vocab = audio_table.shape[0] // n
+        rows = frames[:, :n].clamp(0, vocab - 1) + self._arange(n, frames.device) * vocab
+        audio = audio_table[rows].float() * mask[:, :n, None]
+        text = text_table[frames[:, n].clamp(0, text_table.shape[0] - 1)].float() * mask[:, n:]
+        return (audio.sum(-2) + text).to(audio_table.dtype)
 
     @staticmethod
     def rmsnorm(x, weight, eps, residual=None):
@@ -66,7 +71,7 @@ class TorchOps:
         tables = block_tables.long()
         keys = k_cache[tables].flatten(1, 2).transpose(1, 2)  # [N, K, max_blocks * block_size, d]
         values = v_cache[tables].flatten(1, 2).transpose(1, 2)
-        allowed = self._key_positions(keys.shape[2], q.device)[None, :] < context_lens[:, None]
+        allowed = (self._arange(keys.shape[2], q.device)[None, :] < context_lens[:, None])[:, None, None]
         out = F.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=allowed, scale=scale,
                                              enable_gqa=q.shape[1] != keys.shape[1])
         return out[:, :, 0]
@@ -200,14 +205,27 @@ class BatchState:
 
 
 # ---- the model --------------------------------------------------------------------------------
+@torch.no_grad()
+def _fuse(*linears) -> torch.Tensor:
+    """One weight for several bias-free linears of the same input, rows stacked.  The modules'
+    weights become views of it, so the fused copy is the only copy (and CSMModel still works)."""
+    fused = torch.cat([l.weight for l in linears])
+    start = 0
+    for l in linears:
+        rows = l.weight.shape[0]
+        l.weight.data = fused[start:start + rows]
+        start += rows
+    return fused
+
+
 class _Stack:
     """One transformer's weights, fused: qkv [(H + 2K) d, D], gate_up [2F, D]."""
 
     def __init__(self, module, cfg: TransformerConfig):
         self.cfg = cfg
-        self.qkv = [torch.cat([l.attn.wq.weight, l.attn.wk.weight, l.attn.wv.weight]) for l in module.layers]
+        self.qkv = [_fuse(l.attn.wq, l.attn.wk, l.attn.wv) for l in module.layers]
         self.wo = [l.attn.wo.weight for l in module.layers]
-        self.gate_up = [torch.cat([l.mlp.w_gate.weight, l.mlp.w_up.weight]) for l in module.layers]
+        self.gate_up = [_fuse(l.mlp.w_gate, l.mlp.w_up) for l in module.layers]
         self.down = [l.mlp.w_down.weight for l in module.layers]
         self.attn_norm = [l.attn_norm.weight for l in module.layers]
         self.mlp_norm = [l.mlp_norm.weight for l in module.layers]
@@ -224,7 +242,7 @@ class _Stack:
 
 
 class FastModel:
-    def __init__(self, model: CSMModel, ops, max_batch: int, num_blocks: int, block_size: int):
+    def __init__(self, model: CSMModel, ops, max_batch: int, block_size: int, num_blocks: int | None = None):
         cfg = self.config = model.config
         p = model.audio_head
         self.device, self.dtype, self.ops = p.device, p.dtype, ops
@@ -236,10 +254,8 @@ class FastModel:
             # projection(audio_embeddings[c + k*V]) for every (k, c): a depth step's next input is a row.
             self.proj_table = torch.cat([F.linear(chunk, self.projection) for chunk in self.audio_table.split(8192)])
         self.bb_inv_freq = rope_inv_freq(cfg.backbone, self.device)
-        self.block_size = block_size
+        self.max_batch, self.block_size = max_batch, block_size
         self.max_blocks = -(-cfg.max_seq_len // block_size)
-        self.kv = PagedKV(cfg.backbone, num_blocks, block_size, self.dtype, self.device)
-        self.state = BatchState(max_batch, self.n, self.max_blocks, self.kv.scratch_block, self.device)
         # Depth decoder: a contiguous cache per layer [B, K, n, d], reset (overwritten) each frame.
         d = cfg.decoder
         self.depth_k = torch.zeros(d.n_layers, max_batch, d.n_kv_heads, self.n, d.head_dim, dtype=self.dtype,
@@ -249,6 +265,14 @@ class FastModel:
         self.depth_cos, self.depth_sin = rope_cos_sin(d, positions, rope_inv_freq(d, self.device))
         self.depth_allowed = positions[None, :] <= positions[:, None]  # [query pos, key pos]
         self.vocab_index = torch.arange(self.vocab, device=self.device)
+        if num_blocks is not None:
+            self.allocate_kv(num_blocks)
+
+    def allocate_kv(self, num_blocks: int) -> None:
+        """The paged KV pool and the batch state (after the weights, so a pool sized from free
+        memory sees what they took)."""
+        self.kv = PagedKV(self.config.backbone, num_blocks, self.block_size, self.dtype, self.device)
+        self.state = BatchState(self.max_batch, self.n, self.max_blocks, self.kv.scratch_block, self.device)
 
     # ---- backbone ------------------------------------------------------------------------
     def _backbone(self, x, positions, slots, attend):
@@ -335,7 +359,7 @@ class FastModel:
                 dec_h = self._depth(self.proj_table[token + i * self.vocab][:, None], i + 1, n)
         # The frame becomes each lane's next backbone row.
         st.rows[:n, :self.n] = codes
-        st.rows[:n, self.n] = 0
+        st.rows[:n, self.n].zero_()
         st.row_mask[:n] = st.audio_row_mask
         positions += 1
         counter += self.n

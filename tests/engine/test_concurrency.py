@@ -1,0 +1,170 @@
+"""Many requests share one engine: outputs equal solo runs, limits give clear errors, cancelling frees."""
+import asyncio
+import threading
+import time
+
+import pytest
+import torch
+
+from misotts.runtime.engine import Engine, EngineConfig
+from misotts.runtime.scheduler import EngineBusy
+
+from .conftest import history, prompt
+
+GEN = dict(temperature=0.9, topk=50, stop_on_eos=False)
+
+
+def requests(count):
+    """Different prompts, seeds, lengths and temperatures (one greedy)."""
+    out = []
+    for i in range(count):
+        frames, mask = prompt(f"Request {i} says something.", i % 2, history(1, frames=3 + i, name=f"{i}"))
+        out.append(dict(frames=frames, mask=mask, max_frames=3 + i % 4, seed=100 + i,
+                        temperature=0.0 if i == 3 else 0.9, topk=50, stop_on_eos=False))
+    return out
+
+
+def test_eight_threads_equal_their_solo_runs(tiny_model):
+    reqs = requests(8)
+    solo_engine = Engine(tiny_model, EngineConfig(max_batch=1))
+    solo = [solo_engine.generate(**r) for r in reqs]
+    solo_engine.close()
+
+    engine = Engine(tiny_model, EngineConfig(max_batch=8, prefill_chunk=32))
+    results = [None] * len(reqs)
+
+    def run(i):
+        time.sleep(0.02 * i)  # staggered: requests join a running batch and leave at different frames
+        results[i] = engine.generate(**reqs[i])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(reqs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, (got, want) in enumerate(zip(results, solo)):
+        assert torch.equal(got, want), f"request {i}"
+    assert engine.wait_idle() and engine.pool.all_free()
+    assert engine.frames_run < sum(len(s) for s in solo)  # frames were shared
+    engine.close()
+
+
+def test_asyncio_streams_equal_solo_runs(tiny_model):
+    reqs = requests(4)
+    engine = Engine(tiny_model, EngineConfig(max_batch=4))
+    solo = [engine.generate(**r) for r in reqs]
+
+    async def collect(r):
+        return torch.stack([codes async for codes in engine.submit(**r)])
+
+    async def main():
+        return await asyncio.gather(*(collect(r) for r in reqs))
+
+    for got, want in zip(asyncio.run(main()), solo):
+        assert torch.equal(got, want)
+    assert engine.wait_idle() and engine.pool.all_free()
+    engine.close()
+
+
+def test_prompt_longer_than_context_fails_at_once(engine):
+    frames, mask = prompt()
+    long = frames.repeat(2048 // len(frames) + 1, 1), mask.repeat(2048 // len(mask) + 1, 1)
+    with pytest.raises(ValueError, match="context window"):
+        engine.submit(*long, 10)
+    with pytest.raises(ValueError, match="context window"):
+        engine.submit(frames, mask, 2048)
+    assert engine.stats()["waiting"] == 0
+
+
+def test_full_pool_waits_then_fails_clearly(tiny_model):
+    frames, mask = prompt()
+    blocks = -(-(len(frames) + 40 - 1) // 16)  # one request of 40 frames
+    engine = Engine(tiny_model, EngineConfig(max_batch=4, num_blocks=blocks + 1, wait_timeout_s=0.5))
+    with pytest.raises(ValueError, match="KV blocks"):  # could never fit: refused at once
+        engine.submit(frames, mask, 16 * (blocks + 2))
+    holder = engine.submit(frames, mask, 40, **GEN)
+    reading = iter(holder)  # (dropping an iterator closes it, which would cancel the request)
+    next(reading)  # running and holding all but one block
+    other = prompt("Different words: no shared prefix.")
+    waiter = engine.submit(*other, 40, **GEN)
+    started = time.monotonic()
+    with pytest.raises(EngineBusy, match="KV blocks"):
+        waiter.codes()
+    assert time.monotonic() - started >= 0.4
+    # Waiting succeeds when blocks free up in time: cancel the holder while the next one waits.
+    patient = engine.submit(*other, 40, **GEN)
+    holder.cancel()
+    assert len(patient.codes()) == 40
+    assert engine.wait_idle() and engine.pool.all_free()
+    engine.close()
+
+
+def test_bounded_queue_refuses_when_full(tiny_model):
+    engine = Engine(tiny_model, EngineConfig(max_batch=1, max_waiting=1))
+    frames, mask = prompt()
+    running = engine.submit(frames, mask, 50, **GEN)
+    reading = iter(running)
+    next(reading)
+    queued = engine.submit(frames, mask, 2, **GEN)  # waits for the lane
+    with pytest.raises(EngineBusy, match="waiting"):
+        engine.submit(frames, mask, 2, **GEN)
+    running.cancel()
+    assert len(queued.codes()) == 2
+    engine.close()
+
+
+def test_cancelling_frees_blocks_and_spares_the_others(tiny_model):
+    reqs = requests(3)
+    engine = Engine(tiny_model, EngineConfig(max_batch=4))
+    solo = engine.generate(**reqs[2])
+    frames, mask = prompt()
+    # 1. Breaking out of the loop closes the iterator, which cancels the request.
+    closed = engine.submit(frames, mask, 100, **GEN)
+    other = engine.submit(**reqs[2])
+    for i, _ in enumerate(closed):
+        if i == 1:
+            break
+    assert torch.equal(other.codes(), solo)  # the neighbour is unaffected
+    assert engine.wait_idle() and engine.pool.all_free()
+    assert closed.stats.finish == "cancelled" and closed.stats.frames < 100
+    # 2. Cancelling an asyncio task that is reading a stream.
+    task_stream = engine.submit(frames, mask, 100, **GEN)
+
+    async def consume():
+        async for _ in task_stream:
+            pass
+
+    async def main():
+        task = asyncio.ensure_future(consume())
+        await asyncio.sleep(0.3)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    # 3. Cancelled while still queued.
+    engine.submit(frames, mask, 100, **GEN).cancel()
+    assert engine.wait_idle()
+    assert engine.pool.all_free()
+    assert task_stream.stats.finish == "cancelled" and task_stream.stats.frames < 100
+    engine.close()
+
+
+def test_a_failing_request_does_not_stop_the_engine(tiny_model, monkeypatch):
+    engine = Engine(tiny_model, EngineConfig(max_batch=2))
+    real_prefill = engine.fast.prefill
+
+    def flaky_prefill(frames, mask, start, blocks):
+        if frames.shape[0] == 7:  # only the poisoned request has a 7-row chunk
+            raise RuntimeError("boom")
+        return real_prefill(frames, mask, start, blocks)
+
+    monkeypatch.setattr(engine.fast, "prefill", flaky_prefill)
+    frames, mask = prompt()
+    bad = engine.submit(frames[:8], mask[:8], 3, **GEN)
+    good = engine.submit(frames, mask, 3, **GEN)
+    with pytest.raises(RuntimeError, match="boom"):
+        bad.codes()
+    assert len(good.codes()) == 3
+    assert engine.wait_idle() and engine.pool.all_free()
+    engine.close()

@@ -1,0 +1,145 @@
+"""A frame's step can be captured as a CUDA graph: no host sync, nothing made from host data or
+from nothing, shapes fixed by the batch size alone.  Checked on the CPU by recording every aten op
+of the step, and by running the step on the meta device (tensors without data: any host read of a
+value fails there).  Capture itself is checked by the CUDA tests at the end."""
+import pytest
+import torch
+from torch.utils._pytree import tree_flatten
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from misotts.runtime.config import PRESETS
+from misotts.runtime.engine import Engine, EngineConfig
+from misotts.runtime.fast_model import FastModel, TorchOps
+from misotts.runtime.model import CSMModel
+
+from .conftest import make_model, prompt
+
+aten = torch.ops.aten
+SYNC_OPS = {aten._local_scalar_dense, aten.item, aten.is_nonzero, aten.nonzero, aten.masked_select, aten.equal,
+            aten.allclose, aten._unique2, aten.unique_dim, aten.unique_consecutive, aten.repeat_interleave}
+FROM_HOST_DATA = {aten.lift_fresh, aten.lift_fresh_copy}
+
+
+class StepRecorder(TorchDispatchMode):
+    """Records (op, output shapes) of every aten call and the reasons any call is not capturable."""
+
+    def __init__(self):
+        super().__init__()
+        self.trace, self.problems = [], []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        inputs = [x for x in tree_flatten((args, kwargs))[0] if isinstance(x, torch.Tensor)]
+        out = func(*args, **kwargs)
+        outputs = [x for x in tree_flatten(out)[0] if isinstance(x, torch.Tensor)]
+        if func.overloadpacket in SYNC_OPS:
+            self.problems.append(f"{func}: reads a tensor value on the host (sync)")
+        if func.overloadpacket in FROM_HOST_DATA:
+            self.problems.append(f"{func}: a tensor made from host data (a host-to-device copy on CUDA)")
+        if outputs and not inputs:
+            self.problems.append(f"{func}: allocates a tensor from nothing")
+        if func.overloadpacket in (aten.index, aten.index_put, aten.index_put_) and any(
+                t.dtype == torch.bool for t in inputs[1:]):
+            self.problems.append(f"{func}: boolean indexing (data-dependent shape)")
+        self.trace.append((str(func), [tuple(t.shape) for t in outputs]))
+        return out
+
+
+def record(step, n):
+    with StepRecorder() as rec:
+        step(n)
+    return rec
+
+
+def join_lanes(fast, count, start=3):
+    row, mask = prompt()
+    for lane in range(count):
+        fast.state.set_lane(lane, row[-1], mask[-1], start + 7 * lane, list(range(4 * lane, 4 * lane + 4)),
+                            seed=lane, temperature=0.9 if lane % 2 else 0.0, topk=50)
+
+
+def test_the_recorder_catches_what_capture_forbids():
+    x = torch.ones(3)
+    assert record(lambda n: x.sum().item(), 1).problems  # a sync
+    assert record(lambda n: torch.zeros(n), 1).problems  # from nothing
+    assert record(lambda n: x + torch.tensor([1.0, 2.0, 3.0]), 1).problems  # from host data
+    assert record(lambda n: x[x > 0], 1).problems  # data-dependent shape
+    assert not record(lambda n: (x * 2).sum(), 1).problems
+
+
+@pytest.mark.parametrize("n", [1, 4])
+def test_frame_step_is_capturable_after_warm_up(n):
+    engine = Engine(make_model(), EngineConfig(max_batch=4, num_blocks=32))  # warms up the step
+    fast = engine.fast
+    join_lanes(fast, n)
+    first = record(fast.decode_frame, n)
+    assert not first.problems, "\n".join(first.problems[:10])
+    join_lanes(fast, n, start=40)  # other positions, seeds and blocks: the same ops and shapes
+    fast.state.clear_lane(n - 1)
+    second = record(fast.decode_frame, n)
+    assert not second.problems
+    assert second.trace == first.trace
+    engine.close()
+
+
+def test_frame_step_runs_on_tensors_without_data():
+    """On the meta device every tensor value is unknown: .item(), .tolist(), .cpu(), numpy and
+    Python `if` on a tensor all fail, so passing proves the step never looks at a value."""
+    with torch.device("meta"):
+        model = CSMModel(PRESETS["tiny"])
+    fast = FastModel(model, TorchOps(), max_batch=4, block_size=16, num_blocks=16)
+    assert fast.state.codes.is_meta
+    for n in (1, 3):
+        fast.decode_frame(n)
+
+
+# ---- CUDA only ------------------------------------------------------------------------------------
+cuda = pytest.mark.cuda
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def cuda_model():
+    return make_model().cuda()
+
+
+@cuda
+@needs_cuda
+def test_cuda_graph_replay_equals_eager():
+    model = cuda_model()
+    graphed = Engine(model, EngineConfig(max_batch=4))
+    eager = Engine(model, EngineConfig(max_batch=4, cuda_graphs=False))
+    assert len(graphed.graphs.graphs) == len(graphed.graphs.buckets) and not eager.graphs.graphs
+    frames, mask = prompt()
+    for kw in (dict(temperature=0.0), dict(temperature=0.9, topk=50, seed=3)):
+        streams = [graphed.submit(frames, mask, 20, stop_on_eos=False, **{**kw, "seed": s}) for s in range(3)]
+        want = [eager.generate(frames, mask, 20, stop_on_eos=False, **{**kw, "seed": s}) for s in range(3)]
+        assert all(torch.equal(s.codes(), w) for s, w in zip(streams, want))
+    graphed.close()
+    eager.close()
+
+
+@cuda
+@needs_cuda
+def test_cuda_graphs_survive_many_replays():
+    model = cuda_model()
+    engine = Engine(model, EngineConfig(max_batch=2))
+    frames, mask = prompt()
+    first = engine.generate(frames, mask, 200, temperature=0.9, seed=1, stop_on_eos=False)
+    for _ in range(3):
+        assert torch.equal(engine.generate(frames, mask, 200, temperature=0.9, seed=1, stop_on_eos=False), first)
+    assert engine.frames_run >= 800 and engine.wait_idle() and engine.pool.all_free()
+    engine.close()
+
+
+@cuda
+@needs_cuda
+def test_cuda_engine_equals_reference_in_fp32():
+    from misotts.runtime.generate import generate_codes
+
+    model = cuda_model()
+    engine = Engine(model, EngineConfig(max_batch=2))
+    frames, mask = prompt()
+    for kw in (dict(temperature=0.0), dict(temperature=0.9, topk=50, seed=3)):
+        ref = generate_codes(model, frames, mask, 10, stop_on_eos=False, **kw)
+        assert torch.equal(engine.generate(frames, mask, 10, stop_on_eos=False, **kw), ref.cpu())
+    engine.close()
