@@ -72,6 +72,12 @@ def _cases(preset):
                           t(8, h_dim), t(NUM_CODEBOOKS - 1, h_dim, AUDIO_VOCAB)[max(codebook - 1, 0)], codebook,
                           t(NUM_CODEBOOKS * AUDIO_VOCAB, dec), t(8, NUM_CODEBOOKS, **longs), t(8, dec), t(8, **longs),
                           t(8, **longs), 0.9, 50, logits=t(8, AUDIO_VOCAB, dtype=torch.float32))))
+    cases.append(("depth_step", f"{preset} codebook1 D{dec}->V{AUDIO_VOCAB} B8 per-lane params",
+                  lambda: sampling.depth_step(
+                      t(8, dec), t(NUM_CODEBOOKS - 1, dec, AUDIO_VOCAB)[0], 1, t(NUM_CODEBOOKS * AUDIO_VOCAB, dec),
+                      t(8, NUM_CODEBOOKS, **longs), t(8, dec), t(8, **longs), t(8, **longs),
+                      t(8, dtype=torch.float32), t(8, **longs), logits=t(8, AUDIO_VOCAB, dtype=torch.float32),
+                      counter_offset=1)))
     cases.append(("sample_topk", f"{preset} V{AUDIO_VOCAB} B8", lambda: sampling.sample_topk(
         t(8, AUDIO_VOCAB, dtype=torch.float32), 0.9, 50, t(8, **longs), t(8, **longs))))
     return cases

@@ -98,6 +98,12 @@ def test_sampler_errors():
         sample_topk(logits, -1.0, 5, seed, seed)
     with pytest.raises(ValueError, match="counter must have shape"):
         sample_topk(logits, 1.0, 5, seed, torch.zeros(3, dtype=torch.int64))
+    with pytest.raises(ValueError, match="both be Python numbers or both be tensors"):
+        sample_topk(logits, torch.ones(2), 5, seed, seed)
+    with pytest.raises(ValueError, match="temperature must have dtype"):
+        sample_topk(logits, torch.ones(2, dtype=torch.float64), torch.ones(2, dtype=torch.int64), seed, seed)
+    with pytest.raises(ValueError, match="counter_offset"):
+        sample_topk(logits, 1.0, 5, seed, seed, counter_offset=1.5)
     h, head, embed = torch.randn(2, 16), torch.randn(16, 50), torch.randn(32 * 50, 8)
     codes, nxt = torch.zeros(2, 32, dtype=torch.int64), torch.empty(2, 8)
     with pytest.raises(ValueError, match="codebook must be an int in"):

@@ -125,3 +125,36 @@ def test_bumping_the_counter_tensor_draws_again():
         assert draws[-1].tolist() == ref.sample_topk_ref(logits, 2.0, 20, seed, counter).tolist()
         counter += 1
     assert not torch.equal(draws[0], draws[1]) and not torch.equal(draws[1], draws[2])
+
+
+def test_per_lane_parameters_and_counter_offset():
+    """Tensor temperature/topk [B] (greedy lanes mixed in) equal per-lane reference calls;
+    counter_offset adds to the counter tensor (counter = frame * 32, offset = codebook)."""
+    g = torch.Generator().manual_seed(12)
+    batch = 6
+    logits = torch.randn(batch, 500, generator=g) * 2
+    temperature = torch.tensor([0.0, 0.8, 1.0, 1.3, 0.9, 0.7])
+    topk = torch.tensor([40, 1, 50, 3, 64, 1000])  # lane 0 and 1 greedy; lane 5: topk > vocab keeps all
+    seed, counter = torch.arange(batch) + 100, torch.full((batch,), 7 * 32)
+    out = sample_topk(logits, temperature, topk, seed, counter, counter_offset=5)
+    for lane in range(batch):
+        want = ref.sample_topk_ref(logits[lane:lane + 1], float(temperature[lane]), min(int(topk[lane]), 500),
+                                   seed[lane:lane + 1], counter[lane:lane + 1] + 5)
+        assert out[lane] == want[0], lane
+
+
+def test_depth_step_per_lane():
+    g = torch.Generator().manual_seed(13)
+    batch, dim, codebook = 3, 40, 4
+    h, head = torch.randn(batch, dim, generator=g), torch.randn(dim, VOCAB, generator=g)
+    embed = torch.randn(32 * VOCAB, 24, generator=g)
+    temperature, topk = torch.tensor([0.9, 0.0, 1.2]), torch.tensor([50, 50, 20])
+    seed, counter = torch.tensor([1, 2, 3]), torch.full((batch,), 11 * 32)
+    codes, next_input = torch.full((batch, 32), -1), torch.full((batch, 24), float("nan"))
+    depth_step(h, head, codebook, embed, codes, next_input, seed, counter, temperature, topk, counter_offset=codebook)
+    for lane in range(batch):
+        want, want_next, _ = ref.depth_step_ref(h[lane:lane + 1], head, codebook, embed, seed[lane:lane + 1],
+                                                counter[lane:lane + 1] + codebook, float(temperature[lane]),
+                                                int(topk[lane]))
+        assert codes[lane, codebook] == want[0]
+        assert torch.equal(next_input[lane], want_next[0])
