@@ -1,0 +1,84 @@
+"""misotts.serving: audio streams on the engine, concurrent streams, conversations that reuse KV."""
+import asyncio
+import threading
+
+import pytest
+import torch
+
+from misotts import serving
+from misotts.api import TTS
+from misotts.runtime.generate import generate_codes
+from misotts.runtime.tokenizer import ByteTokenizer
+
+from .conftest import TINY, make_model, random_codes
+
+FRAME = 1920
+
+
+@pytest.fixture(scope="module")
+def tts():
+    tts = TTS(make_model(), ByteTokenizer(TINY.bos_id, TINY.eos_id), untrained=True)
+    serving.attach_engine(tts, {"max_batch": 4})
+    yield tts
+    tts.engine.close()
+
+
+def test_stream_chunks_concatenate_to_generate(tts):
+    kw = dict(max_audio_ms=400, seed=1)  # 5 frames
+    chunks = list(serving.stream(tts, "Streaming test.", first_chunk_frames=1, chunk_frames=2, **kw))
+    assert [len(c.codes) for c in chunks] == [1, 2, 2]
+    assert chunks[0].samples.numel() == FRAME and tts.last_stats.first_audio_s > 0
+    whole = serving.generate(tts, "Streaming test.", **kw)
+    assert torch.equal(torch.cat([c.codes for c in chunks]), whole.codes)
+    assert torch.equal(torch.cat([c.samples for c in chunks]), whole.samples)
+    frames, mask = tts.prompt("Streaming test.")
+    assert torch.equal(whole.codes, generate_codes(tts.model, frames, mask, 5, seed=1))
+    assert tts.engine.wait_idle() and tts.engine.pool.all_free()
+
+
+def test_concurrent_audio_streams_equal_solo(tts):
+    texts = ["First voice.", "Second voice, other seed."]
+    solo = [serving.generate(tts, t, max_audio_ms=240, seed=i) for i, t in enumerate(texts)]
+    results = [None, None]
+
+    def run(i):
+        results[i] = torch.cat([c.samples for c in serving.stream(tts, texts[i], max_audio_ms=240, seed=i)])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for got, want in zip(results, solo):
+        assert torch.equal(got, want.samples)
+
+    async def both():
+        async def one(i):
+            return torch.cat([c.samples async for c in serving.astream(tts, texts[i], max_audio_ms=240, seed=i)])
+        return await asyncio.gather(one(0), one(1))
+
+    for got, want in zip(asyncio.run(both()), solo):
+        assert torch.equal(got, want.samples)
+
+
+def test_conversation_reuses_history_and_matches_cold_runs(tts):
+    chat = serving.Conversation(tts)
+    chat.add(1, "Hello, who is there?", codes=random_codes(5))  # a turn that was spoken, not generated
+    computed = []
+    for turn in range(4):
+        text = f"Turn {turn}."
+        context = list(chat.history)
+        codes = chat.say_codes(text, speaker=turn % 2, max_audio_ms=480, seed=turn)
+        frames, mask = tts.prompt(text, turn % 2, context)
+        assert torch.equal(codes, generate_codes(tts.model, frames, mask, 6, seed=turn)), f"turn {turn}"
+        stats = chat.last_stats
+        computed.append(stats.computed_positions)
+        if turn:
+            assert stats.reused_positions > 0
+        assert len(chat.history) == turn + 2
+    # New work per turn: the new text, the end-of-audio row and the unfed last frame, plus under
+    # one block of already seen rows -- the same whatever the history's length.
+    text_rows = len(tts.tokenizer.encode("[0]Turn 0."))
+    assert max(computed[1:]) <= text_rows + 2 + tts.engine.pool.block_size
+    audio = chat.say("And the last turn, with audio.", speaker=1, max_audio_ms=160, seed=9)
+    assert audio.samples.numel() == 2 * FRAME and torch.equal(chat.history[-1].codes, audio.codes)
