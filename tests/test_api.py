@@ -1,10 +1,12 @@
 """The public API and the CLI on the `tiny` preset (untrained weights, untrained Mimi)."""
+import json
 import subprocess
 import sys
 import wave
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 import misotts
 from misotts.api import mimi_codes
@@ -115,3 +117,23 @@ def test_console_script_is_installed(tmp_path):
 
 def test_special_ids_are_decoded_as_code_zero():
     assert mimi_codes(torch.tensor([[0, 2047, 2048, 2050]])).tolist() == [[0, 2047, 0, 0]]
+
+
+def test_cli_convert_round_trip_and_refuses_a_non_empty_destination(tmp_path, capsys):
+    from misotts.weights import load_model
+
+    src = tmp_path / "src"
+    assert main(["convert", "tiny-does-not-exist", str(src)]) == 2
+    tts = misotts.load("tiny", device="cpu")
+    src.mkdir()
+    save_file({k: v.contiguous() for k, v in tts.model.state_dict().items()}, str(src / "model.safetensors"))
+    (src / "config.json").write_text(json.dumps(tts.config.to_dict()))
+    dst = tmp_path / "dst"
+    assert main(["convert", str(src), str(dst), "--shard-size", "5MB"]) == 0
+    assert len(list(dst.glob("model-*.safetensors"))) >= 2
+    model, config, _ = load_model(dst, progress=False)
+    assert config == tts.config
+    for name, tensor in tts.model.state_dict().items():
+        assert torch.equal(model.state_dict()[name], tensor), name
+    assert main(["convert", str(src), str(dst)]) == 2
+    assert "error:" in capsys.readouterr().err
