@@ -65,8 +65,9 @@ def _cases(preset, device, dtype=torch.bfloat16, small=False):
         mask[..., -1] = False  # an audio frame: 32 codebook rows, no text
         text, audio = randn(TEXT_VOCAB if not small else 100, dim), randn(NUM_CODEBOOKS * AUDIO_VOCAB, dim)
         out = torch.empty(1, rows, dim, device=device, dtype=dtype)
-        cases.append(Case("rvq_embed", f"{rows} frames D{dim}", lambda f=frames, m=mask, t=text, a=audio, o=out:
-                          rvq_embed(f, m, t, a, out=o), lambda f=frames, m=mask, t=text, a=audio: ref.rvq_embed_ref(f, m, t, a),
+        cases.append(Case("rvq_embed", f"{rows} frames D{dim}",
+                          lambda f=frames, m=mask, t=text, a=audio, o=out: rvq_embed(f, m, t, a, out=o),
+                          lambda f=frames, m=mask, t=text, a=audio: ref.rvq_embed_ref(f, m, t, a),
                           rows * (NUM_CODEBOOKS + 1) * dim * size))
 
     for part in ("backbone", "decoder"):
@@ -106,7 +107,8 @@ def _cases(preset, device, dtype=torch.bfloat16, small=False):
             fk, fv, ftable, flens = paged(lengths, flash_page)
             flash = lambda a=(q, fk, fv, ftable, flens): flash_decode(*a)  # noqa: E731
         cases.append(Case("paged_decode", f"{label} {decode_batch}x ctx{ctx} page{page}",
-                          lambda a=(q, k_cache, v_cache, table, lens), o=out, w=ws: paged_decode(*a, out=o, workspace=w),
+                          lambda a=(q, k_cache, v_cache, table, lens), o=out, w=ws:
+                              paged_decode(*a, out=o, workspace=w),
                           lambda a=(q, k_cache, v_cache, table, lens): ref.paged_decode_ref(*a, hd**-0.5),
                           2 * sum(lengths) * hkv * hd * size + 2 * q.numel() * size, flash))
 
@@ -128,7 +130,8 @@ def _cases(preset, device, dtype=torch.bfloat16, small=False):
 
         for rows in (decode_batch, tokens):
             x, res, w = randn(rows, d), randn(rows, d), randn(d)
-            cases.append(Case("rmsnorm", f"{part} {rows}x D{d} +residual", lambda x=x, w=w, r=res: rmsnorm(x, w, 1e-5, residual=r),
+            cases.append(Case("rmsnorm", f"{part} {rows}x D{d} +residual",
+                              lambda x=x, w=w, r=res: rmsnorm(x, w, 1e-5, residual=r),
                               lambda x=x, w=w, r=res: ref.rmsnorm_ref(x, w, 1e-5, r), 4 * rows * d * size + d * size))
             gate_up = randn(rows, 2 * ffn)
             cases.append(Case("swiglu", f"{part} {rows}x F{ffn}", lambda a=gate_up: swiglu(a),
@@ -144,11 +147,13 @@ def _cases(preset, device, dtype=torch.bfloat16, small=False):
         codes = torch.zeros(batch, NUM_CODEBOOKS, dtype=torch.int64, device=device)
         nxt, logits = randn(batch, dec), torch.empty(batch, AUDIO_VOCAB, device=device)
         cases.append(Case("depth_step", f"codebook{codebook} B{batch} D{h_dim}->V{AUDIO_VOCAB} top50",
-                          lambda a=(h, head, codebook, embed, codes, nxt, seed, counter, 0.9, 50), lg=logits: depth_step(*a, logits=lg),
+                          lambda a=(h, head, codebook, embed, codes, nxt, seed, counter, 0.9, 50), lg=logits:
+                              depth_step(*a, logits=lg),
                           lambda a=(h, head, codebook, embed, seed, counter, 0.9, 50): ref.depth_step_ref(*a),
                           h_dim * AUDIO_VOCAB * size + batch * (h_dim + 2 * dec) * size))
     logits = randn(batch, AUDIO_VOCAB, dt=torch.float32)
-    cases.append(Case("sample_topk", f"B{batch} V{AUDIO_VOCAB} top50", lambda: sample_topk(logits, 0.9, 50, seed, counter),
+    cases.append(Case("sample_topk", f"B{batch} V{AUDIO_VOCAB} top50",
+                      lambda: sample_topk(logits, 0.9, 50, seed, counter),
                       lambda: ref.sample_topk_ref(logits, 0.9, 50, seed, counter), logits.numel() * 4))
     return cases
 
@@ -203,7 +208,8 @@ def main(argv=None):
 
     for r in rows:
         print(f"| {r['preset']} | {r['kernel']} | {r['shape']} | {fmt(r['triton_us'])} | {fmt(r['torch_us'])} | "
-              f"{fmt(r['flash_us'])} | {r['gbps']:.0f} | {r['pct_of_copy']:.0f}% | {fmt(r['floor_us'])} | {r['note']} |")
+              f"{fmt(r['flash_us'])} | {r['gbps']:.0f} | {r['pct_of_copy']:.0f}% | {fmt(r['floor_us'])} | "
+              f"{r['note']} |")
     opts.out.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     path = opts.out / f"kernels-{stamp}.json"

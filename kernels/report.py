@@ -58,7 +58,8 @@ def _cases(preset):
                 t(64, hq, hd), t(64, hkv, hd), t(64, hkv, hd), t(64, **longs), t(hd // 2, dtype=torch.float32),
                 cache(hkv, hd), cache(hkv, hd), t(64, **longs))),
             ("paged_decode", f"{label} ctx{ctx} page{PAGE}", lambda hq=hq, hkv=hkv, hd=hd, blocks=blocks: (
-                paged_attention.paged_decode(t(8, hq, hd), cache(hkv, hd), cache(hkv, hd), t(8, blocks, **ints), t(8, **ints)))),
+                paged_attention.paged_decode(t(8, hq, hd), cache(hkv, hd), cache(hkv, hd), t(8, blocks, **ints),
+                                             t(8, **ints)))),
             ("paged_prefill", f"{label} page{PAGE}", lambda hq=hq, hkv=hkv, hd=hd, blocks=blocks: (
                 paged_attention.paged_prefill(t(512, hq, hd), t(5, **ints), 256, cache(hkv, hd), cache(hkv, hd),
                                               t(4, blocks, **ints), t(4, **ints)))),

@@ -32,9 +32,10 @@ def contiguous_kv(cache, table_row, length):
 def sdpa(q, k, v, scale, causal_offset):
     """q [Tq,Hq,d], k/v [Tk,Hkv,d] through torch's SDPA with an explicit causal mask."""
     group = q.shape[1] // k.shape[1]
-    qh, kh, vh = q.transpose(0, 1), k.repeat_interleave(group, 1).transpose(0, 1), v.repeat_interleave(group, 1).transpose(0, 1)
+    qh = q.double().transpose(0, 1)
+    kh, vh = (x.double().repeat_interleave(group, 1).transpose(0, 1) for x in (k, v))
     mask = torch.arange(k.shape[0])[None, :] <= torch.arange(q.shape[0])[:, None] + causal_offset
-    return F.scaled_dot_product_attention(qh.double(), kh.double(), vh.double(), attn_mask=mask, scale=scale).transpose(0, 1)
+    return F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale).transpose(0, 1)
 
 
 def test_references_match_sdpa():

@@ -22,9 +22,10 @@ def py_bits(seed, counter, index):
 
 
 def test_hash32_known_values():
-    # hash32(1) by hand: 1 ^ 0 = 1; * 0x7feb352d = 0x7feb352d; ^ (>> 15 = 0xffd6) = 0x7febcafb;
-    # * 0x846ca68b mod 2^32 = 0x6889b4ea... the plain-int implementation above, pinned here:
-    expected = {0: 0, 1: 1753845952, 12345: 2435775735, 0xFFFFFFFF: 1734902346}
+    # hash32(1) step by step: 1 ^ (1 >> 16) = 1; * 0x7feb352d = 0x7feb352d; ^ (>> 15 = 0xffd6) = 0x7febcafb;
+    # * 0x846ca68b mod 2^32 = 0x6889f849; ^ (>> 16 = 0x6889) = 0x688990c0 = 1753845952. hash32(0) = 0.
+    assert 0x688990C0 == 1753845952
+    expected = {0: 0, 1: 1753845952, 12345: 2435775735, 0xFFFFFFFF: 1734902346}  # last two: py_hash32
     assert {x: py_hash32(x) for x in expected} == expected
     got = hash32(torch.tensor(list(expected), dtype=torch.int64)).tolist()
     assert got == list(expected.values())
