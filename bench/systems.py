@@ -1,0 +1,235 @@
+"""The systems measured side by side, on the same weights: our reference path, our engine (when
+the runtime has one), and transformers' `CsmForConditionalGeneration.generate` (eager, and with a
+static cache, which transformers compiles on CUDA).
+
+Every system answers two calls:
+
+- `stream(wl, frames, seed, audio)`: one stream of `frames` frames for workload `wl`; returns the
+  times (seconds after the call) at which each frame reached the host -- its PCM when `audio`,
+  else its codes -- and the codes [frames, 32].  Tokenizing and embedding the prompt are inside.
+- `batch(wl, streams, frames, seed)`: `streams` copies of the workload at once (seeds differ),
+  every frame decoded to PCM on the host; returns the wall time in seconds.
+"""
+from __future__ import annotations
+
+import inspect
+import time
+from dataclasses import dataclass
+
+import torch
+
+from misotts.api import mimi_codes
+
+from .stats import FRAME_S
+
+SAMPLING = dict(temperature=0.9, topk=50)
+
+
+@dataclass
+class Workload:
+    name: str
+    text: str
+    speaker: int = 0
+    context: tuple = ()
+
+
+def _no_eos(fn) -> dict:
+    """stop_on_eos=False where the API takes it (random weights could sample an end frame)."""
+    return {"stop_on_eos": False} if "stop_on_eos" in inspect.signature(fn).parameters else {}
+
+
+class Reference:
+    """The public API (`TTS.iter_codes`, `TTS.stream`) over the plain-torch reference model; the
+    batch call is the reference frame loop with a batch dimension (a static batch)."""
+
+    name = "reference"
+
+    def __init__(self, tts):
+        self.tts = tts
+
+    def stream(self, wl: Workload, frames: int, seed: int, audio: bool):
+        tts, times, codes = self.tts, [], []
+        start = time.perf_counter()
+        if audio:
+            for chunk in tts.stream(wl.text, wl.speaker, wl.context, max_audio_ms=frames * FRAME_S * 1e3, seed=seed,
+                                    chunk_frames=1, **SAMPLING, **_no_eos(tts.stream)):
+                times.append(time.perf_counter() - start)
+                codes.append(chunk.codes)
+        else:
+            for c in tts.iter_codes(wl.text, wl.speaker, wl.context, max_audio_ms=frames * FRAME_S * 1e3, seed=seed,
+                                    **SAMPLING, **_no_eos(tts.iter_codes)):
+                codes.append(c[None].cpu())
+                times.append(time.perf_counter() - start)
+        return times, torch.cat(codes)
+
+    @torch.inference_mode()
+    def batch(self, wl: Workload, streams: int, frames: int, seed: int) -> float:
+        tts, model = self.tts, self.tts.model
+        dev, n = tts.device, tts.config.num_codebooks
+        start = time.perf_counter()
+        rows, mask = tts.prompt(wl.text, wl.speaker, wl.context)
+        model.setup_caches(streams, rows.shape[0] + frames)
+        cur, cur_mask = rows.to(dev).expand(streams, -1, -1), mask.to(dev).expand(streams, -1, -1)
+        positions = torch.arange(rows.shape[0], device=dev)
+        seeds = torch.arange(streams, device=dev) + seed
+        audio_mask = torch.ones(streams, 1, n + 1, dtype=torch.bool, device=dev)
+        audio_mask[..., -1] = False
+        with tts.codec.stream_decoder(batch_size=streams) as decoder:
+            for t in range(frames):
+                counter = torch.full((streams,), t * n, dtype=torch.long, device=dev)
+                codes = model.generate_frame(cur, cur_mask, positions, SAMPLING["temperature"], SAMPLING["topk"],
+                                             seeds, counter)
+                decoder.decode_frame(mimi_codes(codes)).cpu()
+                cur, cur_mask = torch.cat([codes, codes.new_zeros(streams, 1)], dim=1)[:, None], audio_mask
+                positions = positions[-1:] + 1
+        return time.perf_counter() - start
+
+
+# ---- transformers --------------------------------------------------------------------------------
+
+def to_transformers(model):
+    """transformers' CsmForConditionalGeneration holding `model`'s tensors (shared, not copied).
+
+    The config comes from `ModelConfig.to_hf_dict()`, names from the weights package's HF name
+    map (read backwards), the audio table is tied into the depth decoder as in real checkpoints.
+    The codec stays transformers' default (untrained, unused: audio is decoded by our Mimi).
+    """
+    import transformers
+    from transformers import CsmConfig, CsmForConditionalGeneration
+    from transformers.initialization import no_init_weights
+
+    from misotts.weights.formats import HF_NAMES
+
+    transformers.logging.set_verbosity_error()  # it warns that our RoPE/token settings are unusual; they are right
+    config = CsmConfig(**model.config.to_hf_dict(), pad_token_id=None)
+    with no_init_weights():
+        hf = CsmForConditionalGeneration(config)
+    state = {HF_NAMES.from_canonical(name): t for name, t in model.state_dict().items()}
+    state["depth_decoder.model.embed_tokens.weight"] = model.audio_embeddings.weight
+    missing, unexpected = hf.load_state_dict(state, strict=False, assign=True)
+    missing = [k for k in missing if not k.startswith("codec_model.")]
+    if missing or unexpected:
+        raise RuntimeError(f"weight export to transformers: missing {missing}, unexpected {unexpected}")
+    device = model.audio_head.device  # the weights are there already; move the buffers (RoPE, offsets)
+    hf.backbone_model.to(device), hf.depth_decoder.to(device), hf.embed_text_tokens.to(device)
+    return hf.eval()
+
+
+class _FrameTimes:
+    """A generate() streamer: notes when each frame's codes reach the host, optionally decoding
+    them to PCM first.  generate() first puts the prompt ids; that put is skipped."""
+
+    def __init__(self, start: float, decoder=None):
+        self.start, self.decoder = start, decoder
+        self.times, self.codes, self.prompt_seen = [], [], False
+
+    def put(self, ids: torch.Tensor):
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        if self.decoder is not None:
+            self.decoder.decode_frame(mimi_codes(ids).to(self.decoder.codec.device)).cpu()
+        self.times.append(time.perf_counter() - self.start)
+        self.codes.append(ids[:1].cpu())
+
+    def end(self):
+        pass
+
+
+class Transformers:
+    """`CsmForConditionalGeneration.generate` on our prompt rows, embedded by its own tables."""
+
+    def __init__(self, tts, static: bool = False, max_len: int = 2048):
+        self.tts, self.hf = tts, to_transformers(tts.model)
+        self.name = "transformers-static" if static else "transformers"
+        s = SAMPLING
+        self.kwargs = dict(do_sample=True, temperature=s["temperature"], top_k=s["topk"],
+                           depth_decoder_do_sample=True, depth_decoder_temperature=s["temperature"],
+                           depth_decoder_top_k=s["topk"])
+        if static:  # one static cache size for every call, so that torch.compile compiles once
+            self.kwargs.update(cache_implementation="static", max_cache_len=max_len,
+                               depth_decoder_cache_implementation="static")
+
+    def _embeds(self, rows, mask, streams):
+        hf, n, dev = self.hf, self.tts.config.num_codebooks, self.tts.device
+        rows, mask = rows.to(dev), mask.to(dev)
+        table = hf.backbone_model.embed_tokens
+        audio = table.embed_audio_tokens(rows[:, :n] + table.audio_tokens_offsets)
+        text = hf.embed_text_tokens(rows[:, n])
+        weights = mask.to(audio.dtype)
+        embeds = (audio * weights[:, :n, None]).sum(1) + text * weights[:, n, None]
+        return embeds[None].expand(streams, -1, -1)
+
+    @torch.inference_mode()
+    def _generate(self, wl, streams, frames, seed, timer):
+        rows, mask = self.tts.prompt(wl.text, wl.speaker, wl.context)
+        torch.manual_seed(seed)
+        self.hf.generate(inputs_embeds=self._embeds(rows, mask, streams), max_new_tokens=frames, streamer=timer,
+                         **self.kwargs)
+
+    def stream(self, wl: Workload, frames: int, seed: int, audio: bool):
+        start = time.perf_counter()
+        with self.tts.codec.stream_decoder(batch_size=1) as decoder:
+            timer = _FrameTimes(start, decoder if audio else None)
+            self._generate(wl, 1, frames, seed, timer)
+        return timer.times, torch.cat(timer.codes)
+
+    def batch(self, wl: Workload, streams: int, frames: int, seed: int) -> float:
+        start = time.perf_counter()
+        with self.tts.codec.stream_decoder(batch_size=streams) as decoder:
+            timer = _FrameTimes(start, decoder)
+            self._generate(wl, streams, frames, seed, timer)
+        if len(timer.times) != frames:
+            raise RuntimeError(f"transformers made {len(timer.times)} frames, not {frames}")
+        return time.perf_counter() - start
+
+
+# ---- our engine ----------------------------------------------------------------------------------
+
+class EngineSystem:
+    """`misotts.runtime.engine.Engine`: paged KV, prefix cache, CUDA graphs, continuous batching.
+    Streams are submitted to its loop; PCM is decoded by the same Mimi as the API's."""
+
+    name = "engine"
+
+    def __init__(self, tts, max_batch: int, max_positions: int):
+        from misotts.runtime.engine import Engine, EngineConfig
+
+        self.tts = tts
+        block = EngineConfig.block_size
+        # KV for every lane at the longest request, and as much again for the prefix cache.
+        num_blocks = 2 * max_batch * -(-max_positions // block)
+        self.engine = Engine(tts.model, EngineConfig(max_batch=max_batch, num_blocks=num_blocks))
+
+    def forget(self):
+        """Drop the prefix cache, so the next request prefills its whole prompt."""
+        self.engine.wait_idle()
+        self.engine.pool.clear_cache()
+
+    def close(self):
+        self.engine.close()
+
+    def _submit(self, wl, frames, seed):
+        rows, mask = self.tts.prompt(wl.text, wl.speaker, wl.context)
+        return self.engine.submit(rows, mask, frames, seed=seed, stop_on_eos=False, **SAMPLING)
+
+    @torch.inference_mode()
+    def stream(self, wl: Workload, frames: int, seed: int, audio: bool):
+        start, times, codes = time.perf_counter(), [], []
+        with self.tts.codec.stream_decoder(batch_size=1) as decoder:
+            for c in self._submit(wl, frames, seed):
+                if audio:
+                    decoder.decode_frame(mimi_codes(c[None]).to(self.tts.device)).cpu()
+                times.append(time.perf_counter() - start)
+                codes.append(c[None])
+        return times, torch.cat(codes)
+
+    @torch.inference_mode()
+    def batch(self, wl: Workload, streams: int, frames: int, seed: int) -> float:
+        start = time.perf_counter()
+        its = [iter(self._submit(wl, frames, seed + i)) for i in range(streams)]
+        with self.tts.codec.stream_decoder(batch_size=streams) as decoder:
+            for _ in range(frames):
+                codes = torch.stack([next(it) for it in its])
+                decoder.decode_frame(mimi_codes(codes).to(self.tts.device)).cpu()
+        return time.perf_counter() - start
