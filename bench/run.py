@@ -1,0 +1,305 @@
+"""`python -m misotts.bench` / `misotts bench`: latency, throughput and memory of each system on
+each preset (seeded random weights), next to transformers and the bandwidth floor.
+
+For every model: load it, measure the copy bandwidth and matmul rate, then for every system
+(`systems.py`) in turn -- each built, measured and dropped before the next, so that its peak
+memory is its own working set over the shared weights:
+
+- a warm-up stream;
+- per workload (`short`: a ~30-position prompt; `context`: two earlier turns of 10 s of codes
+  each): one stream of codes (first codes, per-frame latency), then `repeats` streams of audio
+  (time to first audio, real-time factor), each context one followed by a one-frame `follow-up`
+  turn whose history is that context plus the turn just made (time to first audio again);
+- aggregate throughput at each concurrency of `streams`, every frame decoded to PCM.
+
+Each model's results go to `<out>/part-<model>-<systems>.json` as they come (a run cut short
+keeps what it measured); `report.py` merges the parts of a folder into results.{json,md,png}.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import inspect
+import json
+import os
+import platform
+import re
+import sys
+import time
+import traceback
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from . import floors
+from .stats import FRAME_S, median, stream_metrics, throughput
+from .systems import EngineSystem, Reference, Transformers, Workload
+
+RESULTS = Path(__file__).parent / "results"
+SHORT_TEXT = "Hello! How are you today?"  # 30 prompt positions with the byte tokenizer
+CONTEXT = [(1, "Hi, it is good to see you."), (0, "It has been a long week.")]
+FOLLOW_UP = (1, "Tell me more about it.")
+CONTEXT_FRAMES = 125  # 10 s of audio per earlier turn
+ALL_SYSTEMS = ("reference", "engine", "transformers", "transformers-static")
+
+
+@dataclass
+class Plan:
+    frames: int = 24  # frames per stream
+    repeats: int = 3  # audio streams per workload (time to first audio is their median)
+    streams: tuple = (1, 4, 16, 64)  # concurrency levels
+    batch_frames: int = 12  # frames per stream in a throughput run
+    workloads: tuple = ("short", "context", "follow-up")
+
+
+# What a run measures when not told otherwise: the full plan on a GPU; on the CPU `tiny` with
+# fewer frames and streams, and csm-1b's 1.5B fp32 parameters on 3 frames of the short prompt.
+PLANS = {
+    "cuda": Plan(),
+    "cpu": Plan(frames=12, repeats=2, streams=(1, 4, 16), batch_frames=4),
+    ("cpu", "csm-1b"): Plan(frames=3, repeats=1, streams=(), workloads=("short",)),
+}
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    info = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in (info.read_text().splitlines() if info.exists() else [])
+             if line.startswith("model name")]
+    threads = torch.get_num_threads()
+    return f"CPU {names[0] if names else platform.processor() or 'unknown'} ({os.cpu_count()} cores, " \
+           f"{threads} thread{'s' * (threads != 1)})"
+
+
+def default_out(device: torch.device) -> Path:
+    slug = re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-")
+    return RESULTS / f"{datetime.date.today().isoformat()}-{slug}"
+
+
+def workloads(seed: int, n: int = 32) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    import misotts
+
+    context = tuple(misotts.Segment(spk, text, codes=torch.randint(0, 2048, (CONTEXT_FRAMES, n), generator=g))
+                    for spk, text in CONTEXT)
+    return {"short": Workload("short", SHORT_TEXT), "context": Workload("context", SHORT_TEXT, 0, context)}
+
+
+def follow_up(wl: Workload, codes: torch.Tensor) -> Workload:
+    """The next turn: the history is `wl`'s context plus the turn just generated (its codes)."""
+    import misotts
+    from misotts.api import mimi_codes
+
+    turn = misotts.Segment(wl.speaker, wl.text, codes=mimi_codes(codes))
+    return Workload("follow-up", FOLLOW_UP[1], FOLLOW_UP[0], (*wl.context, turn))
+
+
+class Peak:
+    """Peak GPU memory (GiB) allocated while the block runs; None on the CPU."""
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+        self.gib = None
+
+    def __enter__(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            self.gib = torch.cuda.max_memory_allocated() / 2**30
+
+
+def measure(system, wls: dict, plan: Plan, seed: int, device, say) -> dict:
+    forget = getattr(system, "forget", lambda: None)
+    out = {}
+    with Peak(device) as peak:
+        say("warm-up")
+        start = time.perf_counter()
+        system.stream(wls["short"], 2, seed, audio=True)
+        out["warmup_s"] = time.perf_counter() - start
+        for name in [w for w in ("short", "context") if w in plan.workloads]:
+            wl = wls[name]
+            say(f"{name}: {plan.frames} frames of codes")
+            forget()
+            times, _ = system.stream(wl, plan.frames, seed, audio=False)
+            codes = stream_metrics(times)
+            runs, follow = [], []
+            for r in range(plan.repeats):
+                say(f"{name}: audio stream {r + 1}/{plan.repeats}")
+                forget()
+                times, made = system.stream(wl, plan.frames, seed + 1 + r, audio=True)
+                runs.append(stream_metrics(times))
+                if name == "context" and "follow-up" in plan.workloads:
+                    times, _ = system.stream(follow_up(wl, made), 1, seed + 1 + r, audio=True)
+                    follow.append(times[0] * 1e3)
+            out[name] = {
+                "frames": codes["frames"], "first_codes_ms": codes["first_ms"], "frame_ms": codes["frame_ms"],
+                "frame_p90_ms": codes["frame_p90_ms"], "ttfa_ms": median([m["first_ms"] for m in runs]),
+                "ttfa_runs_ms": [m["first_ms"] for m in runs], "rtf": median([m["rtf"] for m in runs]),
+                "audio_frame_ms": median([m["frame_ms"] for m in runs]),
+            }
+            if follow:
+                out["follow-up"] = {"ttfa_ms": median(follow), "ttfa_runs_ms": follow}
+    out["peak_mem_gib"] = peak.gib
+    out["throughput"] = {}
+    for streams in plan.streams:
+        say(f"throughput: {streams} stream(s) x {plan.batch_frames} frames")
+        with Peak(device) as peak:
+            wall = system.batch(wls["short"], streams, plan.batch_frames, seed)
+        out["throughput"][str(streams)] = {"audio_s_per_s": throughput(streams, plan.batch_frames, wall),
+                                           "wall_s": wall, "peak_mem_gib": peak.gib}
+    return out
+
+
+def prompt_shape(tts, wl: Workload) -> dict:
+    rows, mask = tts.prompt(wl.text, wl.speaker, wl.context)
+    audio = int(mask[:, 0].sum())
+    return {"positions": rows.shape[0], "text_rows": rows.shape[0] - audio, "audio_rows": audio}
+
+
+def floor_ms(tts, shapes: dict, plan: Plan, bandwidth: float, flops: float) -> dict:
+    cfg, b = tts.config, tts.model.audio_head.element_size()
+    mimi = floors.mimi_decode_bytes(tts.codec)
+    out = {}
+    for name, s in shapes.items():
+        kv = s["positions"] + plan.frames // 2  # the middle of the stream
+        first = max(floors.first_audio_bytes(cfg, s["text_rows"], s["audio_rows"], b, mimi) / bandwidth,
+                    floors.prefill_flops(cfg, s["positions"]) / flops)
+        out[name] = {"frame_ms": floors.frame_bytes(cfg, kv, b) / bandwidth * 1e3, "ttfa_ms": first * 1e3}
+    kv = shapes["short"]["positions"] + plan.batch_frames // 2
+    out["throughput"] = {str(n): n * FRAME_S / (floors.frame_bytes(cfg, kv, b, n) / bandwidth) for n in plan.streams}
+    return out
+
+
+def make_system(name: str, tts, plan: Plan, max_positions: int):
+    if name == "reference":
+        return Reference(tts)
+    if name == "engine":
+        return EngineSystem(tts, max(plan.streams, default=1), max_positions)
+    if name == "transformers":
+        return Transformers(tts)
+    if name == "transformers-static":
+        return Transformers(tts, static=True, max_len=-(-max_positions // 256) * 256)
+    raise ValueError(f"unknown system {name!r}; known: {', '.join(ALL_SYSTEMS)}")
+
+
+def engine_available() -> bool:
+    try:
+        import misotts.runtime.engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def run_model(model: str, systems: list[str], plan: Plan, device, dtype, seed: int, out: Path) -> dict:
+    import misotts
+    import transformers
+
+    log(f"{model}: loading seeded random weights ({dtype} on {device})")
+    # The reference system is the plain API path: no engine attached, where the API could attach one.
+    reference = {"backend": "reference"} if "backend" in inspect.signature(misotts.load).parameters else {}
+    tts = misotts.load(model, device=device, dtype=dtype, random_init=True, seed=seed, **reference)
+    tts.codec  # load Mimi now, not inside a measurement
+    wls = workloads(seed, tts.config.num_codebooks)
+    shapes = {name: prompt_shape(tts, wl) for name, wl in wls.items()}
+    n = tts.config.num_codebooks
+    shapes["follow-up"] = prompt_shape(tts, follow_up(wls["context"], torch.zeros(plan.frames, n, dtype=torch.long)))
+    shapes = {k: v for k, v in shapes.items() if k in plan.workloads}
+    max_positions = max(s["positions"] for s in shapes.values()) + plan.frames
+    log(f"{model}: measuring copy bandwidth and matmul rate")
+    bandwidth = floors.copy_bandwidth(device)
+    flops = floors.matmul_flops(device, dtype)
+    part = {
+        "kind": "misotts-bench-part", "model": model, "device": device_name(device), "device_type": device.type,
+        "dtype": str(dtype).replace("torch.", ""), "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "torch": torch.__version__, "transformers": transformers.__version__, "seed": seed,
+        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "parameters": sum(p.numel() for p in tts.model.parameters()), "plan": vars(plan),
+        "bandwidth_gbps": bandwidth / 1e9, "matmul_tflops": flops / 1e12, "prompts": shapes,
+        "floors": floor_ms(tts, shapes, plan, bandwidth, flops), "systems": {}, "errors": {},
+    }
+    path = out / f"part-{model}-{'+'.join(systems)}.json"
+    for name in systems:
+        system = None
+        try:
+            log(f"{model} / {name}: building")
+            start = time.perf_counter()
+            system = make_system(name, tts, plan, max_positions)
+            build_s = time.perf_counter() - start
+            say = lambda msg: log(f"{model} / {name}: {msg}")  # noqa: E731
+            part["systems"][name] = {"build_s": build_s, **measure(system, wls, plan, seed, device, say)}
+        except Exception as err:  # noqa: BLE001 -- one system failing must not lose the others
+            traceback.print_exc()
+            part["errors"][name] = f"{type(err).__name__}: {err}"
+            log(f"{model} / {name}: FAILED ({part['errors'][name]})")
+        finally:
+            if system is not None and hasattr(system, "close"):
+                system.close()
+            del system
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        path.write_text(json.dumps(part, indent=1))
+    return part
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--models", default=None, help="comma-separated presets (default: csm-1b,miso-8b on CUDA, "
+                                                  "tiny,csm-1b on the CPU)")
+    p.add_argument("--systems", default=None, help=f"comma-separated, from {','.join(ALL_SYSTEMS)} (default: all "
+                                                   "available; transformers-static on CUDA only)")
+    p.add_argument("--device", default=None, help="default: cuda if available")
+    p.add_argument("--frames", type=int, default=None, help="frames per stream")
+    p.add_argument("--repeats", type=int, default=None, help="audio streams per workload")
+    p.add_argument("--streams", default=None, help="concurrency levels, e.g. 1,4,16,64")
+    p.add_argument("--batch-frames", type=int, default=None, help="frames per stream in throughput runs")
+    p.add_argument("--workloads", default=None, help="from short,context,follow-up (short is always run)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="results folder (default: bench/results/<date>-<device>)")
+    p.add_argument("--no-report", action="store_true", help="write the parts only (merge later with "
+                                                           "python -m misotts.bench.report FOLDER)")
+
+
+def run(args) -> int:
+    from .report import write_report
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    models = (args.models or ("csm-1b,miso-8b" if device.type == "cuda" else "tiny,csm-1b")).split(",")
+    if args.systems:
+        systems = args.systems.split(",")
+    else:
+        systems = [s for s in ALL_SYSTEMS if (s != "engine" or engine_available())
+                   and (s != "transformers-static" or device.type == "cuda")]
+    out = Path(args.out) if args.out else default_out(device)
+    out.mkdir(parents=True, exist_ok=True)
+    log(f"results go to {out}")
+    for model in models:
+        plan = PLANS.get((device.type, model), PLANS[device.type])
+        overrides = {"frames": args.frames, "repeats": args.repeats, "batch_frames": args.batch_frames,
+                     "streams": args.streams and tuple(int(s) for s in args.streams.split(",")),
+                     "workloads": args.workloads and ("short", *args.workloads.split(","))}  # short: warm-up, throughput
+        plan = replace(plan, **{k: v for k, v in overrides.items() if v})
+        run_model(model, systems, plan, device, dtype, args.seed, out)
+    if not args.no_report:
+        print(write_report(out))
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m misotts.bench", description=__doc__.split("\n\n")[0])
+    add_args(p)
+    return run(p.parse_args(argv))

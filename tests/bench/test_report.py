@@ -1,0 +1,59 @@
+"""The results writer: valid JSON and Markdown with the expected rows, and the targets' verdicts."""
+import json
+
+from misotts.bench.report import write_report
+
+
+def system(frame_ms, ttfa_ms, rtf, tput):
+    wl = {"frames": 8, "first_codes_ms": ttfa_ms / 2, "frame_ms": frame_ms, "frame_p90_ms": frame_ms * 1.1,
+          "ttfa_ms": ttfa_ms, "ttfa_runs_ms": [ttfa_ms], "rtf": rtf, "audio_frame_ms": frame_ms}
+    return {"short": wl, "context": dict(wl, ttfa_ms=2 * ttfa_ms), "follow-up": {"ttfa_ms": 3 * ttfa_ms},
+            "peak_mem_gib": 3.5, "throughput": {str(n): {"audio_s_per_s": v, "wall_s": 1.0, "peak_mem_gib": 4.0}
+                                                for n, v in tput.items()}}
+
+
+def part(model, device_type, systems, errors=None):
+    return {"kind": "misotts-bench-part", "model": model, "device": "Test GPU", "device_type": device_type,
+            "dtype": "bfloat16", "date": "2026-01-01T00:00:00", "torch": "2", "transformers": "5", "seed": 0,
+            "parameters": 1_500_000_000, "plan": {"frames": 8}, "bandwidth_gbps": 3000.0, "matmul_tflops": 700.0,
+            "prompts": {"short": {"positions": 30}, "context": {"positions": 342}, "follow-up": {"positions": 373}},
+            "floors": {"short": {"frame_ms": 2.0, "ttfa_ms": 3.0}, "context": {"frame_ms": 2.1, "ttfa_ms": 5.0},
+                       "follow-up": {"frame_ms": 2.1, "ttfa_ms": 5.5}, "throughput": {"1": 40.0, "16": 600.0}},
+            "systems": systems, "errors": errors or {}}
+
+
+def test_report_merges_parts_and_judges_targets(tmp_path):
+    first = part("csm-1b", "cuda", {"reference": system(30.0, 80.0, 0.5, {1: 2.0, 16: 10.0}),
+                                     "engine": system(3.0, 20.0, 0.04, {1: 25.0, 16: 300.0}),
+                                     "transformers": system(100.0, 300.0, 1.5, {1: 0.8, 16: 5.0})})
+    second = part("csm-1b", "cuda", {}, errors={"transformers-static": "TimeoutError: compile"})
+    (tmp_path / "part-csm-1b-a.json").write_text(json.dumps(first))
+    (tmp_path / "part-csm-1b-b.json").write_text(json.dumps(second))
+    (tmp_path / "unrelated.json").write_text("{}")
+
+    md = write_report(tmp_path)
+
+    merged = json.loads((tmp_path / "results.json").read_text())
+    assert list(merged["models"]) == ["csm-1b"] and set(merged["models"]["csm-1b"]["systems"]) == \
+        {"reference", "engine", "transformers"}
+    assert (tmp_path / "results.md").read_text() == md
+    rows = [line.split("|")[1].strip() for line in md.splitlines() if line.startswith("| ")]
+    assert {"reference", "engine", "transformers", "*floor*"} <= set(rows)
+    assert "| engine | 20.0 / 40.0 / 60.0 | 10.0 | 3.0 (3.3) | 0.040 | 25.00 / 300.00 |" in md
+    assert "transformers vs engine: per frame 33.3x" in md
+    assert "transformers-static failed: `TimeoutError: compile`" in md
+    verdicts = {t["target"]: (t["value"], t["status"]) for t in merged["targets"]}
+    assert verdicts["csm-1b: real-time factor <= 0.05"] == ("0.040", "pass")
+    assert verdicts["csm-1b: per frame >= 10x faster than transformers' fastest mode"] == ("33.3x", "pass")
+    assert verdicts["csm-1b: 16 streams >= 8x the throughput of one"] == ("12.0x", "pass")
+    assert verdicts["miso-8b bf16, 1 stream: time to first audio <= 25 ms"][1].startswith("not measured")
+
+
+def test_failing_target_and_cpu_target(tmp_path):
+    tiny = part("tiny", "cpu", {"engine": system(50.0, 100.0, 2.0, {1: 0.1, 16: 0.5}),
+                                "transformers": system(150.0, 300.0, 5.0, {1: 0.05, 16: 0.2})})
+    (tmp_path / "part-tiny.json").write_text(json.dumps(tiny))
+    write_report(tmp_path)
+    verdicts = {t["target"]: (t["value"], t["status"])
+                for t in json.loads((tmp_path / "results.json").read_text())["targets"]}
+    assert verdicts["CPU, tiny: engine >= 10x faster per frame than transformers"] == ("3.0x", "FAIL")
