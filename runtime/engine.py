@@ -146,7 +146,8 @@ class Engine:
             self._thread.join()
 
     def stats(self) -> dict:
-        return {"ops": self.fast.ops.name, "graphs": len(self.graphs.graphs), "reused_positions": self.pool.reused_positions, "computed_positions": self.pool.computed_positions,
+        return {"ops": self.fast.ops.name, "graphs": len(self.graphs.graphs),
+                "reused_positions": self.pool.reused_positions, "computed_positions": self.pool.computed_positions,
                 "frames_run": self.frames_run, "running": len(self._lanes), "waiting": len(self._waiting),
                 "blocks_total": self.pool.num_blocks, "blocks_available": self.pool.available(),
                 "blocks_cached": len(self.pool.block_of)}
@@ -170,12 +171,12 @@ class Engine:
                     self._cond.notify_all()  # wake wait_idle()
                     self._cond.wait(timeout=0.05 if self._waiting else None)
                     continue
-            self._prefill()
-            if self._lanes:
-                try:
+            try:
+                self._prefill()
+                if self._lanes:
                     self._frame()
-                except Exception as err:  # noqa: BLE001 -- every running request gets the error
-                    self._fail(list(self._lanes), err)
+            except Exception as err:  # noqa: BLE001 -- the requests in flight get the error; the loop goes on
+                self._fail([*self._prefilling, *self._lanes], err)
         with self._cond:
             for req in [*self._waiting, *self._prefilling, *self._lanes]:
                 self._finish(req, "error", EngineStopped("the engine was closed"))
@@ -286,19 +287,22 @@ class Engine:
             self._finish(self._lanes[lane], reason)
 
     def _finish(self, req: Request, reason: str, error: BaseException | None = None) -> None:
-        """End a request wherever it is: release its blocks, free its lane, close its stream."""
-        if req in self._lanes:
-            lane, last = self._lanes.index(req), len(self._lanes) - 1
-            if lane != last:
-                self.fast.state.move_lane(last, lane)
+        """End a request wherever it is: free its lane and blocks, close its stream (even if the
+        device fails meanwhile: a caller never waits forever)."""
+        try:
+            if req in self._lanes:
+                lane, last = self._lanes.index(req), len(self._lanes) - 1
                 self._lanes[lane] = self._lanes[last]
-            self.fast.state.clear_lane(last)
-            self._lanes.pop()
-        if req in self._prefilling:
-            self._prefilling.remove(req)
-        if req.blocks:
-            self.pool.release(req.blocks)
-            req.blocks = []
-        req.stats.finish = reason
-        req.stats.total_s = time.perf_counter() - req.submitted
-        req.stream._end(error)
+                self._lanes.pop()
+                if lane != last:
+                    self.fast.state.move_lane(last, lane)
+                self.fast.state.clear_lane(last)
+        finally:
+            if req in self._prefilling:
+                self._prefilling.remove(req)
+            if req.blocks:
+                self.pool.release(req.blocks)
+                req.blocks = []
+            req.stats.finish = reason
+            req.stats.total_s = time.perf_counter() - req.submitted
+            req.stream._end(error)

@@ -101,7 +101,10 @@ class Stream:
             waiter, self._waiter = self._waiter, None
         if waiter is not None:
             loop, fut = waiter
-            loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(None))
+            try:
+                loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(None))
+            except RuntimeError:  # that event loop is closed: nobody is waiting any more
+                pass
 
     def _end(self, error: BaseException | None = None) -> None:
         self._put(_END if error is None else error)
@@ -157,6 +160,8 @@ class Stream:
                     return
                 yield codes
         finally:
+            with self._cond:
+                self._waiter = None
             self.cancel()
 
     def codes(self) -> torch.Tensor:

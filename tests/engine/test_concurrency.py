@@ -127,7 +127,11 @@ def test_cancelling_frees_blocks_and_spares_the_others(tiny_model):
     assert torch.equal(other.codes(), solo)  # the neighbour is unaffected
     assert engine.wait_idle() and engine.pool.all_free()
     assert closed.stats.finish == "cancelled" and closed.stats.frames < 100
-    # 2. Cancelling an asyncio task that is reading a stream.
+    # 2. Cancelling an asyncio task that is reading a stream; its event loop then closes while the
+    # engine still has a frame in flight for it.  A neighbour runs throughout.
+    neighbour_request = {**reqs[1], "max_frames": 20}
+    neighbour_solo = engine.generate(**neighbour_request)
+    neighbour = engine.submit(**neighbour_request)
     task_stream = engine.submit(frames, mask, 100, **GEN)
 
     async def consume():
@@ -142,6 +146,7 @@ def test_cancelling_frees_blocks_and_spares_the_others(tiny_model):
             await task
 
     asyncio.run(main())
+    assert torch.equal(neighbour.codes(), neighbour_solo)
     # 3. Cancelled while still queued.
     engine.submit(frames, mask, 100, **GEN).cancel()
     assert engine.wait_idle()
