@@ -13,6 +13,8 @@ from misotts.runtime.generate import iter_frames, max_frames_for
 from misotts.runtime.model import CSMModel
 from misotts.runtime.prompt import Segment, build_prompt
 from misotts.runtime.tokenizer import ByteTokenizer, Llama3Tokenizer, load_tokenizer
+from misotts.weights import load_model, random_model
+from misotts.weights.load import default_dtype
 
 SAMPLE_RATE = 24_000
 # Presets that name a public checkpoint; others need a local path or random_init=True.
@@ -169,10 +171,6 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def default_dtype(device: torch.device) -> torch.dtype:
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
-
-
 def load(source: str | Path = "tiny", device=None, dtype: torch.dtype | None = None, *,
          random_init: bool = False, seed: int = 0, codec: str | None = None,
          tokenizer: str | Path | None = None, progress: bool = True) -> TTS:
@@ -184,8 +182,6 @@ def load(source: str | Path = "tiny", device=None, dtype: torch.dtype | None = N
     random models and kyutai's Mimi for real checkpoints.
     tokenizer: a tokenizer.json to use instead of the one beside the weights.
     """
-    from misotts.weights import load_model, random_model
-
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
     name = str(source)
