@@ -108,14 +108,15 @@ def markdown(merged: dict, checks: list[dict]) -> str:
         lines += [f"## {name} ({m['parameters'] / 1e6:,.0f} M parameters, {m['dtype']}, seeded random weights)", "",
                   f"Prompt positions: " + ", ".join(f"{k} {v['positions']}" for k, v in p.items())
                   + f". Copy bandwidth {m['bandwidth_gbps']:.1f} GB/s, matmul {m['matmul_tflops']:.2f} TFLOP/s; "
-                  f"torch {m['torch']}, transformers {m['transformers']}; {m['date']}.", "",
+                  f"torch {m['torch']}, transformers {m['transformers']}; {m['date']}"
+                  + (f", load average {m['load_average'][0]:.1f}" if m.get("load_average") else "") + ".", "",
                   "| system | time to first audio, ms (short / context / follow-up) | first codes, ms (short) "
-                  "| per frame, ms: median (p90) | real-time factor | audio s/s at "
-                  + " / ".join(map(str, streams)) + " streams | peak GPU GiB |",
+                  "| per frame, ms: median (p90) | real-time factor | audio s/s"
+                  + (" at " + " / ".join(map(str, streams)) + " streams" if streams else "") + " | peak GPU GiB |",
                   "|---|---|---|---|---|---|---|"]
         for sys_name, r in m["systems"].items():
             ttfa = " / ".join(_fmt(_get(r, w, "ttfa_ms")) for w in ("short", "context", "follow-up"))
-            tput = " / ".join(_fmt(_get(r, "throughput", str(s), "audio_s_per_s"), "{:.2f}") for s in streams)
+            tput = " / ".join(_fmt(_get(r, "throughput", str(s), "audio_s_per_s"), "{:.2f}") for s in streams) or "–"
             frame = f"{_fmt(_get(r, 'short', 'frame_ms'))} ({_fmt(_get(r, 'short', 'frame_p90_ms'))})"
             lines.append(f"| {sys_name} | {ttfa} | {_fmt(_get(r, 'short', 'first_codes_ms'))} | {frame} | "
                          f"{_fmt(_get(r, 'short', 'rtf'), '{:.3f}')} | {tput} | {_fmt(r.get('peak_mem_gib'), '{:.2f}')} |")
@@ -184,9 +185,15 @@ def plot(merged: dict, path: Path) -> Path | None:
         ax_lat.axvline(_get(m, "floors", "short", "frame_ms") or 0, color="gray", ls=":", lw=1, label="frame floor")
         ax_lat.set_yticks(list(y), systems)
         ax_lat.set_xscale("log")
+        lows = [v for v in (_get(m, "floors", "short", "frame_ms"), *first, *frame) if v]
+        ax_lat.set_xlim(left=min(lows) / 2)
         ax_lat.set_xlabel("ms (log)")
         ax_lat.set_title(f"{name}: latency, short prompt")
         ax_lat.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3)
+        if not m["floors"]["throughput"]:
+            ax_tp.set_axis_off()
+            ax_tp.set_title(f"{name}: throughput not measured")
+            continue
         for s in systems:
             tp = m["systems"][s].get("throughput", {})
             xs = sorted(int(k) for k in tp)

@@ -152,7 +152,7 @@ def measure(system, wls: dict, plan: Plan, seed: int, device, say) -> dict:
                 out["follow-up"] = {"ttfa_ms": median(follow), "ttfa_runs_ms": follow}
     out["peak_mem_gib"] = peak.gib
     out["throughput"] = {}
-    for streams in plan.streams:
+    for streams in [n for n in plan.streams if n <= getattr(system, "max_streams", n)]:
         say(f"throughput: {streams} stream(s) x {plan.batch_frames} frames")
         with Peak(device) as peak:
             wall = system.batch(wls["short"], streams, plan.batch_frames, seed)
@@ -287,16 +287,19 @@ def run(args) -> int:
     out = Path(args.out) if args.out else default_out(device)
     out.mkdir(parents=True, exist_ok=True)
     log(f"results go to {out}")
+    failed = []
     for model in models:
         plan = PLANS.get((device.type, model), PLANS[device.type])
         overrides = {"frames": args.frames, "repeats": args.repeats, "batch_frames": args.batch_frames,
                      "streams": args.streams and tuple(int(s) for s in args.streams.split(",")),
                      "workloads": args.workloads and ("short", *args.workloads.split(","))}  # short: warm-up, throughput
         plan = replace(plan, **{k: v for k, v in overrides.items() if v})
-        run_model(model, systems, plan, device, dtype, args.seed, out)
+        failed += [f"{model} / {name}" for name in run_model(model, systems, plan, device, dtype, args.seed, out)["errors"]]
     if not args.no_report:
         print(write_report(out))
-    return 0
+    if failed:
+        log(f"FAILED: {', '.join(failed)} (see the errors above and in the results)")
+    return 1 if failed else 0
 
 
 def main(argv=None) -> int:

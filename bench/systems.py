@@ -149,6 +149,7 @@ class Transformers:
         if static:  # one static cache size for every call, so that torch.compile compiles once
             self.kwargs.update(cache_implementation="static", max_cache_len=max_len,
                                depth_decoder_cache_implementation="static")
+            self.max_streams = 1  # every batch size would be a new compilation: measured at one stream
 
     def _embeds(self, rows, mask, streams):
         hf, n, dev = self.hf, self.tts.config.num_codebooks, self.tts.device
