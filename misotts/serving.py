@@ -127,8 +127,8 @@ def stream(tts, text: str, speaker: int = 0, context=(), max_audio_ms: float = 1
     from misotts.api import GenerationStats
 
     stats = tts.last_stats = GenerationStats()
-    codes = submit(tts, text, speaker, context, max_audio_ms, temperature, topk, seed)
-    with mimi_decoder(tts.codec) as decoder:
+    with mimi_decoder(tts.codec) as decoder:  # first: a codec that fails to load wastes no frames
+        codes = submit(tts, text, speaker, context, max_audio_ms, temperature, topk, seed)
         make = _AudioMaker(tts, decoder, stats, codes.stats)
         try:
             for chunk in _chunks(iter(codes), first_chunk_frames, chunk_frames):
@@ -147,8 +147,8 @@ async def astream(tts, text: str, speaker: int = 0, context=(), max_audio_ms: fl
     if first_chunk_frames < 1 or chunk_frames < 1:
         raise ValueError(f"first_chunk_frames and chunk_frames must be >= 1, got {first_chunk_frames}, {chunk_frames}")
     stats = tts.last_stats = GenerationStats()
-    codes = submit(tts, text, speaker, context, max_audio_ms, temperature, topk, seed)
     with mimi_decoder(tts.codec) as decoder:
+        codes = submit(tts, text, speaker, context, max_audio_ms, temperature, topk, seed)
         make = _AudioMaker(tts, decoder, stats, codes.stats)
         pending, size = [], first_chunk_frames
         try:
