@@ -119,7 +119,8 @@ def markdown(merged: dict, checks: list[dict]) -> str:
             tput = " / ".join(_fmt(_get(r, "throughput", str(s), "audio_s_per_s"), "{:.2f}") for s in streams) or "–"
             frame = f"{_fmt(_get(r, 'short', 'frame_ms'))} ({_fmt(_get(r, 'short', 'frame_p90_ms'))})"
             lines.append(f"| {sys_name} | {ttfa} | {_fmt(_get(r, 'short', 'first_codes_ms'))} | {frame} | "
-                         f"{_fmt(_get(r, 'short', 'rtf'), '{:.3f}')} | {tput} | {_fmt(r.get('peak_mem_gib'), '{:.2f}')} |")
+                         f"{_fmt(_get(r, 'short', 'rtf'), '{:.3f}')} | {tput} | "
+                         f"{_fmt(r.get('peak_mem_gib'), '{:.2f}')} |")
         f = m["floors"]
         ttfa = " / ".join(_fmt(_get(f, w, "ttfa_ms"), "{:.2f}") for w in ("short", "context", "follow-up"))
         tput = " / ".join(_fmt(_get(f, "throughput", str(s)), "{:.0f}") for s in streams)
@@ -226,7 +227,8 @@ def write_report(folder) -> str:
     (folder / "results.json").write_text(json.dumps(merged, indent=1))
     (folder / "results.md").write_text(md)
     png = plot(merged, folder / "results.png")
-    note = f"wrote {folder}/results.json, results.md" + (", results.png" if png else " (no plot: pip install matplotlib)")
+    note = f"wrote {folder}/results.json, results.md"
+    note += ", results.png" if png else " (no plot: pip install matplotlib)"
     print(note, file=sys.stderr)
     return md
 

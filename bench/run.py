@@ -292,9 +292,11 @@ def run(args) -> int:
         plan = PLANS.get((device.type, model), PLANS[device.type])
         overrides = {"frames": args.frames, "repeats": args.repeats, "batch_frames": args.batch_frames,
                      "streams": args.streams and tuple(int(s) for s in args.streams.split(",")),
-                     "workloads": args.workloads and ("short", *args.workloads.split(","))}  # short: warm-up, throughput
+                     # short is always run: the warm-up and the throughput runs use it
+                     "workloads": args.workloads and ("short", *args.workloads.split(","))}
         plan = replace(plan, **{k: v for k, v in overrides.items() if v})
-        failed += [f"{model} / {name}" for name in run_model(model, systems, plan, device, dtype, args.seed, out)["errors"]]
+        part = run_model(model, systems, plan, device, dtype, args.seed, out)
+        failed += [f"{model} / {name}" for name in part["errors"]]
     if not args.no_report:
         print(write_report(out))
     if failed:

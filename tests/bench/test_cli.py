@@ -9,7 +9,8 @@ def test_bench_subcommand_smoke(tmp_path, capsys):
     parser = argparse.ArgumentParser(prog="misotts")
     add_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["bench", "--models", "tiny", "--systems", "reference,transformers", "--device", "cpu",
-                              "--frames", "2", "--repeats", "1", "--streams", "1,2", "--batch-frames", "1", "--workloads", "short",
+                              "--frames", "2", "--repeats", "1", "--streams", "1,2", "--batch-frames", "1",
+                              "--workloads", "short",
                               "--out", str(tmp_path)])
     assert args.func(args) == 0
     results = json.loads((tmp_path / "results.json").read_text())

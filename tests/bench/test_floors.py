@@ -53,7 +53,8 @@ def test_mimi_decode_bytes_counts_only_the_decode_path():
         def __init__(self):
             super().__init__()
             self.encoder, self.encoder_transformer = torch.nn.Linear(3, 3), torch.nn.Linear(3, 3)
-            self.decoder, self.decoder_transformer = torch.nn.Linear(2, 2, bias=False), torch.nn.Linear(2, 1, bias=False)
+            self.decoder = torch.nn.Linear(2, 2, bias=False)
+            self.decoder_transformer = torch.nn.Linear(2, 1, bias=False)
 
     codec = type("Codec", (), {"mimi": Fake()})()
     assert floors.mimi_decode_bytes(codec) == (4 + 2) * 4

@@ -25,7 +25,8 @@ def test_weights_are_shared_not_copied(pair):
 def test_backbone_and_depth_logits_match(pair):
     tts, hf = pair
     m = tts.model
-    rows, mask = tts.prompt("Same logits, please.", context=[misotts.Segment(1, "Hi.", codes=torch.arange(64).view(2, 32))])
+    context = [misotts.Segment(1, "Hi.", codes=torch.arange(64).view(2, 32))]
+    rows, mask = tts.prompt("Same logits, please.", context=context)
     m.setup_caches(1, 64)
     h = m.backbone_forward(rows[None], mask[None], torch.arange(len(rows)))
     out = hf(inputs_embeds=m.embed_frames(rows[None], mask[None]), output_hidden_states=True)
