@@ -99,18 +99,21 @@ class TTS:
         return self.codec.encode(load_audio(audio, SAMPLE_RATE).to(self.device)).cpu()
 
     def iter_codes(self, text: str, speaker: int = 0, context=(), max_audio_ms: float = 10_000,
-                   temperature: float = 0.9, topk: int = 50, seed: int = 0) -> Iterator[torch.Tensor]:
-        """Codes [32] per frame, as they are generated."""
+                   temperature: float = 0.9, topk: int = 50, seed: int = 0,
+                   stop_on_eos: bool = True) -> Iterator[torch.Tensor]:
+        """Codes [32] per frame, as they are generated.  stop_on_eos=False runs to max_audio_ms
+        (benchmarks: a fixed number of frames)."""
         frames, mask = self.prompt(text, speaker, context)
         yield from iter_frames(self.model, frames, mask, max_frames_for(max_audio_ms),
-                               temperature=temperature, topk=topk, seed=seed)
+                               temperature=temperature, topk=topk, seed=seed, stop_on_eos=stop_on_eos)
 
     def generate_codes(self, text: str, **kwargs) -> torch.Tensor:
         codes = [c.cpu() for c in self.iter_codes(text, **kwargs)]
         return torch.stack(codes) if codes else torch.zeros(0, self.config.num_codebooks, dtype=torch.long)
 
     def stream(self, text: str, speaker: int = 0, context=(), max_audio_ms: float = 10_000,
-               temperature: float = 0.9, topk: int = 50, seed: int = 0, chunk_frames: int = 1) -> Iterator[Audio]:
+               temperature: float = 0.9, topk: int = 50, seed: int = 0, chunk_frames: int = 1,
+               stop_on_eos: bool = True) -> Iterator[Audio]:
         """Yield `Audio` chunks of `chunk_frames` frames (the last may be shorter) as they are made.
 
         Concatenated, the chunks equal `generate()` with the same arguments.
@@ -132,7 +135,7 @@ class TTS:
                     stats.first_audio_s = time.perf_counter() - start
                 return Audio(pcm.float().cpu(), SAMPLE_RATE, codes.cpu())
 
-            for codes in self.iter_codes(text, speaker, context, max_audio_ms, temperature, topk, seed):
+            for codes in self.iter_codes(text, speaker, context, max_audio_ms, temperature, topk, seed, stop_on_eos):
                 pending.append(codes.cpu())
                 if len(pending) == chunk_frames:
                     yield flush()
@@ -141,9 +144,10 @@ class TTS:
         stats.total_s = time.perf_counter() - start
 
     def generate(self, text: str, speaker: int = 0, context=(), max_audio_ms: float = 10_000,
-                 temperature: float = 0.9, topk: int = 50, seed: int = 0) -> Audio:
+                 temperature: float = 0.9, topk: int = 50, seed: int = 0, stop_on_eos: bool = True) -> Audio:
         """Speech for `text` spoken by `speaker`, following the conversation in `context`."""
-        chunks = list(self.stream(text, speaker, context, max_audio_ms, temperature, topk, seed, chunk_frames=8))
+        chunks = list(self.stream(text, speaker, context, max_audio_ms, temperature, topk, seed, chunk_frames=8,
+                                  stop_on_eos=stop_on_eos))
         if not chunks:
             n = self.config.num_codebooks
             return Audio(torch.zeros(0), SAMPLE_RATE, torch.zeros(0, n, dtype=torch.long))

@@ -137,3 +137,11 @@ def test_cli_convert_round_trip_and_refuses_a_non_empty_destination(tmp_path, ca
         assert torch.equal(model.state_dict()[name], tensor), name
     assert main(["convert", str(src), str(dst)]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_stop_on_eos_false_runs_to_max_audio_ms():
+    tts = misotts.load("tiny", device="cpu")
+    tts.model.codebook0_head.weight.zero_()  # greedy then picks code 0 everywhere: an EOS frame
+    tts.model.audio_head.zero_()
+    assert tts.generate_codes("x", max_audio_ms=240, temperature=0).shape == (0, 32)
+    assert tts.generate_codes("x", max_audio_ms=240, temperature=0, stop_on_eos=False).shape == (3, 32)
