@@ -45,16 +45,17 @@ def _engine(tts) -> Engine:
 
 
 def submit(tts, text: str, speaker: int = 0, context=(), max_audio_ms: float = 10_000, temperature: float = 0.9,
-           topk: int = 50, seed: int = 0) -> Stream:
+           topk: int = 50, seed: int = 0, stop_on_eos: bool = True) -> Stream:
     """Queue a generation and return its `Stream` of codes at once (iterate it, or `async for`)."""
     frames, mask = tts.prompt(text, speaker, context)
     return _engine(tts).submit(frames, mask, max_frames_for(max_audio_ms), temperature=temperature, topk=topk,
-                               seed=seed)
+                               seed=seed, stop_on_eos=stop_on_eos)
 
 
 def iter_codes(tts, text: str, speaker: int = 0, context=(), max_audio_ms: float = 10_000,
-               temperature: float = 0.9, topk: int = 50, seed: int = 0) -> Iterator[torch.Tensor]:
-    yield from submit(tts, text, speaker, context, max_audio_ms, temperature, topk, seed)
+               temperature: float = 0.9, topk: int = 50, seed: int = 0, stop_on_eos: bool = True
+               ) -> Iterator[torch.Tensor]:
+    yield from submit(tts, text, speaker, context, max_audio_ms, temperature, topk, seed, stop_on_eos)
 
 
 # ---- audio -----------------------------------------------------------------------------------
@@ -120,7 +121,8 @@ class _AudioMaker:
 
 
 def stream(tts, text: str, speaker: int = 0, context=(), max_audio_ms: float = 10_000, temperature: float = 0.9,
-           topk: int = 50, seed: int = 0, chunk_frames: int = 1, first_chunk_frames: int = 1) -> Iterator:
+           topk: int = 50, seed: int = 0, chunk_frames: int = 1, first_chunk_frames: int = 1,
+           stop_on_eos: bool = True) -> Iterator:
     """`Audio` chunks as frames are made: the first after `first_chunk_frames` frames, then every
     `chunk_frames`.  Concatenated, they equal `generate()` with the same arguments.  Closing the
     iterator early cancels the request and frees its KV blocks."""
@@ -128,7 +130,7 @@ def stream(tts, text: str, speaker: int = 0, context=(), max_audio_ms: float = 1
 
     stats = tts.last_stats = GenerationStats()
     with mimi_decoder(tts.codec) as decoder:  # first: a codec that fails to load wastes no frames
-        codes = submit(tts, text, speaker, context, max_audio_ms, temperature, topk, seed)
+        codes = submit(tts, text, speaker, context, max_audio_ms, temperature, topk, seed, stop_on_eos)
         make = _AudioMaker(tts, decoder, stats, codes.stats)
         try:
             for chunk in _chunks(iter(codes), first_chunk_frames, chunk_frames):
@@ -139,7 +141,7 @@ def stream(tts, text: str, speaker: int = 0, context=(), max_audio_ms: float = 1
 
 async def astream(tts, text: str, speaker: int = 0, context=(), max_audio_ms: float = 10_000,
                   temperature: float = 0.9, topk: int = 50, seed: int = 0, chunk_frames: int = 1,
-                  first_chunk_frames: int = 1) -> AsyncIterator:
+                  first_chunk_frames: int = 1, stop_on_eos: bool = True) -> AsyncIterator:
     """`stream` for asyncio: `async for chunk in astream(tts, ...)`.  Cancelling the task
     cancels the request.  (Mimi decoding runs in the event loop's thread: ~ms per frame on a GPU.)"""
     from misotts.api import GenerationStats
@@ -148,7 +150,7 @@ async def astream(tts, text: str, speaker: int = 0, context=(), max_audio_ms: fl
         raise ValueError(f"first_chunk_frames and chunk_frames must be >= 1, got {first_chunk_frames}, {chunk_frames}")
     stats = tts.last_stats = GenerationStats()
     with mimi_decoder(tts.codec) as decoder:
-        codes = submit(tts, text, speaker, context, max_audio_ms, temperature, topk, seed)
+        codes = submit(tts, text, speaker, context, max_audio_ms, temperature, topk, seed, stop_on_eos)
         make = _AudioMaker(tts, decoder, stats, codes.stats)
         pending, size = [], first_chunk_frames
         try:
@@ -164,10 +166,11 @@ async def astream(tts, text: str, speaker: int = 0, context=(), max_audio_ms: fl
 
 
 def generate(tts, text: str, speaker: int = 0, context=(), max_audio_ms: float = 10_000, temperature: float = 0.9,
-             topk: int = 50, seed: int = 0):
+             topk: int = 50, seed: int = 0, stop_on_eos: bool = True):
     from misotts.api import SAMPLE_RATE, Audio
 
-    chunks = list(stream(tts, text, speaker, context, max_audio_ms, temperature, topk, seed, chunk_frames=8))
+    chunks = list(stream(tts, text, speaker, context, max_audio_ms, temperature, topk, seed, chunk_frames=8,
+                         stop_on_eos=stop_on_eos))
     if not chunks:
         n = tts.config.num_codebooks
         return Audio(torch.zeros(0), SAMPLE_RATE, torch.zeros(0, n, dtype=torch.long))
