@@ -49,6 +49,8 @@ class GenerationStats:
     total_s: float = float("nan")
     frames: int = 0
     audio_s: float = 0.0
+    reused_positions: int = 0  # prompt positions served from the engine's prefix cache
+    computed_positions: int = 0  # prompt positions prefilled
 
     @property
     def frames_per_s(self) -> float:
@@ -70,6 +72,7 @@ class TTS:
     source: str = ""
     last_stats: GenerationStats = field(default_factory=GenerationStats)
     _codec: object = None
+    engine: object = None  # misotts.runtime.engine.Engine when loaded with backend="auto"
 
     @property
     def config(self) -> ModelConfig:
@@ -103,6 +106,12 @@ class TTS:
                    stop_on_eos: bool = True) -> Iterator[torch.Tensor]:
         """Codes [32] per frame, as they are generated.  stop_on_eos=False runs to max_audio_ms
         (benchmarks: a fixed number of frames)."""
+        if self.engine is not None:
+            from misotts import serving
+
+            yield from serving.iter_codes(self, text, speaker, context, max_audio_ms, temperature, topk, seed,
+                                          stop_on_eos)
+            return
         frames, mask = self.prompt(text, speaker, context)
         yield from iter_frames(self.model, frames, mask, max_frames_for(max_audio_ms),
                                temperature=temperature, topk=topk, seed=seed, stop_on_eos=stop_on_eos)
@@ -113,13 +122,20 @@ class TTS:
 
     def stream(self, text: str, speaker: int = 0, context=(), max_audio_ms: float = 10_000,
                temperature: float = 0.9, topk: int = 50, seed: int = 0, chunk_frames: int = 1,
-               stop_on_eos: bool = True) -> Iterator[Audio]:
-        """Yield `Audio` chunks of `chunk_frames` frames (the last may be shorter) as they are made.
+               stop_on_eos: bool = True, first_chunk_frames: int = 1) -> Iterator[Audio]:
+        """Yield `Audio` chunks as they are made: the first after `first_chunk_frames` frames, then
+        every `chunk_frames` (the last may be shorter).
 
         Concatenated, the chunks equal `generate()` with the same arguments.
         """
-        if chunk_frames < 1:
-            raise ValueError(f"chunk_frames must be >= 1, got {chunk_frames}")
+        if self.engine is not None:
+            from misotts import serving
+
+            yield from serving.stream(self, text, speaker, context, max_audio_ms, temperature, topk, seed,
+                                      chunk_frames, first_chunk_frames, stop_on_eos)
+            return
+        if chunk_frames < 1 or first_chunk_frames < 1:
+            raise ValueError(f"chunk_frames and first_chunk_frames must be >= 1, got {chunk_frames}, {first_chunk_frames}")
         stats = self.last_stats = GenerationStats()
         start = time.perf_counter()
         pending: list[torch.Tensor] = []
@@ -137,7 +153,7 @@ class TTS:
 
             for codes in self.iter_codes(text, speaker, context, max_audio_ms, temperature, topk, seed, stop_on_eos):
                 pending.append(codes.cpu())
-                if len(pending) == chunk_frames:
+                if len(pending) == (first_chunk_frames if stats.frames == 0 else chunk_frames):
                     yield flush()
             if pending:
                 yield flush()
@@ -153,13 +169,27 @@ class TTS:
             return Audio(torch.zeros(0), SAMPLE_RATE, torch.zeros(0, n, dtype=torch.long))
         return Audio(torch.cat([c.samples for c in chunks]), SAMPLE_RATE, torch.cat([c.codes for c in chunks]))
 
+    def conversation(self, context=()):
+        """A dialogue: each turn (generated or given) joins the context of the next; on the engine
+        the next turn reuses the earlier turns' KV cache.  See misotts.serving.Conversation."""
+        from misotts.serving import Conversation
+
+        return Conversation(self, context)
+
+    def astream(self, text: str, **kwargs):
+        """`stream` for asyncio (engine backend): `async for chunk in tts.astream(...)`."""
+        from misotts import serving
+
+        return serving.astream(self, text, **kwargs)
+
     def info(self) -> dict:
         params = sum(p.numel() for p in self.model.parameters())
         nbytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         return {"source": self.source, "config": self.config.to_dict(), "parameters": params,
                 "weight_bytes": nbytes, "device": str(self.device),
                 "dtype": str(self.model.audio_head.dtype).replace("torch.", ""), "untrained": self.untrained,
-                "codec": self.codec_source or "untrained Mimi (random weights)"}
+                "codec": self.codec_source or "untrained Mimi (random weights)",
+                "backend": "reference" if self.engine is None else f"engine ({self.engine.stats()['ops']} ops)"}
 
 
 def mimi_codes(codes: torch.Tensor, cardinality: int = 2048) -> torch.Tensor:
@@ -177,7 +207,8 @@ def default_device() -> torch.device:
 
 def load(source: str | Path = "tiny", device=None, dtype: torch.dtype | None = None, *,
          random_init: bool = False, seed: int = 0, codec: str | None = None,
-         tokenizer: str | Path | None = None, progress: bool = True) -> TTS:
+         tokenizer: str | Path | None = None, progress: bool = True, backend: str = "auto",
+         engine: dict | None = None) -> TTS:
     """Load a model by preset name ("tiny", "csm-1b", "miso-8b"), local path or hub id.
 
     random_init: build the named preset with seeded random weights (no download; for
@@ -185,7 +216,22 @@ def load(source: str | Path = "tiny", device=None, dtype: torch.dtype | None = N
     codec: Mimi weights (a .safetensors path or hub repo id); default the untrained Mimi for
     random models and kyutai's Mimi for real checkpoints.
     tokenizer: a tokenizer.json to use instead of the one beside the weights.
+    backend: "auto" serves through the engine (misotts.runtime.engine: paged KV with prefix reuse,
+    continuous batching; Triton kernels and CUDA graphs on CUDA, torch ops on the CPU);
+    "reference" runs the plain model frame by frame.
+    engine: EngineConfig fields for "auto", e.g. {"max_batch": 8, "num_blocks": 4096}.
     """
+    if backend not in ("auto", "reference"):
+        raise ValueError(f"unknown backend {backend!r}: expected 'auto' or 'reference'")
+    tts = _load(source, device, dtype, random_init, seed, codec, tokenizer, progress)
+    if backend == "auto":
+        from misotts.serving import attach_engine
+
+        attach_engine(tts, engine, progress=progress)
+    return tts
+
+
+def _load(source, device, dtype, random_init, seed, codec, tokenizer, progress) -> TTS:
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
     name = str(source)

@@ -39,7 +39,7 @@ def test_generate_matches_the_reference_loop_and_decodes_every_frame(tts):
 def test_stream_concatenates_to_generate(tts):
     chunks = list(tts.stream("Stream me.", max_audio_ms=320, seed=5, chunk_frames=3))
     whole = tts.generate("Stream me.", max_audio_ms=320, seed=5)
-    assert [c.codes.shape[0] for c in chunks] == [3, 1]
+    assert [c.codes.shape[0] for c in chunks] == [1, 3]  # the first chunk after one frame, then 3
     assert torch.equal(torch.cat([c.codes for c in chunks]), whole.codes)
     torch.testing.assert_close(torch.cat([c.samples for c in chunks]), whole.samples, rtol=0, atol=0)
     stats = tts.last_stats
