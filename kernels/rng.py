@@ -25,14 +25,18 @@ def hash32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def random_bits(seed: torch.Tensor, counter: torch.Tensor, vocab: int) -> torch.Tensor:
-    """bits(seed[b], counter[b], v) for v in range(vocab): int64 [B, vocab] in [0, 2^32)."""
+def random_bits(seed: torch.Tensor, counter: torch.Tensor, vocab: int | torch.Tensor) -> torch.Tensor:
+    """bits(seed[b], counter[b], v) for v in range(vocab): int64 [B, vocab] in [0, 2^32).
+
+    vocab may be the index vector itself (int64 [V]), preallocated so a captured step allocates
+    nothing from host data.
+    """
     stream = hash32(hash32((seed.to(torch.int64) & MASK32) ^ GOLDEN) ^ (counter.to(torch.int64) & MASK32))
-    index = torch.arange(vocab, device=stream.device, dtype=torch.int64)
+    index = torch.arange(vocab, device=stream.device, dtype=torch.int64) if isinstance(vocab, int) else vocab
     return hash32(stream[:, None] ^ index[None, :])
 
 
-def uniform(seed: torch.Tensor, counter: torch.Tensor, vocab: int) -> torch.Tensor:
+def uniform(seed: torch.Tensor, counter: torch.Tensor, vocab: int | torch.Tensor) -> torch.Tensor:
     """seed, counter: LongTensor [B] -> FloatTensor [B, vocab] of uniforms in (0, 1)."""
     # 23 bits + 0.5 needs 24 significant bits: exact in fp32, so u < 1 and -log(u) > 0 always.
     return ((random_bits(seed, counter, vocab) >> 9).to(torch.float32) + 0.5) * 2.0**-23
