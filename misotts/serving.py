@@ -189,7 +189,9 @@ class Conversation:
     def __init__(self, tts, context=()):
         self.tts = tts
         self.history: list[Segment] = list(context)
-        self.last_stats = None  # RequestStats of the last codes-only turn (engine backend)
+        # The last turn's stats (reused_positions / computed_positions among them): the TTS's
+        # GenerationStats after an audio turn, the engine's RequestStats after say_codes.
+        self.last_stats = None
 
     def _remember(self, speaker: int, text: str, codes: torch.Tensor) -> None:
         from misotts.api import mimi_codes
@@ -212,6 +214,7 @@ class Conversation:
                 yield chunk
         finally:
             n = self.tts.config.num_codebooks
+            self.last_stats = self.tts.last_stats
             self._remember(speaker, text, torch.cat(made) if made else torch.zeros(0, n, dtype=torch.long))
 
     def say(self, text: str, speaker: int = 0, **kwargs):

@@ -145,3 +145,19 @@ def test_stop_on_eos_false_runs_to_max_audio_ms():
     tts.model.audio_head.zero_()
     assert tts.generate_codes("x", max_audio_ms=240, temperature=0).shape == (0, 32)
     assert tts.generate_codes("x", max_audio_ms=240, temperature=0, stop_on_eos=False).shape == (3, 32)
+
+
+def test_conversation_reports_reuse_after_audio_turns(tts):
+    chat = tts.conversation()
+    chat.add(speaker=1, text="Hi.", codes=torch.randint(0, 2048, (3, 32)))
+    chat.say("One.", speaker=0, max_audio_ms=160, seed=1)
+    first = chat.last_stats
+    assert first.reused_positions == 0 and first.computed_positions > 0
+    chat.say("Two.", speaker=1, max_audio_ms=160, seed=2)
+    # The second turn's prompt starts with the first turn's prompt and its 2 frames.  Turn one
+    # wrote KV for its prompt and its first frame (the last frame is never fed back): the full
+    # 16-position blocks of that are reused, the rest is computed.
+    written = len(tts.prompt("One.", 0, chat.history[:1])[0]) + 2 - 1
+    prompt_len = len(tts.prompt("Two.", 1, chat.history[:-1])[0])
+    assert chat.last_stats.reused_positions == 16 * (written // 16) > 0
+    assert chat.last_stats.reused_positions + chat.last_stats.computed_positions == prompt_len
