@@ -9,23 +9,8 @@ from misotts.runtime.engine import Engine, EngineConfig
 from misotts.runtime.fast_model import _uniform, sample_lanes
 from misotts.runtime.generate import generate_codes
 
+from ..weights.hf_models import HF_SHAPES  # the shapes checked against transformers
 from .conftest import history, make_model, prompt
-
-ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
-
-
-def stack(dim, heads, kv_heads, head_dim, ffn):
-    return dict(hidden_size=dim, num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
-                intermediate_size=ffn, num_hidden_layers=2, rope_parameters=ROPE)
-
-
-# The shapes tests/weights checks against transformers' CSM (GQA 1/2/4, head_dim 32/64/128).
-HF_SHAPES = {
-    "gqa1-hd32": (stack(128, 4, 4, 32, 256), stack(64, 4, 2, 64, 128)),
-    "gqa2-hd64": (stack(128, 4, 2, 64, 256), stack(64, 4, 1, 32, 128)),
-    "gqa4-hd128": (stack(256, 8, 2, 128, 512), stack(128, 2, 2, 128, 256)),
-}
 
 
 def hf_config(name) -> ModelConfig:
