@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-UNTRAINED_NOTE = "note: {} has untrained (random) weights; the audio is noise, not speech."
+UNTRAINED_NOTE = "note: the model is {}: untrained, so the audio is noise, not speech."
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
