@@ -135,24 +135,28 @@ def make_ops(kind: str, device: torch.device):
 # ---- sampling with per-lane parameters --------------------------------------------------------
 def sample_lanes(logits, temperature, topk, seed, counter, vocab_index):
     """`misotts.kernels.reference.sample_topk_ref` with per-lane temperature [N] and topk [N]
-    (int64), bit for bit the same tokens as calling it lane by lane with Python numbers.
-
-    Sorting finds each lane's k-th largest score (topk needs one k for the batch); the uniforms
-    are `misotts.kernels.rng.uniform` computed with a preallocated index vector.
-    """
-    x = logits.float()
+    (int64), bit for bit the same tokens as calling it lane by lane with Python numbers."""
     greedy = (temperature == 0) | (topk == 1)
-    scores = x / torch.where(greedy, 1.0, temperature)[:, None]
+    return _sample(logits, greedy, torch.where(greedy, 1.0, temperature), topk,
+                   -torch.log(_uniform(seed, counter, vocab_index)))
+
+
+def _sample(logits, greedy, divisor, topk, noise):
+    """sample_lanes given greedy [N], temperature or 1 [N] and the race's -log(uniform) [N, V].
+
+    Sorting finds each lane's k-th largest score (topk needs one k for the batch)."""
+    x = logits.float()
+    scores = x / divisor[:, None]
     threshold = scores.sort(dim=-1, descending=True).values.gather(1, (topk - 1)[:, None])
     probs = scores.masked_fill(scores < threshold, float("-inf")).softmax(-1)
-    race = probs / -torch.log(_uniform(seed, counter, vocab_index))
-    return torch.where(greedy, x.argmax(-1), race.argmax(-1))
+    return torch.where(greedy, x.argmax(-1), (probs / noise).argmax(-1))
 
 
 def _uniform(seed, counter, index):
-    # misotts.kernels.rng.uniform, minus its torch.arange (tests/engine checks they agree).
+    """misotts.kernels.rng.uniform, minus its torch.arange (tests/engine checks they agree).
+    seed, counter [N] -> [N, V]; or seed [N, 1], counter [N, C] -> [N, C, V]."""
     stream = hash32(hash32((seed & 0xFFFFFFFF) ^ 0x9E3779B9) ^ (counter & 0xFFFFFFFF))
-    return ((hash32(stream[:, None] ^ index[None, :]) >> 9).to(torch.float32) + 0.5) * 2.0**-23
+    return ((hash32(stream[..., None] ^ index) >> 9).to(torch.float32) + 0.5) * 2.0**-23
 
 
 # ---- the batch state: everything a frame reads or writes ------------------------------------
@@ -264,7 +268,9 @@ class FastModel:
         positions = torch.arange(self.n, device=self.device)
         self.depth_cos, self.depth_sin = rope_cos_sin(d, positions, rope_inv_freq(d, self.device))
         self.depth_allowed = positions[None, :] <= positions[:, None]  # [query pos, key pos]
+        self.depth_pos = [torch.tensor([i], device=self.device) for i in range(self.n)]
         self.vocab_index = torch.arange(self.vocab, device=self.device)
+        self.codebook_index = torch.arange(self.n, device=self.device)
         if num_blocks is not None:
             self.allocate_kv(num_blocks)
 
@@ -307,29 +313,32 @@ class FastModel:
         self._backbone(x, positions, slots, attend)
 
     # ---- depth decoder ----------------------------------------------------------------------
-    def _depth(self, x, start: int, n: int):
-        """Depth decoder over x [n, S, D'] at positions start..start+S-1 -> last hidden [n, D']."""
+    def _depth_step(self, x, pos, n: int):
+        """The depth decoder at position pos (a tensor [1], so every step has the same shapes)
+        for x [n, D']: writes its KV, attends to positions <= pos -> last hidden [n, D']."""
         s, ops, c = self.dec, self.ops, self.dec.cfg
-        steps = x.shape[1]
-        end = start + steps
-        cos, sin = self.depth_cos[start:end], self.depth_sin[start:end]
-        allowed = self.depth_allowed[start:end, :end]
-        x = x.flatten(0, 1)
+        cos, sin, allowed = self.depth_cos[pos], self.depth_sin[pos], self.depth_allowed[pos]
         xn, h = ops.rmsnorm(x, s.attn_norm[0], c.norm_eps)
         for i in range(c.n_layers):
-            q, k, v = (t.unflatten(0, (n, steps)) for t in s.split_qkv(F.linear(xn, s.qkv[i])))
+            q, k, v = (t[:, None] for t in s.split_qkv(F.linear(xn, s.qkv[i])))  # [n, 1, heads, d]
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            self.depth_k[i, :n, :, start:end] = k.transpose(1, 2)
-            self.depth_v[i, :n, :, start:end] = v.transpose(1, 2)
-            o = F.scaled_dot_product_attention(q.transpose(1, 2), self.depth_k[i, :n, :, :end],
-                                               self.depth_v[i, :n, :, :end], attn_mask=allowed,
+            keys, values = self.depth_k[i, :n], self.depth_v[i, :n]  # [n, K, positions, d]
+            keys.index_copy_(2, pos, k.transpose(1, 2))
+            values.index_copy_(2, pos, v.transpose(1, 2))
+            o = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=allowed,
                                                enable_gqa=c.n_heads != c.n_kv_heads)
-            o = F.linear(o.transpose(1, 2).flatten(0, 1).flatten(1), s.wo[i])
+            o = F.linear(o.flatten(1), s.wo[i])
             xn, h = ops.rmsnorm(o, s.mlp_norm[i], c.norm_eps, residual=h)
             m = F.linear(ops.swiglu(F.linear(xn, s.gate_up[i])), s.down[i])
             last = i + 1 == c.n_layers
             xn, h = ops.rmsnorm(m, s.norm if last else s.attn_norm[i + 1], c.norm_eps, residual=h)
-        return xn.unflatten(0, (n, steps))[:, -1]
+        return xn
+
+    def _depth_sample(self, x, pos, n: int, greedy, divisor, topk, noise):
+        """Depth position pos (1..) for x [n, D'] -> codebook pos's tokens [n] and the next input."""
+        dec_h = self._depth_step(x, pos, n)
+        token = _sample(dec_h @ self.audio_head[pos - 1][0], greedy, divisor, topk, noise.index_select(1, pos)[:, 0])
+        return token, self.proj_table[token + pos * self.vocab]
 
     # ---- one frame for lanes 0..n-1 ------------------------------------------------------------
     @torch.inference_mode()
@@ -347,19 +356,18 @@ class FastModel:
             return self.ops.decode_attention(q, k_cache, v_cache, tables, context_lens, self.bb.scale)
 
         h = self._backbone(x, positions, slots, attend)
-        temp, topk, seed, counter = st.temperature[:n], st.topk[:n], st.seed[:n], st.counter[:n]
-        codes = st.codes[:n]
-        codes[:, 0] = sample_lanes(F.linear(h, self.c0_head), temp, topk, seed, counter, self.vocab_index)
-        first = torch.stack([F.linear(h, self.projection), self.proj_table[codes[:, 0]]], dim=1)
-        dec_h = self._depth(first, 0, n)
+        topk, codes, greedy = st.topk[:n], st.codes[:n], (st.temperature[:n] == 0) | (st.topk[:n] == 1)
+        divisor = torch.where(greedy, 1.0, st.temperature[:n])
+        # The race's noise for all codebooks at once: codebook i draws with counter + i.
+        noise = -torch.log(_uniform(st.seed[:n, None], st.counter[:n, None] + self.codebook_index, self.vocab_index))
+        codes[:, 0] = _sample(F.linear(h, self.c0_head), greedy, divisor, topk, noise[:, 0])
+        self._depth_step(F.linear(h, self.projection), self.depth_pos[0], n)
+        x = self.proj_table[codes[:, 0]]
         for i in range(1, self.n):
-            token = sample_lanes(dec_h @ self.audio_head[i - 1], temp, topk, seed, counter + i, self.vocab_index)
-            codes[:, i] = token
-            if i + 1 < self.n:
-                dec_h = self._depth(self.proj_table[token + i * self.vocab][:, None], i + 1, n)
+            codes[:, i], x = self._depth_sample(x, self.depth_pos[i], n, greedy, divisor, topk, noise)
         # The frame becomes each lane's next backbone row.
         st.rows[:n, :self.n] = codes
         st.rows[:n, self.n].zero_()
         st.row_mask[:n] = st.audio_row_mask
         positions += 1
-        counter += self.n
+        st.counter[:n] += self.n
