@@ -49,6 +49,7 @@ class EngineConfig:
     wait_timeout_s: float = 30.0  # how long a queued request waits before it fails with EngineBusy
     ops: str = "auto"  # "auto" (Triton on CUDA, torch elsewhere), "torch" or "triton"
     cuda_graphs: bool = True  # capture frames on CUDA
+    compile: bool = False  # CPU: Inductor-compile the depth steps (faster frames; ~10 s compiling per batch bucket)
 
 
 class Engine:
@@ -59,15 +60,17 @@ class Engine:
         cuda = device.type == "cuda"
         self.max_batch = config.max_batch or (32 if cuda else 8)
         bs = config.block_size
-        self.fast = FastModel(model, make_ops(config.ops, device), self.max_batch, bs)
+        self.fast = FastModel(model, make_ops(config.ops, device), self.max_batch, bs,
+                              compile=config.compile and not cuda)
         num_blocks = config.num_blocks or self._default_num_blocks(model, bs, cuda)
         self.fast.allocate_kv(num_blocks)
         self.pool = BlockPool(num_blocks, bs)
         self.graphs = FrameGraphs(self.fast.decode_frame, self.max_batch)
         if cuda and config.cuda_graphs:
             self.graphs.capture(progress)
-        else:
-            self.fast.decode_frame(1)  # warm-up: first-call setup happens here, not in a request's frame
+        else:  # warm-up: first-call setup (and compiling) happens here, not in a request's frame
+            for n in self.graphs.buckets if config.compile else [1]:
+                self.fast.decode_frame(n)
         for lane in range(self.max_batch):
             self.fast.state.clear_lane(lane)
         self._cond = threading.Condition()

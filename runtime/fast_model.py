@@ -246,7 +246,8 @@ class _Stack:
 
 
 class FastModel:
-    def __init__(self, model: CSMModel, ops, max_batch: int, block_size: int, num_blocks: int | None = None):
+    def __init__(self, model: CSMModel, ops, max_batch: int, block_size: int, num_blocks: int | None = None,
+                 compile: bool = False):
         cfg = self.config = model.config
         p = model.audio_head
         self.device, self.dtype, self.ops = p.device, p.dtype, ops
@@ -271,6 +272,9 @@ class FastModel:
         self.depth_pos = [torch.tensor([i], device=self.device) for i in range(self.n)]
         self.vocab_index = torch.arange(self.vocab, device=self.device)
         self.codebook_index = torch.arange(self.n, device=self.device)
+        if compile:  # Inductor C++ for a depth step and its sampling: one graph per batch size, made on first use
+            self._depth_sample = torch.compile(self._depth_sample, dynamic=False, fullgraph=True,
+                                               options={"cpp_wrapper": True})
         if num_blocks is not None:
             self.allocate_kv(num_blocks)
 
@@ -334,10 +338,10 @@ class FastModel:
             xn, h = ops.rmsnorm(m, s.norm if last else s.attn_norm[i + 1], c.norm_eps, residual=h)
         return xn
 
-    def _depth_sample(self, x, pos, n: int, greedy, divisor, topk, noise):
-        """Depth position pos (1..) for x [n, D'] -> codebook pos's tokens [n] and the next input."""
-        dec_h = self._depth_step(x, pos, n)
-        token = _sample(dec_h @ self.audio_head[pos - 1][0], greedy, divisor, topk, noise.index_select(1, pos)[:, 0])
+    def _depth_sample(self, x, pos, n: int, head, greedy, divisor, topk, noise):
+        """Depth position pos (1..) for x [n, D'] -> its codebook's tokens [n] (logits h @ head,
+        race noise [n, V]) and the next input."""
+        token = _sample(self._depth_step(x, pos, n) @ head, greedy, divisor, topk, noise)
         return token, self.proj_table[token + pos * self.vocab]
 
     # ---- one frame for lanes 0..n-1 ------------------------------------------------------------
@@ -364,7 +368,8 @@ class FastModel:
         self._depth_step(F.linear(h, self.projection), self.depth_pos[0], n)
         x = self.proj_table[codes[:, 0]]
         for i in range(1, self.n):
-            codes[:, i], x = self._depth_sample(x, self.depth_pos[i], n, greedy, divisor, topk, noise)
+            codes[:, i], x = self._depth_sample(x, self.depth_pos[i], n, self.audio_head[i - 1], greedy, divisor,
+                                                topk, noise[:, i])
         # The frame becomes each lane's next backbone row.
         st.rows[:n, :self.n] = codes
         st.rows[:n, self.n].zero_()
