@@ -200,7 +200,10 @@ class EngineSystem:
         block = EngineConfig.block_size
         # KV for every lane at the longest request, and as much again for the prefix cache.
         num_blocks = 2 * max_batch * -(-max_positions // block)
-        self.engine = Engine(tts.model, EngineConfig(max_batch=max_batch, num_blocks=num_blocks))
+        # On the CPU the engine's fast path is its Inductor-compiled depth step (warm-up compiles it
+        # once per batch bucket, before anything is timed); on CUDA it is the captured graphs.
+        self.engine = Engine(tts.model, EngineConfig(max_batch=max_batch, num_blocks=num_blocks,
+                                                     compile=tts.device.type == "cpu"))
 
     def forget(self):
         """Drop the prefix cache, so the next request prefills its whole prompt."""
