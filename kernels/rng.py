@@ -28,12 +28,14 @@ def hash32(x: torch.Tensor) -> torch.Tensor:
 def random_bits(seed: torch.Tensor, counter: torch.Tensor, vocab: int | torch.Tensor) -> torch.Tensor:
     """bits(seed[b], counter[b], v) for v in range(vocab): int64 [B, vocab] in [0, 2^32).
 
+    seed and counter may carry more leading dims (they broadcast): [..., vocab] out.
+
     vocab may be the index vector itself (int64 [V]), preallocated so a captured step allocates
     nothing from host data.
     """
     stream = hash32(hash32((seed.to(torch.int64) & MASK32) ^ GOLDEN) ^ (counter.to(torch.int64) & MASK32))
     index = torch.arange(vocab, device=stream.device, dtype=torch.int64) if isinstance(vocab, int) else vocab
-    return hash32(stream[:, None] ^ index[None, :])
+    return hash32(stream[..., None] ^ index)
 
 
 def uniform(seed: torch.Tensor, counter: torch.Tensor, vocab: int | torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from misotts.kernels import reference as ref
-from misotts.kernels.rng import hash32
+from misotts.kernels.rng import uniform
 
 from .config import TransformerConfig
 from .kv_cache import PagedKV
@@ -138,7 +138,7 @@ def sample_lanes(logits, temperature, topk, seed, counter, vocab_index):
     (int64), bit for bit the same tokens as calling it lane by lane with Python numbers."""
     greedy = (temperature == 0) | (topk == 1)
     return _sample(logits, greedy, torch.where(greedy, 1.0, temperature), topk,
-                   -torch.log(_uniform(seed, counter, vocab_index)))
+                   -torch.log(uniform(seed, counter, vocab_index)))
 
 
 def _sample(logits, greedy, divisor, topk, noise):
@@ -150,13 +150,6 @@ def _sample(logits, greedy, divisor, topk, noise):
     threshold = scores.sort(dim=-1, descending=True).values.gather(1, (topk - 1)[:, None])
     probs = scores.masked_fill(scores < threshold, float("-inf")).softmax(-1)
     return torch.where(greedy, x.argmax(-1), (probs / noise).argmax(-1))
-
-
-def _uniform(seed, counter, index):
-    """misotts.kernels.rng.uniform, minus its torch.arange (tests/engine checks they agree).
-    seed, counter [N] -> [N, V]; or seed [N, 1], counter [N, C] -> [N, C, V]."""
-    stream = hash32(hash32((seed & 0xFFFFFFFF) ^ 0x9E3779B9) ^ (counter & 0xFFFFFFFF))
-    return ((hash32(stream[..., None] ^ index) >> 9).to(torch.float32) + 0.5) * 2.0**-23
 
 
 # ---- the batch state: everything a frame reads or writes ------------------------------------
@@ -363,7 +356,7 @@ class FastModel:
         topk, codes, greedy = st.topk[:n], st.codes[:n], (st.temperature[:n] == 0) | (st.topk[:n] == 1)
         divisor = torch.where(greedy, 1.0, st.temperature[:n])
         # The race's noise for all codebooks at once: codebook i draws with counter + i.
-        noise = -torch.log(_uniform(st.seed[:n, None], st.counter[:n, None] + self.codebook_index, self.vocab_index))
+        noise = -torch.log(uniform(st.seed[:n, None], st.counter[:n, None] + self.codebook_index, self.vocab_index))
         codes[:, 0] = _sample(F.linear(h, self.c0_head), greedy, divisor, topk, noise[:, 0])
         self._depth_step(F.linear(h, self.projection), self.depth_pos[0], n)
         x = self.proj_table[codes[:, 0]]
