@@ -10,10 +10,6 @@ from __future__ import annotations
 from misotts.kernels.reference import sample_topk_ref
 
 
-def is_greedy(temperature: float, topk: int) -> bool:
-    return temperature == 0 or topk == 1
-
-
 def check_sampling_args(temperature: float, topk: int, vocab_size: int) -> None:
     if not temperature >= 0 or temperature == float("inf"):
         raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
