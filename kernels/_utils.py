@@ -49,10 +49,5 @@ def check_same_device(**tensors):
     return first
 
 
-def check_float_like(name, t, ref_name, ref):
-    if t.dtype != ref.dtype:
-        raise ValueError(f"{name} must have the dtype of {ref_name} ({ref.dtype}), got {t.dtype}")
-
-
 def next_pow2(n):
     return triton.next_power_of_2(max(int(n), 1))
