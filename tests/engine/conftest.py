@@ -1,4 +1,6 @@
 """Shared models and prompts for the engine tests (CPU, fp32, the `tiny` preset unless noted)."""
+import time
+
 import pytest
 import torch
 
@@ -60,3 +62,35 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def slow_frames(monkeypatch, engine, seconds: float):
+    """Every frame of `engine` takes at least `seconds`, so a request of F frames cannot finish in
+    under F * seconds however fast the machine: a test can rely on it still running."""
+    run = engine.graphs.run
+
+    def paced(n):
+        started = time.monotonic()
+        run(n)
+        time.sleep(max(0.0, seconds - (time.monotonic() - started)))
+
+    monkeypatch.setattr(engine.graphs, "run", paced)
+
+
+def frames_wait_for(monkeypatch, engine, submitted: list, count: int, timeout: float = 30.0):
+    """Frame f does not start before min(f + 1, count) requests are in `submitted` (a list the
+    test appends to as it submits): request i is certain to join a batch that is already running,
+    and no request can finish before the next one arrives."""
+    run = engine.graphs.run
+    frame = [0]
+
+    def gated(n):
+        deadline = time.monotonic() + timeout
+        while len(submitted) < min(frame[0] + 1, count):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"frame {frame[0]}: only {len(submitted)} of {count} requests submitted")
+            time.sleep(0.001)
+        frame[0] += 1
+        run(n)
+
+    monkeypatch.setattr(engine.graphs, "run", gated)

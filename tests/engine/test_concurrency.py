@@ -9,7 +9,7 @@ import torch
 from misotts.runtime.engine import Engine, EngineConfig
 from misotts.runtime.scheduler import EngineBusy
 
-from .conftest import history, prompt
+from .conftest import frames_wait_for, history, prompt, slow_frames
 
 GEN = dict(temperature=0.9, topk=50, stop_on_eos=False)
 
@@ -24,18 +24,23 @@ def requests(count):
     return out
 
 
-def test_eight_threads_equal_their_solo_runs(tiny_model):
+def test_eight_threads_equal_their_solo_runs(tiny_model, monkeypatch):
     reqs = requests(8)
     solo_engine = Engine(tiny_model, EngineConfig(max_batch=1))
     solo = [solo_engine.generate(**r) for r in reqs]
     solo_engine.close()
 
     engine = Engine(tiny_model, EngineConfig(max_batch=8, prefill_chunk=32))
+    submitted = []
+    # Frame f waits for request f: each request joins a running batch, whatever the machine's speed.
+    frames_wait_for(monkeypatch, engine, submitted, len(reqs))
     results = [None] * len(reqs)
 
     def run(i):
         time.sleep(0.02 * i)  # staggered: requests join a running batch and leave at different frames
-        results[i] = engine.generate(**reqs[i])
+        stream = engine.submit(**reqs[i])
+        submitted.append(i)
+        results[i] = stream.codes()
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(reqs))]
     for t in threads:
@@ -76,10 +81,11 @@ def test_prompt_longer_than_context_fails_at_once(engine):
     assert engine.stats()["waiting"] == 0
 
 
-def test_full_pool_waits_then_fails_clearly(tiny_model):
+def test_full_pool_waits_then_fails_clearly(tiny_model, monkeypatch):
     frames, mask = prompt()
     blocks = -(-(len(frames) + 40 - 1) // 16)  # one request of 40 frames
     engine = Engine(tiny_model, EngineConfig(max_batch=4, num_blocks=blocks + 1, wait_timeout_s=0.5))
+    slow_frames(monkeypatch, engine, 0.05)  # the holder's 40 frames take >= 2 s: it outlives the 0.5 s wait
     with pytest.raises(ValueError, match="KV blocks"):  # could never fit: refused at once
         engine.submit(frames, mask, 16 * (blocks + 2))
     holder = engine.submit(frames, mask, 40, **GEN)
@@ -99,8 +105,9 @@ def test_full_pool_waits_then_fails_clearly(tiny_model):
     engine.close()
 
 
-def test_bounded_queue_refuses_when_full(tiny_model):
+def test_bounded_queue_refuses_when_full(tiny_model, monkeypatch):
     engine = Engine(tiny_model, EngineConfig(max_batch=1, max_waiting=1))
+    slow_frames(monkeypatch, engine, 0.02)  # the running request's 50 frames take >= 1 s
     frames, mask = prompt()
     running = engine.submit(frames, mask, 50, **GEN)
     reading = iter(running)
@@ -113,9 +120,10 @@ def test_bounded_queue_refuses_when_full(tiny_model):
     engine.close()
 
 
-def test_cancelling_frees_blocks_and_spares_the_others(tiny_model):
+def test_cancelling_frees_blocks_and_spares_the_others(tiny_model, monkeypatch):
     reqs = requests(3)
     engine = Engine(tiny_model, EngineConfig(max_batch=4))
+    slow_frames(monkeypatch, engine, 0.01)  # 100 frames take >= 1 s: still running when cancelled at 0.3 s
     solo = engine.generate(**reqs[2])
     frames, mask = prompt()
     # 1. Breaking out of the loop closes the iterator, which cancels the request.
