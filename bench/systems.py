@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from misotts.api import mimi_codes
+from misotts.runtime.codec import mimi_codes
 
 from .stats import FRAME_S
 
@@ -189,7 +189,8 @@ class Transformers:
 
 class EngineSystem:
     """`misotts.runtime.engine.Engine`: paged KV, prefix cache, CUDA graphs, continuous batching.
-    Streams are submitted to its loop; PCM is decoded by the same Mimi as the API's."""
+    Streams are submitted to its loop, which also decodes their PCM (one batched streaming Mimi
+    call per frame, with the same Mimi weights as the API's)."""
 
     name = "engine"
 
@@ -203,7 +204,7 @@ class EngineSystem:
         # On the CPU the engine's fast path is its Inductor-compiled depth step (warm-up compiles it
         # once per batch bucket, before anything is timed); on CUDA it is the captured graphs.
         self.engine = Engine(tts.model, EngineConfig(max_batch=max_batch, num_blocks=num_blocks,
-                                                     compile=tts.device.type == "cpu"))
+                                                     compile=tts.device.type == "cpu"), codec=tts.codec)
 
     def forget(self):
         """Drop the prefix cache, so the next request prefills its whole prompt."""
@@ -213,27 +214,23 @@ class EngineSystem:
     def close(self):
         self.engine.close()
 
-    def _submit(self, wl, frames, seed):
+    def _submit(self, wl, frames, seed, audio):
         rows, mask = self.tts.prompt(wl.text, wl.speaker, wl.context)
-        return self.engine.submit(rows, mask, frames, seed=seed, stop_on_eos=False, **SAMPLING)
+        return self.engine.submit(rows, mask, frames, seed=seed, stop_on_eos=False, audio=audio, **SAMPLING)
 
     @torch.inference_mode()
     def stream(self, wl: Workload, frames: int, seed: int, audio: bool):
         start, times, codes = time.perf_counter(), [], []
-        with self.tts.codec.stream_decoder(batch_size=1) as decoder:
-            for c in self._submit(wl, frames, seed):
-                if audio:
-                    decoder.decode_frame(mimi_codes(c[None]).to(self.tts.device)).cpu()
-                times.append(time.perf_counter() - start)
-                codes.append(c[None])
+        for frame in self._submit(wl, frames, seed, audio):  # with audio, frames arrive with their PCM
+            times.append(time.perf_counter() - start)
+            codes.append(frame.codes[None])
         return times, torch.cat(codes)
 
     @torch.inference_mode()
     def batch(self, wl: Workload, streams: int, frames: int, seed: int) -> float:
         start = time.perf_counter()
-        its = [iter(self._submit(wl, frames, seed + i)) for i in range(streams)]
-        with self.tts.codec.stream_decoder(batch_size=streams) as decoder:
-            for _ in range(frames):
-                codes = torch.stack([next(it) for it in its])
-                decoder.decode_frame(mimi_codes(codes).to(self.tts.device)).cpu()
+        its = [iter(self._submit(wl, frames, seed + i, audio=True)) for i in range(streams)]
+        for _ in range(frames):
+            for it in its:
+                next(it)
         return time.perf_counter() - start

@@ -1,13 +1,14 @@
 """The public face: `load` a model, `TTS.generate` / `TTS.stream` speech, `Audio` results."""
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
+from misotts.chunks import Audio, Chunker, GenerationStats, check_chunking
+from misotts.runtime.audio import SAMPLE_RATE
 from misotts.runtime.config import PRESETS, ModelConfig
 from misotts.runtime.generate import iter_frames, max_frames_for
 from misotts.runtime.model import CSMModel
@@ -16,49 +17,9 @@ from misotts.runtime.tokenizer import ByteTokenizer, Llama3Tokenizer, load_token
 from misotts.weights import load_model, random_model
 from misotts.weights.load import default_dtype
 
-SAMPLE_RATE = 24_000
 # Presets that name a public checkpoint; others need a local path or random_init=True.
 PRESET_HUB_IDS = {"csm-1b": "sesame/csm-1b"}
 DEFAULT_CODEC = "kyutai/moshiko-pytorch-bf16"
-
-
-@dataclass
-class Audio:
-    """Generated speech: mono float32 samples [N] at `sample_rate`, and the Mimi codes [T, 32]."""
-
-    samples: torch.Tensor
-    sample_rate: int
-    codes: torch.Tensor
-
-    @property
-    def duration_s(self) -> float:
-        return self.samples.numel() / self.sample_rate
-
-    def save(self, path: str | Path) -> Path:
-        from misotts.runtime.audio import save_wav
-
-        save_wav(path, self.samples, self.sample_rate)
-        return Path(path)
-
-
-@dataclass
-class GenerationStats:
-    """Timings of the last generation (seconds); filled by `TTS.stream` and `TTS.generate`."""
-
-    first_audio_s: float = float("nan")
-    total_s: float = float("nan")
-    frames: int = 0
-    audio_s: float = 0.0
-    reused_positions: int = 0  # prompt positions served from the engine's prefix cache
-    computed_positions: int = 0  # prompt positions prefilled
-
-    @property
-    def frames_per_s(self) -> float:
-        return self.frames / self.total_s if self.total_s > 0 else float("nan")
-
-    @property
-    def real_time_factor(self) -> float:
-        return self.total_s / self.audio_s if self.audio_s > 0 else float("nan")
 
 
 @dataclass
@@ -134,40 +95,27 @@ class TTS:
             yield from serving.stream(self, text, speaker, context, max_audio_ms, temperature, topk, seed,
                                       chunk_frames, first_chunk_frames, stop_on_eos)
             return
-        if chunk_frames < 1 or first_chunk_frames < 1:
-            raise ValueError(f"chunk_frames and first_chunk_frames must be >= 1, got {chunk_frames}, {first_chunk_frames}")
-        stats = self.last_stats = GenerationStats()
-        start = time.perf_counter()
-        pending: list[torch.Tensor] = []
-        with self.codec.stream_decoder(batch_size=1) as decoder:
-            def flush() -> Audio:
-                codes = torch.stack(pending)
-                playable = mimi_codes(codes, self.codec.cardinality).to(self.device)
-                pcm = torch.cat([decoder.decode_frame(c[None])[0] for c in playable])
-                pending.clear()
-                stats.frames += codes.shape[0]
-                stats.audio_s = stats.frames * self.codec.frame_size / SAMPLE_RATE
-                if stats.frames == codes.shape[0]:
-                    stats.first_audio_s = time.perf_counter() - start
-                return Audio(pcm.float().cpu(), SAMPLE_RATE, codes.cpu())
+        from misotts.runtime.codec import mimi_codes  # moshi loads with the codec, not with the package
 
+        check_chunking(first_chunk_frames, chunk_frames)
+        stats = self.last_stats = GenerationStats()
+        chunker = Chunker(stats, first_chunk_frames, chunk_frames)
+        with self.codec.stream_decoder(batch_size=1) as decoder:
             for codes in self.iter_codes(text, speaker, context, max_audio_ms, temperature, topk, seed, stop_on_eos):
-                pending.append(codes.cpu())
-                if len(pending) == (first_chunk_frames if stats.frames == 0 else chunk_frames):
-                    yield flush()
-            if pending:
-                yield flush()
-        stats.total_s = time.perf_counter() - start
+                playable = mimi_codes(codes[None], self.codec.cardinality).to(self.device)
+                chunk = chunker.add(codes.cpu(), decoder.decode_frame(playable)[0])
+                if chunk is not None:
+                    yield chunk
+            chunk = chunker.flush()
+            if chunk is not None:
+                yield chunk
 
     def generate(self, text: str, speaker: int = 0, context=(), max_audio_ms: float = 10_000,
                  temperature: float = 0.9, topk: int = 50, seed: int = 0, stop_on_eos: bool = True) -> Audio:
         """Speech for `text` spoken by `speaker`, following the conversation in `context`."""
         chunks = list(self.stream(text, speaker, context, max_audio_ms, temperature, topk, seed, chunk_frames=8,
                                   stop_on_eos=stop_on_eos))
-        if not chunks:
-            n = self.config.num_codebooks
-            return Audio(torch.zeros(0), SAMPLE_RATE, torch.zeros(0, n, dtype=torch.long))
-        return Audio(torch.cat([c.samples for c in chunks]), SAMPLE_RATE, torch.cat([c.codes for c in chunks]))
+        return Audio.concat(chunks, self.config.num_codebooks)
 
     def conversation(self, context=()):
         """A dialogue: each turn (generated or given) joins the context of the next; on the engine
@@ -190,15 +138,6 @@ class TTS:
                 "dtype": str(self.model.audio_head.dtype).replace("torch.", ""), "untrained": self.untrained,
                 "codec": self.codec_source or "untrained Mimi (random weights)",
                 "backend": "reference" if self.engine is None else f"engine ({self.engine.stats()['ops']} ops)"}
-
-
-def mimi_codes(codes: torch.Tensor, cardinality: int = 2048) -> torch.Tensor:
-    """Codes Mimi can decode: the vocabulary's special ids (2048..2050) become 0.
-
-    A trained model does not emit them as audio codes; untrained weights can.  `Audio.codes`
-    keeps what the model sampled.
-    """
-    return codes.masked_fill(codes >= cardinality, 0)
 
 
 def default_device() -> torch.device:

@@ -7,33 +7,28 @@
     b = chat.say("Fine, thanks.", speaker=1)          # ... and the next reuses its KV cache
 
 Every function here takes the TTS first, so `misotts.api` only forwards to them.  Requests
-from many threads or asyncio tasks share the TTS's engine; each stream decodes its audio with a
-Mimi of its own (a copy that shares the codec's weights), so streams never wait on each other.
+from many threads or asyncio tasks share the TTS's engine, which also decodes every running
+stream's audio, in one batched streaming Mimi call per frame.
 """
 from __future__ import annotations
 
-import copy
-import threading
-import time
-import weakref
-from contextlib import contextmanager
 from typing import AsyncIterator, Iterator
 
 import torch
 
+from misotts.chunks import Audio, Chunker, GenerationStats
+from misotts.runtime.codec import mimi_codes
 from misotts.runtime.engine import Engine, EngineConfig
 from misotts.runtime.generate import max_frames_for
 from misotts.runtime.prompt import Segment
 from misotts.runtime.scheduler import Stream
-
-BACKENDS = ("auto", "reference")
 
 
 def attach_engine(tts, config: EngineConfig | dict | None = None, progress: bool = False) -> Engine:
     """Build the engine for tts.model (warm-up and, on CUDA, graph capture happen here)."""
     if isinstance(config, dict):
         config = EngineConfig(**config)
-    tts.engine = Engine(tts.model, config, progress=progress)
+    tts.engine = Engine(tts.model, config, progress=progress, codec=tts.codec)
     return tts.engine
 
 
@@ -45,136 +40,75 @@ def _engine(tts) -> Engine:
 
 
 def submit(tts, text: str, speaker: int = 0, context=(), max_audio_ms: float = 10_000, temperature: float = 0.9,
-           topk: int = 50, seed: int = 0, stop_on_eos: bool = True) -> Stream:
-    """Queue a generation and return its `Stream` of codes at once (iterate it, or `async for`)."""
+           topk: int = 50, seed: int = 0, stop_on_eos: bool = True, audio: bool = False) -> Stream:
+    """Queue a generation and return its `Stream` of frames at once (iterate it, or `async for`)."""
     frames, mask = tts.prompt(text, speaker, context)
     return _engine(tts).submit(frames, mask, max_frames_for(max_audio_ms), temperature=temperature, topk=topk,
-                               seed=seed, stop_on_eos=stop_on_eos)
+                               seed=seed, stop_on_eos=stop_on_eos, audio=audio)
 
 
 def iter_codes(tts, text: str, speaker: int = 0, context=(), max_audio_ms: float = 10_000,
                temperature: float = 0.9, topk: int = 50, seed: int = 0, stop_on_eos: bool = True
                ) -> Iterator[torch.Tensor]:
-    yield from submit(tts, text, speaker, context, max_audio_ms, temperature, topk, seed, stop_on_eos)
+    for frame in submit(tts, text, speaker, context, max_audio_ms, temperature, topk, seed, stop_on_eos):
+        yield frame.codes
 
 
-# ---- audio -----------------------------------------------------------------------------------
-_spare_decoders: "weakref.WeakKeyDictionary[object, list]" = weakref.WeakKeyDictionary()
-_spare_lock = threading.Lock()
-
-
-@contextmanager
-def mimi_decoder(codec):
-    """A streaming decoder that no other stream uses: a Mimi sharing `codec`'s weights but with
-    its own streaming state (Mimi keeps that state in its modules), reused across streams."""
-    from misotts.runtime.codec import MimiCodec
-
-    with _spare_lock:
-        spares = _spare_decoders.setdefault(codec, [])
-        mimi_codec = spares.pop() if spares else None
-    if mimi_codec is None:
-        shared = {id(t): t for t in (*codec.mimi.parameters(), *codec.mimi.buffers())}
-        mimi_codec = MimiCodec(copy.deepcopy(codec.mimi, memo=shared))
-    try:
-        with mimi_codec.stream_decoder(batch_size=1) as decoder:
-            yield decoder
-    finally:
-        with _spare_lock:
-            spares.append(mimi_codec)
-
-
-def _chunks(codes: Iterator[torch.Tensor], first_chunk_frames: int, chunk_frames: int):
-    """Group frames: the first chunk after `first_chunk_frames`, then every `chunk_frames`."""
-    if first_chunk_frames < 1 or chunk_frames < 1:
-        raise ValueError(f"first_chunk_frames and chunk_frames must be >= 1, got {first_chunk_frames}, {chunk_frames}")
-    pending, size = [], first_chunk_frames
-    for frame in codes:
-        pending.append(frame)
-        if len(pending) == size:
-            yield torch.stack(pending)
-            pending, size = [], chunk_frames
-    if pending:
-        yield torch.stack(pending)
-
-
-class _AudioMaker:
-    """Codes chunks -> Audio chunks through one stream decoder, timing them in GenerationStats."""
-
-    def __init__(self, tts, decoder, stats, request):
-        self.tts, self.decoder, self.stats, self.request = tts, decoder, stats, request
-        self.start = time.perf_counter()
-
-    def __call__(self, codes: torch.Tensor):
-        from misotts.api import SAMPLE_RATE, Audio, mimi_codes
-
-        playable = mimi_codes(codes, self.tts.codec.cardinality).to(self.tts.device)
-        pcm = torch.cat([self.decoder.decode_frame(c[None])[0] for c in playable])
-        stats = self.stats
-        stats.reused_positions = self.request.reused_positions  # prefix-cache hits of this request
-        stats.computed_positions = self.request.computed_positions
-        if stats.frames == 0:
-            stats.first_audio_s = time.perf_counter() - self.start
-        stats.frames += len(codes)
-        stats.audio_s = stats.frames * self.tts.codec.frame_size / SAMPLE_RATE
-        stats.total_s = time.perf_counter() - self.start
-        return Audio(pcm.float().cpu(), SAMPLE_RATE, codes.cpu())
+# ---- audio ---------------------------------------------------------------------------------
+def _chunks(tts, frames: Stream, stats: GenerationStats, chunker: Chunker, frame) -> Audio | None:
+    """Add one engine frame (its audio decoded in the engine) to the chunker; the request's
+    prefix-cache figures go into the TTS-level stats."""
+    stats.reused_positions = frames.stats.reused_positions
+    stats.computed_positions = frames.stats.computed_positions
+    return chunker.add(frame.codes, frame.audio)
 
 
 def stream(tts, text: str, speaker: int = 0, context=(), max_audio_ms: float = 10_000, temperature: float = 0.9,
            topk: int = 50, seed: int = 0, chunk_frames: int = 1, first_chunk_frames: int = 1,
-           stop_on_eos: bool = True) -> Iterator:
+           stop_on_eos: bool = True) -> Iterator[Audio]:
     """`Audio` chunks as frames are made: the first after `first_chunk_frames` frames, then every
     `chunk_frames`.  Concatenated, they equal `generate()` with the same arguments.  Closing the
     iterator early cancels the request and frees its KV blocks."""
-    from misotts.api import GenerationStats
-
     stats = tts.last_stats = GenerationStats()
-    with mimi_decoder(tts.codec) as decoder:  # first: a codec that fails to load wastes no frames
-        codes = submit(tts, text, speaker, context, max_audio_ms, temperature, topk, seed, stop_on_eos)
-        make = _AudioMaker(tts, decoder, stats, codes.stats)
-        try:
-            for chunk in _chunks(iter(codes), first_chunk_frames, chunk_frames):
-                yield make(chunk)
-        finally:
-            codes.cancel()
+    chunker = Chunker(stats, first_chunk_frames, chunk_frames)
+    frames = submit(tts, text, speaker, context, max_audio_ms, temperature, topk, seed, stop_on_eos, audio=True)
+    try:
+        for frame in frames:
+            chunk = _chunks(tts, frames, stats, chunker, frame)
+            if chunk is not None:
+                yield chunk
+        chunk = chunker.flush()
+        if chunk is not None:
+            yield chunk
+    finally:
+        frames.cancel()
 
 
 async def astream(tts, text: str, speaker: int = 0, context=(), max_audio_ms: float = 10_000,
                   temperature: float = 0.9, topk: int = 50, seed: int = 0, chunk_frames: int = 1,
-                  first_chunk_frames: int = 1, stop_on_eos: bool = True) -> AsyncIterator:
+                  first_chunk_frames: int = 1, stop_on_eos: bool = True) -> AsyncIterator[Audio]:
     """`stream` for asyncio: `async for chunk in astream(tts, ...)`.  Cancelling the task
-    cancels the request.  (Mimi decoding runs in the event loop's thread: ~ms per frame on a GPU.)"""
-    from misotts.api import GenerationStats
-
-    if first_chunk_frames < 1 or chunk_frames < 1:
-        raise ValueError(f"first_chunk_frames and chunk_frames must be >= 1, got {first_chunk_frames}, {chunk_frames}")
+    cancels the request.  The audio is decoded in the engine's thread."""
     stats = tts.last_stats = GenerationStats()
-    with mimi_decoder(tts.codec) as decoder:
-        codes = submit(tts, text, speaker, context, max_audio_ms, temperature, topk, seed, stop_on_eos)
-        make = _AudioMaker(tts, decoder, stats, codes.stats)
-        pending, size = [], first_chunk_frames
-        try:
-            async for frame in codes:
-                pending.append(frame)
-                if len(pending) == size:
-                    yield make(torch.stack(pending))
-                    pending, size = [], chunk_frames
-            if pending:
-                yield make(torch.stack(pending))
-        finally:
-            codes.cancel()
+    chunker = Chunker(stats, first_chunk_frames, chunk_frames)
+    frames = submit(tts, text, speaker, context, max_audio_ms, temperature, topk, seed, stop_on_eos, audio=True)
+    try:
+        async for frame in frames:
+            chunk = _chunks(tts, frames, stats, chunker, frame)
+            if chunk is not None:
+                yield chunk
+        chunk = chunker.flush()
+        if chunk is not None:
+            yield chunk
+    finally:
+        frames.cancel()
 
 
 def generate(tts, text: str, speaker: int = 0, context=(), max_audio_ms: float = 10_000, temperature: float = 0.9,
-             topk: int = 50, seed: int = 0, stop_on_eos: bool = True):
-    from misotts.api import SAMPLE_RATE, Audio
-
+             topk: int = 50, seed: int = 0, stop_on_eos: bool = True) -> Audio:
     chunks = list(stream(tts, text, speaker, context, max_audio_ms, temperature, topk, seed, chunk_frames=8,
                          stop_on_eos=stop_on_eos))
-    if not chunks:
-        n = tts.config.num_codebooks
-        return Audio(torch.zeros(0), SAMPLE_RATE, torch.zeros(0, n, dtype=torch.long))
-    return Audio(torch.cat([c.samples for c in chunks]), SAMPLE_RATE, torch.cat([c.codes for c in chunks]))
+    return Audio.concat(chunks, tts.config.num_codebooks)
 
 
 # ---- conversations -----------------------------------------------------------------------------
@@ -194,8 +128,6 @@ class Conversation:
         self.last_stats = None
 
     def _remember(self, speaker: int, text: str, codes: torch.Tensor) -> None:
-        from misotts.api import mimi_codes
-
         # What was heard: special ids (which only an untrained model emits) were played as code 0.
         self.history.append(Segment(speaker, text, codes=mimi_codes(codes)))
 
@@ -219,12 +151,8 @@ class Conversation:
 
     def say(self, text: str, speaker: int = 0, **kwargs):
         """Speak a turn: the whole `Audio` (as `TTS.generate`), added to the history."""
-        from misotts.api import SAMPLE_RATE, Audio
-
         chunks = list(self.stream(text, speaker, chunk_frames=kwargs.pop("chunk_frames", 8), **kwargs))
-        if not chunks:
-            return Audio(torch.zeros(0), SAMPLE_RATE, torch.zeros(0, self.tts.config.num_codebooks, dtype=torch.long))
-        return Audio(torch.cat([c.samples for c in chunks]), SAMPLE_RATE, torch.cat([c.codes for c in chunks]))
+        return Audio.concat(chunks, self.tts.config.num_codebooks)
 
     def say_codes(self, text: str, speaker: int = 0, **kwargs) -> torch.Tensor:
         """A turn's codes only (no audio decoding), added to the history."""

@@ -2,7 +2,7 @@
 
     engine = Engine(tts.model)                     # preallocates, warms up, captures graphs
     stream = engine.submit(frames, mask, max_frames=125, seed=1)
-    for codes in stream: ...                       # codes [32] per frame, as they are made
+    for frame in stream: ...                       # Frame(codes [32], audio) as they are made
 
 One background thread runs the loop; callers only enqueue requests and read their streams.
 Each turn of the loop is a frame boundary:
@@ -11,8 +11,9 @@ Each turn of the loop is a frame boundary:
    matched first, so a prompt that starts like an earlier one skips those positions);
 2. prefill up to `prefill_chunk` prompt positions of admitted requests; a request whose prompt is
    prefilled (all but its last row, which the first frame runs) joins the batch;
-3. run one frame for every lane (a CUDA graph replay on CUDA), then read the batch's codes --
-   the one host sync per frame -- hand them to the streams, register completed blocks in the
+3. run one frame for every lane (a CUDA graph replay on CUDA), decode every lane's audio in one
+   batched streaming Mimi call (when a running request asked for audio), then read the codes --
+   the one host sync per frame -- hand the frames to the streams, register completed blocks in the
    prefix cache, and let finished or cancelled requests leave (their lane is refilled at once
    by the last lane, so lanes 0..n-1 are always the running ones).
 
@@ -35,7 +36,7 @@ from .kv_cache import BlockPool, PagedKV, PoolFull, block_keys
 from .fast_model import FastModel, make_ops
 from .model import CSMModel
 from .sampling import check_sampling_args
-from .scheduler import EngineBusy, EngineStopped, Request, Stream
+from .scheduler import EngineBusy, EngineStopped, Frame, Request, Stream
 
 
 @dataclass
@@ -53,7 +54,9 @@ class EngineConfig:
 
 
 class Engine:
-    def __init__(self, model: CSMModel, config: EngineConfig | None = None, progress: bool = False):
+    def __init__(self, model: CSMModel, config: EngineConfig | None = None, progress: bool = False,
+                 codec=None):
+        """codec: a `MimiCodec` for requests that ask for audio (decoded in the engine's thread)."""
         config = config or EngineConfig()
         self.model, self.config = model, config
         device = model.audio_head.device
@@ -73,6 +76,11 @@ class Engine:
                 self.fast.decode_frame(n)
         for lane in range(self.max_batch):
             self.fast.state.clear_lane(lane)
+        self.audio = None
+        if codec is not None:
+            from .codec import LaneDecoder
+
+            self.audio = LaneDecoder(codec, self.max_batch)
         self._cond = threading.Condition()
         self._waiting: deque[Request] = deque()
         self._prefilling: list[Request] = []
@@ -91,8 +99,9 @@ class Engine:
 
     # ---- caller side ------------------------------------------------------------------------
     def submit(self, frames: torch.Tensor, mask: torch.Tensor, max_frames: int, temperature: float = 0.9,
-               topk: int = 50, seed: int = 0, stop_on_eos: bool = True) -> Stream:
+               topk: int = 50, seed: int = 0, stop_on_eos: bool = True, audio: bool = False) -> Stream:
         """Queue a generation for prompt rows frames, mask [S, n + 1]; returns its Stream at once.
+        audio: each frame also carries its samples, decoded in the engine (needs the engine's codec).
 
         Raises ValueError for a request that can never run (bad settings, a prompt that leaves
         no room in the context, more KV than the whole pool) and EngineBusy when the queue is full.
@@ -102,6 +111,8 @@ class Engine:
         if frames.ndim != 2 or frames.shape != mask.shape or frames.shape[1] != cfg.num_codebooks + 1 or not len(frames):
             raise ValueError(f"prompt frames and mask must both be [S >= 1, {cfg.num_codebooks + 1}], "
                              f"got {tuple(frames.shape)} and {tuple(mask.shape)}")
+        if audio and self.audio is None:
+            raise ValueError("this engine has no codec to decode audio: build it with Engine(..., codec=...)")
         if max_frames < 1:
             raise ValueError(f"max_frames must be >= 1, got {max_frames}")
         check_context_window(frames.shape[0], max_frames, cfg.max_seq_len)
@@ -111,7 +122,8 @@ class Engine:
                              f"{bs} positions but the pool has {self.pool.num_blocks}: raise num_blocks")
         frames, mask = frames.long().cpu(), mask.bool().cpu()
         keys = block_keys(frames[:-1], mask[:-1], bs)  # the last row always runs in the first frame
-        req = Request(frames, mask, max_frames, float(temperature), int(topk), int(seed), stop_on_eos, keys)
+        req = Request(frames, mask, max_frames, float(temperature), int(topk), int(seed), stop_on_eos, bool(audio),
+                      keys)
         req.stream = Stream(req, self._wake)
         req.stats.prompt_positions = frames.shape[0]
         with self._cond:
@@ -147,6 +159,8 @@ class Engine:
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join()
+        if self.audio is not None:
+            self.audio.close()
 
     def stats(self) -> dict:
         return {"ops": self.fast.ops.name, "graphs": len(self.graphs.graphs),
@@ -245,8 +259,11 @@ class Engine:
                     self._register_blocks(req, req.prefilled, end)
                     req.prefilled = end
                 if req.prefilled == req.prompt_len - 1:
-                    self.fast.state.set_lane(len(self._lanes), req.frames[-1], req.mask[-1], req.prompt_len - 1,
+                    lane = len(self._lanes)
+                    self.fast.state.set_lane(lane, req.frames[-1], req.mask[-1], req.prompt_len - 1,
                                              req.blocks, req.seed, req.temperature, req.topk)
+                    if self.audio is not None:
+                        self.audio.reset(lane)
                     self._lanes.append(req)
                     self._prefilling.pop(0)
             except Exception as err:  # noqa: BLE001 -- this request fails, the others go on
@@ -264,7 +281,10 @@ class Engine:
 
     def _frame(self) -> None:
         n = len(self._lanes)
-        self.graphs.run(n)
+        bucket = self.graphs.run(n)
+        audio = None
+        if self.audio is not None and any(req.audio for req in self._lanes):
+            audio = self.audio.decode(self.fast.state.codes[:bucket])[:n].to("cpu")
         codes = self.fast.state.codes[:n].to("cpu", copy=True)  # the one host sync of a frame
         self.frames_run += 1
         now, finished = time.perf_counter(), []
@@ -283,7 +303,7 @@ class Engine:
             if req.stats.frames == 0:
                 req.stats.first_frame_s = now - req.submitted
             req.stats.frames += 1
-            req.stream._put(frame)
+            req.stream._put(Frame(frame, audio[lane] if req.audio else None))
             if req.stats.frames == req.max_frames:
                 finished.append((lane, "max_frames"))
         for lane, reason in reversed(finished):  # highest lane first, so moves never touch a finished lane
@@ -299,6 +319,8 @@ class Engine:
                 self._lanes.pop()
                 if lane != last:
                     self.fast.state.move_lane(last, lane)
+                    if self.audio is not None:
+                        self.audio.move(last, lane)
                 self.fast.state.clear_lane(last)
         finally:
             if req in self._prefilling:

@@ -3,7 +3,7 @@
 A `Request` is one generation: its prompt rows, sampling settings, and where it stands (its
 blocks, its lane in the running batch, the frames made so far).  Its `Stream` is the caller's
 end: iterate it (threads) or `async for` over it (asyncio) to get codes [num_codebooks] per
-frame; closing it, breaking out of the loop or cancelling the task cancels the request, and the
+frame (and its audio, when asked for); closing it, breaking out of the loop or cancelling the task cancels the request, and the
 engine frees its blocks at the next frame boundary.
 """
 from __future__ import annotations
@@ -13,6 +13,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -26,6 +27,13 @@ class EngineStopped(RuntimeError):
 
 
 _END = object()
+
+
+class Frame(NamedTuple):
+    """One generated frame, as a stream hands it out."""
+
+    codes: torch.Tensor  # [num_codebooks] int64, CPU
+    audio: torch.Tensor | None  # [frame_size] float32 samples at 24 kHz (CPU) when the request asked for audio
 
 
 @dataclass
@@ -49,6 +57,7 @@ class Request:
     topk: int
     seed: int
     stop_on_eos: bool
+    audio: bool  # decode each frame to samples in the engine
     keys: list  # chained keys of the prompt's full blocks (kv_cache.block_keys)
     submitted: float = field(default_factory=time.perf_counter)
     blocks: list = field(default_factory=list)
@@ -78,7 +87,7 @@ class Request:
 
 
 class Stream:
-    """The caller's end of a request: codes [num_codebooks] (CPU int64) per frame, then the end.
+    """The caller's end of a request: a `Frame` per frame, then the end.
 
     Errors met by the engine for this request are raised here.  `stats` fills in as it runs.
     """
@@ -165,7 +174,7 @@ class Stream:
             self.cancel()
 
     def codes(self) -> torch.Tensor:
-        """All frames: codes [T, num_codebooks] (T may be 0)."""
-        frames = list(self)
+        """All frames' codes [T, num_codebooks] (T may be 0)."""
+        frames = [frame.codes for frame in self]
         n = self.request.frames.shape[1] - 1
         return torch.stack(frames) if frames else torch.zeros(0, n, dtype=torch.long)

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 import misotts
-from misotts.api import mimi_codes
+from misotts.runtime.codec import mimi_codes
 from misotts.cli import main
 from misotts.runtime.generate import generate_codes
 

@@ -60,7 +60,7 @@ def test_asyncio_streams_equal_solo_runs(tiny_model):
     solo = [engine.generate(**r) for r in reqs]
 
     async def collect(r):
-        return torch.stack([codes async for codes in engine.submit(**r)])
+        return torch.stack([frame.codes async for frame in engine.submit(**r)])
 
     async def main():
         return await asyncio.gather(*(collect(r) for r in reqs))
@@ -181,3 +181,29 @@ def test_a_failing_request_does_not_stop_the_engine(tiny_model, monkeypatch):
     assert len(good.codes()) == 3
     assert engine.wait_idle() and engine.pool.all_free()
     engine.close()
+
+
+def test_engine_decodes_each_streams_audio_like_a_solo_decoder(tiny_model, monkeypatch):
+    """Audio made in the engine (one batched Mimi call per frame, lanes joining, leaving and being
+    compacted) equals each request's codes decoded alone by a streaming decoder."""
+    from misotts.runtime.codec import load_codec, mimi_codes
+
+    codec = load_codec(None)
+    engine = Engine(tiny_model, EngineConfig(max_batch=4), codec=codec)
+    submitted = []
+    frames_wait_for(monkeypatch, engine, submitted, 3)
+    reqs = requests(3)  # 3, 4 and 5 frames: they join at frames 0..2 and leave at different frames
+    streams = []
+    for r in reqs:
+        streams.append(engine.submit(**r, audio=True))
+        submitted.append(r)
+    for stream in streams:
+        frames = list(stream)
+        codes = torch.stack([f.codes for f in frames])
+        with codec.stream_decoder(1) as decoder:
+            want = torch.cat([decoder.decode_frame(mimi_codes(c[None]))[0] for c in codes])
+        torch.testing.assert_close(torch.cat([f.audio for f in frames]), want, rtol=0, atol=1e-6)
+    assert engine.wait_idle() and engine.pool.all_free()
+    engine.close()
+    with pytest.raises(ValueError, match="codec"):
+        Engine(tiny_model, EngineConfig(max_batch=1)).submit(*prompt(), 2, audio=True)

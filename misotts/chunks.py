@@ -1,0 +1,95 @@
+"""What generation hands back: `Audio` chunks made from frames, and the timings of a generation.
+
+Every path (the reference frame loop, the engine's streams, conversations) turns its frames --
+codes plus decoded samples -- into chunks here, so chunking, timing and concatenation are one code.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from misotts.runtime.audio import SAMPLE_RATE
+
+
+@dataclass
+class Audio:
+    """Generated speech: mono float32 samples [N] at `sample_rate`, and the Mimi codes [T, 32]."""
+
+    samples: torch.Tensor
+    sample_rate: int
+    codes: torch.Tensor
+
+    @property
+    def duration_s(self) -> float:
+        return self.samples.numel() / self.sample_rate
+
+    def save(self, path: str | Path) -> Path:
+        from misotts.runtime.audio import save_wav
+
+        save_wav(path, self.samples, self.sample_rate)
+        return Path(path)
+
+    @staticmethod
+    def concat(chunks: list[Audio], num_codebooks: int) -> Audio:
+        """One Audio from consecutive chunks (an empty one, with no frames, from none)."""
+        if not chunks:
+            return Audio(torch.zeros(0), SAMPLE_RATE, torch.zeros(0, num_codebooks, dtype=torch.long))
+        return Audio(torch.cat([c.samples for c in chunks]), chunks[0].sample_rate, torch.cat([c.codes for c in chunks]))
+
+
+@dataclass
+class GenerationStats:
+    """Timings of one generation (seconds), filled in as its chunks are made."""
+
+    first_audio_s: float = float("nan")
+    total_s: float = float("nan")
+    frames: int = 0
+    audio_s: float = 0.0
+    reused_positions: int = 0  # prompt positions served from the engine's prefix cache
+    computed_positions: int = 0  # prompt positions prefilled
+
+    @property
+    def frames_per_s(self) -> float:
+        return self.frames / self.total_s if self.total_s > 0 else float("nan")
+
+    @property
+    def real_time_factor(self) -> float:
+        return self.total_s / self.audio_s if self.audio_s > 0 else float("nan")
+
+
+def check_chunking(first_chunk_frames: int, chunk_frames: int) -> None:
+    if first_chunk_frames < 1 or chunk_frames < 1:
+        raise ValueError(f"first_chunk_frames and chunk_frames must be >= 1, got {first_chunk_frames}, {chunk_frames}")
+
+
+class Chunker:
+    """Frames (codes [n], samples [frame_size]) -> `Audio` chunks: the first after
+    `first_chunk_frames` frames, then every `chunk_frames`; `flush()` gives the rest."""
+
+    def __init__(self, stats: GenerationStats, first_chunk_frames: int = 1, chunk_frames: int = 1):
+        check_chunking(first_chunk_frames, chunk_frames)
+        self.stats, self.first, self.size = stats, first_chunk_frames, chunk_frames
+        self.start = time.perf_counter()
+        self.codes: list[torch.Tensor] = []
+        self.samples: list[torch.Tensor] = []
+
+    def add(self, codes: torch.Tensor, samples: torch.Tensor) -> Audio | None:
+        self.codes.append(codes)
+        self.samples.append(samples)
+        return self.flush() if len(self.codes) == (self.first if self.stats.frames == 0 else self.size) else None
+
+    def flush(self) -> Audio | None:
+        if not self.codes:
+            return None
+        chunk = Audio(torch.cat(self.samples).float().cpu(), SAMPLE_RATE, torch.stack(self.codes).cpu())
+        self.codes, self.samples = [], []
+        s, now = self.stats, time.perf_counter() - self.start
+        if s.frames == 0:
+            s.first_audio_s = now
+        s.frames += len(chunk.codes)
+        s.audio_s = chunk.samples.numel() / SAMPLE_RATE + s.audio_s
+        s.total_s = now
+        return chunk
