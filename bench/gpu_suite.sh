@@ -16,6 +16,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 BUDGET=${BUDGET:-570}  # seconds for the whole suite
+STEPS=${STEPS:-pytest-cuda,kernels,bench-csm-1b,bench-miso-8b,bench-csm-1b-compiled}  # a rerun can pick steps
 OUT=${1:-$(python -c "import torch; from misotts.bench.run import default_out; print(default_out(torch.device('cuda')))")}
 mkdir -p "$OUT"
 START=$SECONDS
@@ -23,6 +24,7 @@ START=$SECONDS
 step() {  # step NAME LIMIT_S COMMAND...
   local name=$1 limit=$2 left=$((BUDGET - (SECONDS - START)))
   shift 2
+  [[ ",$STEPS," == *",$name,"* ]] || { echo "== $name: not in STEPS" | tee -a "$OUT/suite.log"; return; }
   ((limit > left)) && limit=$left
   if ((limit < 20)); then echo "== $name: skipped, no time left" | tee -a "$OUT/suite.log"; return; fi
   echo "== $name (limit ${limit} s): $*" | tee -a "$OUT/suite.log"
