@@ -19,8 +19,8 @@ setup(
     packages=["misotts"] + [f"misotts.{name}" for name in SUBPACKAGES],
     package_dir={"misotts": "misotts", **{f"misotts.{name}": name for name in SUBPACKAGES}},
     install_requires=[
-        "torch>=2.4",
-        "triton>=3.0",
+        "torch>=2.5",  # scaled_dot_product_attention(enable_gqa=...)
+        "triton>=3.7.1",  # 3.6's interpreter fails on numpy >= 2.4 (int() of a 1-element array)
         "safetensors>=0.4",
         "numpy",
         "tokenizers>=0.15",
