@@ -59,6 +59,12 @@ def check_codes(codes: torch.Tensor, num_codebooks: int, vocab: int = 2048) -> t
     return codes.long().cpu()
 
 
+def check_audio_path(audio) -> None:
+    """A path given as segment audio must name a file (checked before any encoding)."""
+    if isinstance(audio, (str, Path)) and not Path(audio).is_file():
+        raise FileNotFoundError(f"segment audio file not found: {audio}")
+
+
 def segment_rows(segment: Segment, tokenizer, num_codebooks: int,
                  encode_audio: Callable[[object], torch.Tensor] | None, with_audio: bool = True):
     if not isinstance(segment, Segment):
@@ -72,8 +78,7 @@ def segment_rows(segment: Segment, tokenizer, num_codebooks: int,
     if segment.audio is not None:
         if encode_audio is None:
             raise ValueError("this model has no codec to encode segment audio; pass codes instead")
-        if isinstance(segment.audio, (str, Path)) and not Path(segment.audio).is_file():
-            raise FileNotFoundError(f"segment audio file not found: {segment.audio}")
+        check_audio_path(segment.audio)
         codes = encode_audio(segment.audio)
     if codes is None:
         return frames, mask

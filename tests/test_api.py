@@ -161,3 +161,22 @@ def test_conversation_reports_reuse_after_audio_turns(tts):
     prompt_len = len(tts.prompt("Two.", 1, chat.history[:-1])[0])
     assert chat.last_stats.reused_positions == 16 * (written // 16) > 0
     assert chat.last_stats.reused_positions + chat.last_stats.computed_positions == prompt_len
+
+
+def test_reference_conversation_keeps_only_turns_that_completed(tmp_path):
+    tts = misotts.load("tiny", device="cpu", backend="reference")
+    chat = tts.conversation()
+    chat.add(1, "Hi.", codes=torch.randint(0, 2048, (3, 32)))
+    for speak in (chat.say, chat.say_codes, lambda text, **kw: list(chat.stream(text, **kw))):
+        with pytest.raises(ValueError, match="topk"):
+            speak("A turn that fails.", topk=0)
+    assert len(chat.history) == 1  # a turn that raised joins nothing
+    with pytest.raises(FileNotFoundError, match="missing.wav"):  # at add(), not at the next turn
+        chat.add(0, "Heard, not made.", audio=str(tmp_path / "missing.wav"))
+    assert len(chat.history) == 1
+    codes = chat.say_codes("Next.", max_audio_ms=160, seed=3)
+    assert torch.equal(codes, tts.generate_codes("Next.", context=chat.history[:1], max_audio_ms=160, seed=3))
+    turn = chat.stream("Cut short.", speaker=1, max_audio_ms=400, seed=4)
+    first = next(turn)
+    turn.close()  # stopped early: the frames made join
+    assert len(chat.history) == 3 and torch.equal(chat.history[-1].codes, mimi_codes(first.codes))
