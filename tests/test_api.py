@@ -13,6 +13,8 @@ from misotts.api import mimi_codes
 from misotts.cli import main
 from misotts.runtime.generate import generate_codes
 
+from .tokenizer_files import write_templated_tokenizer
+
 FRAME = 1920
 
 
@@ -180,3 +182,10 @@ def test_reference_conversation_keeps_only_turns_that_completed(tmp_path):
     first = next(turn)
     turn.close()  # stopped early: the frames made join
     assert len(chat.history) == 3 and torch.equal(chat.history[-1].codes, mimi_codes(first.codes))
+
+
+def test_the_tokenizer_json_bos_eos_reach_the_prompt(tmp_path):
+    path = write_templated_tokenizer(tmp_path / "tokenizer.json", bos=5, eos=6)  # tiny's config: 256, 257
+    tts = misotts.load("tiny", device="cpu", backend="reference", tokenizer=path)
+    frames, mask = tts.prompt("hello world")  # "[0]hello world": words 1 and 2
+    assert frames[:, -1].tolist() == [5, 1, 2, 6] and mask[:, -1].all()
