@@ -12,6 +12,7 @@ import misotts
 from misotts.api import mimi_codes
 from misotts.cli import main
 from misotts.runtime.generate import generate_codes
+from misotts.runtime.prompt import build_prompt
 
 from .tokenizer_files import write_templated_tokenizer
 
@@ -189,3 +190,13 @@ def test_the_tokenizer_json_bos_eos_reach_the_prompt(tmp_path):
     tts = misotts.load("tiny", device="cpu", backend="reference", tokenizer=path)
     frames, mask = tts.prompt("hello world")  # "[0]hello world": words 1 and 2
     assert frames[:, -1].tolist() == [5, 1, 2, 6] and mask[:, -1].all()
+
+
+def test_reference_refuses_text_ids_outside_the_vocabulary(tmp_path):
+    path = write_templated_tokenizer(tmp_path / "tokenizer.json", bos=300, eos=301)
+    tts = misotts.load("tiny", device="cpu", backend="reference", tokenizer=path)
+    with pytest.raises(ValueError, match="text id 300 .* 258"):
+        tts.generate_codes("hello world", max_audio_ms=160)
+    frames, mask = build_prompt("hello world", 0, [], tts.tokenizer)  # rows given to the loop directly
+    with pytest.raises(ValueError, match="text id 300 .* 258"):
+        generate_codes(tts.model, frames, mask, 2)

@@ -110,6 +110,12 @@ def test_conversation_keeps_only_turns_that_completed(tts, tmp_path):
     assert len(chat.history) == 3 and torch.equal(chat.history[-1].codes, first.codes)
 
 
+def test_text_ids_outside_the_vocabulary_are_refused(tts, monkeypatch):
+    monkeypatch.setattr(tts, "tokenizer", ByteTokenizer(300, TINY.eos_id))  # a BOS the model has no row for
+    with pytest.raises(ValueError, match=f"text id 300 .* {TINY.text_vocab_size}"):
+        serving.generate(tts, "Hello.", max_audio_ms=160)
+    assert tts.engine.wait_idle() and tts.engine.pool.all_free()
+
 def test_load_backends_and_tts_conversation():
     import inspect
 

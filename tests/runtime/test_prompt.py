@@ -109,6 +109,18 @@ def test_llama3_tokenizer_takes_bos_eos_from_its_file(tmp_path):
     assert Llama3Tokenizer(llama).encode("[0]hello world") == [11, 1, 2, 12]
 
 
+def test_text_ids_outside_the_model_vocabulary_are_refused():
+    tok = ByteTokenizer(bos_id=300, eos_id=257)
+    with pytest.raises(ValueError, match="text id 300 .* 258"):
+        build_prompt("x", 0, [], tok, num_codebooks=N, text_vocab_size=258)
+    with pytest.raises(ValueError, match="text id 300 .* 258"):  # in a context turn too, before its audio
+        build_prompt("x", 0, [Segment(1, "y", audio=torch.zeros(5))], tok, num_codebooks=N,
+                     encode_audio=lambda a: pytest.fail("audio encoded before the text was checked"),
+                     text_vocab_size=258)
+    frames, _ = build_prompt("x", 0, [], ByteTokenizer(), num_codebooks=N, text_vocab_size=258)
+    assert frames[:, N].max() == 257
+
+
 def test_missing_tokenizer_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="tokenizer.json"):
         load_tokenizer(PRESETS["csm-1b"], tmp_path)
