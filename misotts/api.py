@@ -55,7 +55,8 @@ class TTS:
         """The prompt rows (frames, mask [S, 33]) for a turn after `context`."""
         if not isinstance(text, str) or not text.strip():
             raise ValueError("text must be a non-empty string")
-        return build_prompt(text, speaker, context, self.tokenizer, self.config.num_codebooks, self._encode_audio)
+        return build_prompt(text, speaker, context, self.tokenizer, self.config.num_codebooks, self._encode_audio,
+                            text_vocab_size=self.config.text_vocab_size)
 
     def _encode_audio(self, audio) -> torch.Tensor:
         from misotts.runtime.audio import load_audio

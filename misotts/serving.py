@@ -20,7 +20,7 @@ from misotts.chunks import Audio, Chunker, GenerationStats
 from misotts.runtime.codec import mimi_codes
 from misotts.runtime.engine import Engine, EngineConfig
 from misotts.runtime.generate import max_frames_for
-from misotts.runtime.prompt import Segment
+from misotts.runtime.prompt import Segment, check_audio_path, check_codes
 from misotts.runtime.scheduler import Stream
 
 
@@ -133,21 +133,33 @@ class Conversation:
 
     def add(self, speaker: int, text: str, audio=None, codes=None) -> None:
         """A turn that was spoken, not generated: its audio (or Mimi codes) joins the history."""
+        # Checked here, not at the next turn: a bad turn would make every later turn fail.
+        if audio is not None and codes is not None:
+            raise ValueError("give a turn audio or codes, not both")
+        check_audio_path(audio)
+        if codes is not None:
+            codes = check_codes(codes, self.tts.config.num_codebooks)
         self.history.append(Segment(speaker, text, audio=audio, codes=codes))
 
     def stream(self, text: str, speaker: int = 0, **kwargs) -> Iterator:
         """Speak a turn as `Audio` chunks; the frames made (all of them, or as many as were made
-        before the caller stopped) join the history when the iterator ends."""
-        made = []
+        before the caller stopped) join the history when the iterator ends.  A turn that fails
+        joins nothing."""
+        made, heard = [], False
         speak = stream if getattr(self.tts, "engine", None) is not None else type(self.tts).stream
         try:
             for chunk in speak(self.tts, text, speaker, list(self.history), **kwargs):
                 made.append(chunk.codes)
                 yield chunk
+            heard = True
+        except GeneratorExit:  # the caller stopped: what was made so far was heard
+            heard = True
+            raise
         finally:
-            n = self.tts.config.num_codebooks
             self.last_stats = self.tts.last_stats
-            self._remember(speaker, text, torch.cat(made) if made else torch.zeros(0, n, dtype=torch.long))
+            if heard:
+                n = self.tts.config.num_codebooks
+                self._remember(speaker, text, torch.cat(made) if made else torch.zeros(0, n, dtype=torch.long))
 
     def say(self, text: str, speaker: int = 0, **kwargs):
         """Speak a turn: the whole `Audio` (as `TTS.generate`), added to the history."""

@@ -35,6 +35,7 @@ from .graphs import FrameGraphs
 from .kv_cache import BlockPool, PagedKV, PoolFull, block_keys
 from .fast_model import FastModel, make_ops
 from .model import CSMModel
+from .prompt import check_prompt_text_ids
 from .sampling import check_sampling_args
 from .scheduler import EngineBusy, EngineStopped, Frame, Request, Stream
 
@@ -121,6 +122,7 @@ class Engine:
             raise ValueError(f"this request needs {self._blocks_needed(frames.shape[0], max_frames)} KV blocks of "
                              f"{bs} positions but the pool has {self.pool.num_blocks}: raise num_blocks")
         frames, mask = frames.long().cpu(), mask.bool().cpu()
+        check_prompt_text_ids(frames, mask, cfg.text_vocab_size)  # the embedding lookup would clamp it
         keys = block_keys(frames[:-1], mask[:-1], bs)  # the last row always runs in the first frame
         req = Request(frames, mask, max_frames, float(temperature), int(topk), int(seed), stop_on_eos, bool(audio),
                       keys)

@@ -6,6 +6,7 @@ from typing import Iterator
 import torch
 
 from .model import CSMModel
+from .prompt import check_prompt_text_ids
 from .sampling import check_sampling_args
 
 FRAME_MS = 80  # one Mimi frame: 1920 samples at 24 kHz
@@ -38,6 +39,7 @@ def iter_frames(model: CSMModel, frames: torch.Tensor, mask: torch.Tensor, max_f
     cfg = model.config
     check_sampling_args(temperature, topk, cfg.audio_vocab_size)
     check_context_window(frames.shape[0], max_frames, cfg.max_seq_len)
+    check_prompt_text_ids(frames, mask, cfg.text_vocab_size)
     device = model.audio_head.device
     n = cfg.num_codebooks
     model.setup_caches(1, frames.shape[0] + max_frames)

@@ -37,6 +37,21 @@ def text_rows(tokens: list[int], num_codebooks: int = 32):
     return frames, mask
 
 
+def check_text_ids(ids, text_vocab_size: int) -> None:
+    """Refuse a text id the model has no embedding row for (a tokenizer that does not match the
+    model): the engine's lookup would clamp it to another token, the reference's would fail."""
+    ids = torch.as_tensor(ids, dtype=torch.long)
+    bad = ids[(ids < 0) | (ids >= text_vocab_size)]
+    if bad.numel():
+        raise ValueError(f"text id {bad[0].item()} is outside the model's text vocabulary of {text_vocab_size} "
+                         f"ids (0..{text_vocab_size - 1}): the tokenizer does not match this model")
+
+
+def check_prompt_text_ids(frames: torch.Tensor, mask: torch.Tensor, text_vocab_size: int) -> None:
+    """check_text_ids on the text column of prompt rows [S, n + 1] (where it is masked in)."""
+    check_text_ids(frames[:, -1][mask[:, -1].bool()], text_vocab_size)
+
+
 def audio_rows(codes: torch.Tensor, end_of_audio: bool = True):
     """codes [T, n] -> frames, mask [T (+1), n + 1]; the extra all-zero row marks the end."""
     t, n = codes.shape
@@ -59,11 +74,21 @@ def check_codes(codes: torch.Tensor, num_codebooks: int, vocab: int = 2048) -> t
     return codes.long().cpu()
 
 
+def check_audio_path(audio) -> None:
+    """A path given as segment audio must name a file (checked before any encoding)."""
+    if isinstance(audio, (str, Path)) and not Path(audio).is_file():
+        raise FileNotFoundError(f"segment audio file not found: {audio}")
+
+
 def segment_rows(segment: Segment, tokenizer, num_codebooks: int,
-                 encode_audio: Callable[[object], torch.Tensor] | None, with_audio: bool = True):
+                 encode_audio: Callable[[object], torch.Tensor] | None, with_audio: bool = True,
+                 text_vocab_size: int | None = None):
     if not isinstance(segment, Segment):
         raise TypeError(f"context items must be misotts.Segment, got {type(segment).__name__}")
-    frames, mask = text_rows(tokenizer.encode(f"[{segment.speaker}]{segment.text}"), num_codebooks)
+    tokens = tokenizer.encode(f"[{segment.speaker}]{segment.text}")
+    if text_vocab_size is not None:  # before its audio is encoded
+        check_text_ids(tokens, text_vocab_size)
+    frames, mask = text_rows(tokens, num_codebooks)
     if not with_audio:
         return frames, mask
     if segment.audio is not None and segment.codes is not None:
@@ -72,8 +97,7 @@ def segment_rows(segment: Segment, tokenizer, num_codebooks: int,
     if segment.audio is not None:
         if encode_audio is None:
             raise ValueError("this model has no codec to encode segment audio; pass codes instead")
-        if isinstance(segment.audio, (str, Path)) and not Path(segment.audio).is_file():
-            raise FileNotFoundError(f"segment audio file not found: {segment.audio}")
+        check_audio_path(segment.audio)
         codes = encode_audio(segment.audio)
     if codes is None:
         return frames, mask
@@ -82,9 +106,13 @@ def segment_rows(segment: Segment, tokenizer, num_codebooks: int,
 
 
 def build_prompt(text: str, speaker: int, context, tokenizer, num_codebooks: int = 32,
-                 encode_audio: Callable[[object], torch.Tensor] | None = None):
-    """Context segments, then the target turn's text rows -> frames, mask [S, n + 1]."""
-    parts = [segment_rows(s, tokenizer, num_codebooks, encode_audio) for s in context or ()]
-    parts.append(segment_rows(Segment(speaker, text), tokenizer, num_codebooks, None, with_audio=False))
+                 encode_audio: Callable[[object], torch.Tensor] | None = None, text_vocab_size: int | None = None):
+    """Context segments, then the target turn's text rows -> frames, mask [S, n + 1].
+
+    text_vocab_size: refuse text ids outside the model's vocabulary (ValueError)."""
+    parts = [segment_rows(s, tokenizer, num_codebooks, encode_audio, text_vocab_size=text_vocab_size)
+             for s in context or ()]
+    parts.append(segment_rows(Segment(speaker, text), tokenizer, num_codebooks, None, with_audio=False,
+                              text_vocab_size=text_vocab_size))
     frames, mask = zip(*parts)
     return torch.cat(frames), torch.cat(mask)

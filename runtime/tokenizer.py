@@ -1,10 +1,14 @@
 """Text tokenizers: Llama-3 (from a checkpoint's tokenizer.json) and a byte-level one for `tiny`.
 
-Both wrap a text in BOS ... EOS, as Sesame's generator does with its template post-processor.
+Both wrap a text in BOS ... EOS, as Sesame's generator does with its template post-processor
+(made from the tokenizer's own bos/eos tokens).
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
+
+LLAMA3_BOS_TOKEN, LLAMA3_EOS_TOKEN = "<|begin_of_text|>", "<|end_of_text|>"
 
 
 class ByteTokenizer:
@@ -18,14 +22,60 @@ class ByteTokenizer:
 
 
 class Llama3Tokenizer:
+    """A tokenizer.json, wrapping each text in the file's own BOS and EOS ids.
+
+    bos_id, eos_id: used only for an end the file names no token for (see `special_ids`).
+    """
+
     def __init__(self, path: str | Path, bos_id: int = 128000, eos_id: int = 128001):
         from tokenizers import Tokenizer
 
         self._tok = Tokenizer.from_file(str(path))
-        self.bos_id, self.eos_id = bos_id, eos_id
+        bos, eos = special_ids(json.loads(Path(path).read_text(encoding="utf-8")))
+        # A file without them (a bare vocabulary) keeps the ids the model config names.
+        self.bos_id = bos_id if bos is None else bos
+        self.eos_id = eos_id if eos is None else eos
 
     def encode(self, text: str) -> list[int]:
         return [self.bos_id, *self._tok.encode(text, add_special_tokens=False).ids, self.eos_id]
+
+
+def special_ids(spec: dict) -> tuple[int | None, int | None]:
+    """(BOS, EOS) a tokenizer.json wraps a text in, None where it names none.
+
+    First its post-processor's template (what transformers encodes CSM prompts with; a CSM
+    checkpoint's puts BOS before the text and EOS after it), then, for an end the template
+    leaves empty (Llama 3's adds BOS only), the Llama-3 tokens among its added tokens, which
+    are the bos/eos that Sesame's generator builds its template from.
+    """
+    bos, eos = _template_ends(spec.get("post_processor"))
+    added = {t.get("content"): t.get("id") for t in spec.get("added_tokens") or ()}
+    return (added.get(LLAMA3_BOS_TOKEN) if bos is None else bos,
+            added.get(LLAMA3_EOS_TOKEN) if eos is None else eos)
+
+
+def _template_ends(processor: dict | None) -> tuple[int | None, int | None]:
+    """The one special id before and after the text ($A) in a TemplateProcessing's single-text
+    template, also inside a Sequence of processors; None for an end with none or several."""
+    if not processor:
+        return None, None
+    if processor.get("type") == "Sequence":
+        ends = [_template_ends(p) for p in processor.get("processors") or ()]
+        return (next((b for b, _ in ends if b is not None), None),
+                next((e for _, e in ends if e is not None), None))
+    if processor.get("type") != "TemplateProcessing":
+        return None, None
+    single = processor.get("single") or []
+    text = next((i for i, piece in enumerate(single) if "Sequence" in piece), None)
+    if text is None:
+        return None, None
+    specials = processor.get("special_tokens") or {}
+
+    def one_id(pieces) -> int | None:
+        ids = [i for p in pieces if "SpecialToken" in p for i in specials[p["SpecialToken"]["id"]]["ids"]]
+        return ids[0] if len(ids) == 1 else None
+
+    return one_id(single[:text]), one_id(single[text + 1:])
 
 
 def load_tokenizer(config, checkpoint_dir: str | Path | None):

@@ -12,6 +12,9 @@ import misotts
 from misotts.runtime.codec import mimi_codes
 from misotts.cli import main
 from misotts.runtime.generate import generate_codes
+from misotts.runtime.prompt import build_prompt
+
+from .tokenizer_files import write_templated_tokenizer
 
 FRAME = 1920
 
@@ -161,3 +164,39 @@ def test_conversation_reports_reuse_after_audio_turns(tts):
     prompt_len = len(tts.prompt("Two.", 1, chat.history[:-1])[0])
     assert chat.last_stats.reused_positions == 16 * (written // 16) > 0
     assert chat.last_stats.reused_positions + chat.last_stats.computed_positions == prompt_len
+
+
+def test_reference_conversation_keeps_only_turns_that_completed(tmp_path):
+    tts = misotts.load("tiny", device="cpu", backend="reference")
+    chat = tts.conversation()
+    chat.add(1, "Hi.", codes=torch.randint(0, 2048, (3, 32)))
+    for speak in (chat.say, chat.say_codes, lambda text, **kw: list(chat.stream(text, **kw))):
+        with pytest.raises(ValueError, match="topk"):
+            speak("A turn that fails.", topk=0)
+    assert len(chat.history) == 1  # a turn that raised joins nothing
+    with pytest.raises(FileNotFoundError, match="missing.wav"):  # at add(), not at the next turn
+        chat.add(0, "Heard, not made.", audio=str(tmp_path / "missing.wav"))
+    assert len(chat.history) == 1
+    codes = chat.say_codes("Next.", max_audio_ms=160, seed=3)
+    assert torch.equal(codes, tts.generate_codes("Next.", context=chat.history[:1], max_audio_ms=160, seed=3))
+    turn = chat.stream("Cut short.", speaker=1, max_audio_ms=400, seed=4)
+    first = next(turn)
+    turn.close()  # stopped early: the frames made join
+    assert len(chat.history) == 3 and torch.equal(chat.history[-1].codes, mimi_codes(first.codes))
+
+
+def test_the_tokenizer_json_bos_eos_reach_the_prompt(tmp_path):
+    path = write_templated_tokenizer(tmp_path / "tokenizer.json", bos=5, eos=6)  # tiny's config: 256, 257
+    tts = misotts.load("tiny", device="cpu", backend="reference", tokenizer=path)
+    frames, mask = tts.prompt("hello world")  # "[0]hello world": words 1 and 2
+    assert frames[:, -1].tolist() == [5, 1, 2, 6] and mask[:, -1].all()
+
+
+def test_reference_refuses_text_ids_outside_the_vocabulary(tmp_path):
+    path = write_templated_tokenizer(tmp_path / "tokenizer.json", bos=300, eos=301)
+    tts = misotts.load("tiny", device="cpu", backend="reference", tokenizer=path)
+    with pytest.raises(ValueError, match="text id 300 .* 258"):
+        tts.generate_codes("hello world", max_audio_ms=160)
+    frames, mask = build_prompt("hello world", 0, [], tts.tokenizer)  # rows given to the loop directly
+    with pytest.raises(ValueError, match="text id 300 .* 258"):
+        generate_codes(tts.model, frames, mask, 2)

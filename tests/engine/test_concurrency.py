@@ -9,7 +9,7 @@ import torch
 from misotts.runtime.engine import Engine, EngineConfig
 from misotts.runtime.scheduler import EngineBusy
 
-from .conftest import frames_wait_for, history, prompt, slow_frames
+from .conftest import TINY, frames_wait_for, history, prompt, slow_frames
 
 GEN = dict(temperature=0.9, topk=50, stop_on_eos=False)
 
@@ -80,6 +80,14 @@ def test_prompt_longer_than_context_fails_at_once(engine):
         engine.submit(frames, mask, 2048)
     assert engine.stats()["waiting"] == 0
 
+
+def test_text_id_outside_the_vocabulary_fails_at_once(engine):
+    frames, mask = prompt()
+    vocab = TINY.text_vocab_size
+    frames[0, -1] = vocab  # one past the last text id: never clamped to it
+    with pytest.raises(ValueError, match=f"text id {vocab} .* {vocab}"):
+        engine.submit(frames, mask, 10)
+    assert engine.stats()["waiting"] == 0
 
 def test_full_pool_waits_then_fails_clearly(tiny_model, monkeypatch):
     frames, mask = prompt()

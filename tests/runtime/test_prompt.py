@@ -6,6 +6,8 @@ from misotts.runtime.prompt import Segment, build_prompt
 from misotts.runtime.tokenizer import ByteTokenizer, Llama3Tokenizer, load_tokenizer
 from misotts.runtime.config import PRESETS
 
+from ..tokenizer_files import write_templated_tokenizer
+
 N = 4  # codebooks, small so the expected rows can be written out
 
 
@@ -93,6 +95,30 @@ def test_llama3_tokenizer_wraps_in_bos_eos(tmp_path):
     tok = load_tokenizer(PRESETS["csm-1b"], tmp_path)
     assert isinstance(tok, Llama3Tokenizer)
     assert tok.encode("[0]hello world") == [128000, 5, 6, 128001]
+
+
+def test_llama3_tokenizer_takes_bos_eos_from_its_file(tmp_path):
+    # Not the config's 128000/128001: the ids the tokenizer.json itself wraps a text in.
+    write_templated_tokenizer(tmp_path / "tokenizer.json", bos=7, eos=9)
+    tok = load_tokenizer(PRESETS["csm-1b"], tmp_path)
+    assert (tok.bos_id, tok.eos_id) == (7, 9)
+    frames, mask = build_prompt("hello world", 0, [], tok, num_codebooks=N)
+    assert frames[:, N].tolist() == [7, 1, 2, 9] and mask[:, N].all()
+    llama = write_templated_tokenizer(tmp_path / "llama.json", bos=11, eos=12,
+                                      names=("<|begin_of_text|>", "<|end_of_text|>"), bos_only_template=True)
+    assert Llama3Tokenizer(llama).encode("[0]hello world") == [11, 1, 2, 12]
+
+
+def test_text_ids_outside_the_model_vocabulary_are_refused():
+    tok = ByteTokenizer(bos_id=300, eos_id=257)
+    with pytest.raises(ValueError, match="text id 300 .* 258"):
+        build_prompt("x", 0, [], tok, num_codebooks=N, text_vocab_size=258)
+    with pytest.raises(ValueError, match="text id 300 .* 258"):  # in a context turn too, before its audio
+        build_prompt("x", 0, [Segment(1, "y", audio=torch.zeros(5))], tok, num_codebooks=N,
+                     encode_audio=lambda a: pytest.fail("audio encoded before the text was checked"),
+                     text_vocab_size=258)
+    frames, _ = build_prompt("x", 0, [], ByteTokenizer(), num_codebooks=N, text_vocab_size=258)
+    assert frames[:, N].max() == 257
 
 
 def test_missing_tokenizer_is_a_clear_error(tmp_path):

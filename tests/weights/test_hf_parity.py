@@ -9,13 +9,16 @@ tight: the subtlest mistake tried, dropping the Llama-3 RoPE scaling (which only
 frequencies, barely felt over 40 positions), shifts logits by 1e-4 of their scale; a wrong norm
 eps by 7e-3, one layer's q/k in the wrong RoPE layout by 2e-2.  Greedy codes must match exactly.
 """
+import pytest
 import torch
 
+import misotts
 from misotts.runtime.generate import generate_codes
 from misotts.runtime.prompt import Segment, build_prompt
 from misotts.runtime.tokenizer import ByteTokenizer
 from misotts.weights import detect_format, load_model
 
+from ..tokenizer_files import write_templated_tokenizer
 from .hf_models import AUDIO_EOS_TOKEN, AUDIO_TOKEN, BOS, EOS
 
 FRAMES = 20
@@ -102,3 +105,24 @@ def test_greedy_codes_with_audio_context(hf_checkpoint):
     inputs, frames, mask = audio_context(hf)
     ours = generate_codes(model, frames, mask, FRAMES, temperature=0, topk=1, stop_on_eos=False)
     assert torch.equal(ours, hf_greedy(hf, inputs))
+
+
+@pytest.mark.parametrize("hf_checkpoint", ["gqa2-hd64"], indirect=True)  # the prompt, not the shape, is tested
+def test_greedy_codes_with_the_tokenizers_own_bos_eos(hf_checkpoint, tmp_path):
+    """A tokenizer.json wrapping texts in 250 ... 251, not the config's BOS 256 and Llama 3's EOS
+    128001 (outside this 261-id vocabulary): transformers encodes with the file's template, and
+    both our backends must too."""
+    from transformers import PreTrainedTokenizerFast
+
+    path, hf = hf_checkpoint
+    tokenizer = write_templated_tokenizer(tmp_path / "tokenizer.json", bos=250, eos=251)
+    ids = PreTrainedTokenizerFast(tokenizer_file=str(tokenizer))("[0]hello world")["input_ids"]
+    assert ids == [250, 1, 2, 251]
+    want = hf_greedy(hf, dict(input_ids=torch.tensor([ids])))
+    for backend in ("reference", "auto"):
+        tts = misotts.load(path, device="cpu", dtype=torch.float32, tokenizer=tokenizer, progress=False,
+                           backend=backend, engine={"max_batch": 1})
+        got = tts.generate_codes("hello world", temperature=0, topk=1, stop_on_eos=False, max_audio_ms=FRAMES * 80)
+        if tts.engine is not None:
+            tts.engine.close()
+        assert torch.equal(got, want), backend
