@@ -3,14 +3,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import AsyncIterator, Iterator
 
 import torch
 
-from misotts.chunks import Audio, Chunker, GenerationStats, check_chunking
+from misotts.chunks import Audio, Chunker, GenerationStats
+from misotts.conversation import Conversation
 from misotts.runtime.audio import SAMPLE_RATE
 from misotts.runtime.config import PRESETS, ModelConfig
-from misotts.runtime.generate import iter_frames, max_frames_for
+from misotts.runtime.engine import Engine, EngineConfig
+from misotts.runtime.generate import ReferenceBackend, max_frames_for
 from misotts.runtime.model import CSMModel
 from misotts.runtime.prompt import Segment, build_prompt
 from misotts.runtime.tokenizer import ByteTokenizer, Llama3Tokenizer, load_tokenizer
@@ -24,7 +26,10 @@ DEFAULT_CODEC = "kyutai/moshiko-pytorch-bf16"
 
 @dataclass
 class TTS:
-    """A loaded model, its tokenizer and (loaded on first use) its Mimi codec."""
+    """A loaded model, its tokenizer, its Mimi codec (loaded on first use) and the backend that
+    makes its frames: the engine (`misotts.runtime.engine.Engine`) or the plain reference loop
+    (`misotts.runtime.generate.ReferenceBackend`).  Both take a prompt and return a stream of
+    frames; nothing here asks which one it has."""
 
     model: CSMModel
     tokenizer: object
@@ -32,8 +37,28 @@ class TTS:
     untrained: bool = False
     source: str = ""
     last_stats: GenerationStats = field(default_factory=GenerationStats)
+    backend: object = None  # None: the reference backend, made on construction
     _codec: object = None
-    engine: object = None  # misotts.runtime.engine.Engine when loaded with backend="auto"
+
+    def __post_init__(self):
+        if self.backend is None:
+            self.backend = ReferenceBackend(self.model, codec=lambda: self.codec)
+
+    def start_engine(self, config: EngineConfig | dict | None = None, progress: bool = False) -> Engine:
+        """Serve through the engine from now on (warm-up and, on CUDA, graph capture happen here)."""
+        if isinstance(config, dict):
+            config = EngineConfig(**config)
+        self.backend.close()
+        self.backend = Engine(self.model, config, progress=progress, codec=self.codec)
+        return self.backend
+
+    @property
+    def engine(self) -> Engine | None:
+        """The engine, when this TTS serves through one (its stats, its prefix cache)."""
+        return self.backend if isinstance(self.backend, Engine) else None
+
+    def close(self) -> None:
+        self.backend.close()
 
     @property
     def config(self) -> ModelConfig:
@@ -46,7 +71,7 @@ class TTS:
     @property
     def codec(self):
         if self._codec is None:
-            from misotts.runtime.codec import load_codec
+            from misotts.runtime.codec import load_codec  # moshi loads with the codec, not with the package
 
             self._codec = load_codec(self.codec_source, device=self.device, num_codebooks=self.config.num_codebooks)
         return self._codec
@@ -63,53 +88,61 @@ class TTS:
 
         return self.codec.encode(load_audio(audio, SAMPLE_RATE).to(self.device)).cpu()
 
+    def submit(self, text: str, speaker: int = 0, context=(), max_audio_ms: float = 10_000,
+               temperature: float = 0.9, topk: int = 50, seed: int = 0, stop_on_eos: bool = True,
+               audio: bool = False):
+        """Start a generation; returns its stream of `Frame(codes, audio)` at once (iterate it,
+        `async for` it, `cancel()` it).  stop_on_eos=False runs to max_audio_ms."""
+        frames, mask = self.prompt(text, speaker, context)
+        return self.backend.submit(frames, mask, max_frames_for(max_audio_ms), temperature=temperature, topk=topk,
+                                   seed=seed, stop_on_eos=stop_on_eos, audio=audio)
+
     def iter_codes(self, text: str, speaker: int = 0, context=(), max_audio_ms: float = 10_000,
                    temperature: float = 0.9, topk: int = 50, seed: int = 0,
                    stop_on_eos: bool = True) -> Iterator[torch.Tensor]:
-        """Codes [32] per frame, as they are generated.  stop_on_eos=False runs to max_audio_ms
-        (benchmarks: a fixed number of frames)."""
-        if self.engine is not None:
-            from misotts import serving
-
-            yield from serving.iter_codes(self, text, speaker, context, max_audio_ms, temperature, topk, seed,
-                                          stop_on_eos)
-            return
-        frames, mask = self.prompt(text, speaker, context)
-        yield from iter_frames(self.model, frames, mask, max_frames_for(max_audio_ms),
-                               temperature=temperature, topk=topk, seed=seed, stop_on_eos=stop_on_eos)
+        """Codes [32] per frame, as they are generated (no audio decoding)."""
+        for frame in self.submit(text, speaker, context, max_audio_ms, temperature, topk, seed, stop_on_eos):
+            yield frame.codes
 
     def generate_codes(self, text: str, **kwargs) -> torch.Tensor:
-        codes = [c.cpu() for c in self.iter_codes(text, **kwargs)]
-        return torch.stack(codes) if codes else torch.zeros(0, self.config.num_codebooks, dtype=torch.long)
+        return self.submit(text, **kwargs).codes()
 
     def stream(self, text: str, speaker: int = 0, context=(), max_audio_ms: float = 10_000,
                temperature: float = 0.9, topk: int = 50, seed: int = 0, chunk_frames: int = 1,
                stop_on_eos: bool = True, first_chunk_frames: int = 1) -> Iterator[Audio]:
         """Yield `Audio` chunks as they are made: the first after `first_chunk_frames` frames, then
-        every `chunk_frames` (the last may be shorter).
-
-        Concatenated, the chunks equal `generate()` with the same arguments.
-        """
-        if self.engine is not None:
-            from misotts import serving
-
-            yield from serving.stream(self, text, speaker, context, max_audio_ms, temperature, topk, seed,
-                                      chunk_frames, first_chunk_frames, stop_on_eos)
-            return
-        from misotts.runtime.codec import mimi_codes  # moshi loads with the codec, not with the package
-
-        check_chunking(first_chunk_frames, chunk_frames)
-        stats = self.last_stats = GenerationStats()
-        chunker = Chunker(stats, first_chunk_frames, chunk_frames)
-        with self.codec.stream_decoder(batch_size=1) as decoder:
-            for codes in self.iter_codes(text, speaker, context, max_audio_ms, temperature, topk, seed, stop_on_eos):
-                playable = mimi_codes(codes[None], self.codec.cardinality).to(self.device)
-                chunk = chunker.add(codes.cpu(), decoder.decode_frame(playable)[0])
-                if chunk is not None:
+        every `chunk_frames` (the last may be shorter).  Concatenated, the chunks equal
+        `generate()` with the same arguments.  Closing the iterator early cancels the generation."""
+        chunker = self._chunker(first_chunk_frames, chunk_frames)
+        frames = self.submit(text, speaker, context, max_audio_ms, temperature, topk, seed, stop_on_eos, audio=True)
+        try:
+            for frame in frames:
+                if (chunk := chunker.add(frame.codes, frame.audio, frames.stats)) is not None:
                     yield chunk
-            chunk = chunker.flush()
-            if chunk is not None:
+            if (chunk := chunker.flush()) is not None:
                 yield chunk
+        finally:
+            frames.cancel()
+
+    async def astream(self, text: str, speaker: int = 0, context=(), max_audio_ms: float = 10_000,
+                      temperature: float = 0.9, topk: int = 50, seed: int = 0, chunk_frames: int = 1,
+                      stop_on_eos: bool = True, first_chunk_frames: int = 1) -> AsyncIterator[Audio]:
+        """`stream` for asyncio: `async for chunk in tts.astream(...)`; cancelling the task
+        cancels the generation."""
+        chunker = self._chunker(first_chunk_frames, chunk_frames)
+        frames = self.submit(text, speaker, context, max_audio_ms, temperature, topk, seed, stop_on_eos, audio=True)
+        try:
+            async for frame in frames:
+                if (chunk := chunker.add(frame.codes, frame.audio, frames.stats)) is not None:
+                    yield chunk
+            if (chunk := chunker.flush()) is not None:
+                yield chunk
+        finally:
+            frames.cancel()
+
+    def _chunker(self, first_chunk_frames: int, chunk_frames: int) -> Chunker:
+        self.last_stats = GenerationStats()
+        return Chunker(self.last_stats, first_chunk_frames, chunk_frames)
 
     def generate(self, text: str, speaker: int = 0, context=(), max_audio_ms: float = 10_000,
                  temperature: float = 0.9, topk: int = 50, seed: int = 0, stop_on_eos: bool = True) -> Audio:
@@ -118,18 +151,10 @@ class TTS:
                                   stop_on_eos=stop_on_eos))
         return Audio.concat(chunks, self.config.num_codebooks)
 
-    def conversation(self, context=()):
+    def conversation(self, context=()) -> Conversation:
         """A dialogue: each turn (generated or given) joins the context of the next; on the engine
-        the next turn reuses the earlier turns' KV cache.  See misotts.serving.Conversation."""
-        from misotts.serving import Conversation
-
+        the next turn reuses the earlier turns' KV cache."""
         return Conversation(self, context)
-
-    def astream(self, text: str, **kwargs):
-        """`stream` for asyncio (engine backend): `async for chunk in tts.astream(...)`."""
-        from misotts import serving
-
-        return serving.astream(self, text, **kwargs)
 
     def info(self) -> dict:
         params = sum(p.numel() for p in self.model.parameters())
@@ -138,7 +163,7 @@ class TTS:
                 "weight_bytes": nbytes, "device": str(self.device),
                 "dtype": str(self.model.audio_head.dtype).replace("torch.", ""), "untrained": self.untrained,
                 "codec": self.codec_source or "untrained Mimi (random weights)",
-                "backend": "reference" if self.engine is None else f"engine ({self.engine.stats()['ops']} ops)"}
+                "backend": self.backend.name if self.engine is None else f"engine ({self.engine.stats()['ops']} ops)"}
 
 
 def default_device() -> torch.device:
@@ -165,9 +190,7 @@ def load(source: str | Path = "tiny", device=None, dtype: torch.dtype | None = N
         raise ValueError(f"unknown backend {backend!r}: expected 'auto' or 'reference'")
     tts = _load(source, device, dtype, random_init, seed, codec, tokenizer, progress)
     if backend == "auto":
-        from misotts.serving import attach_engine
-
-        attach_engine(tts, engine, progress=progress)
+        tts.start_engine(engine, progress=progress)
     return tts
 
 

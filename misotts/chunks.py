@@ -76,7 +76,11 @@ class Chunker:
         self.codes: list[torch.Tensor] = []
         self.samples: list[torch.Tensor] = []
 
-    def add(self, codes: torch.Tensor, samples: torch.Tensor) -> Audio | None:
+    def add(self, codes: torch.Tensor, samples: torch.Tensor, request=None) -> Audio | None:
+        """One frame; `request`: its stream's stats, whose prefix-cache figures are copied over."""
+        if request is not None:
+            self.stats.reused_positions = request.reused_positions
+            self.stats.computed_positions = request.computed_positions
         self.codes.append(codes)
         self.samples.append(samples)
         return self.flush() if len(self.codes) == (self.first if self.stats.frames == 0 else self.size) else None

@@ -17,6 +17,8 @@ from moshi.modules.transformer import RingKVCache
 from moshi.quantization.core_vq import EuclideanCodebook
 from moshi.utils.compile import CUDAGraphed
 
+from .prompt import mimi_codes
+
 UNTRAINED_SEED = 0
 _HUB_REPO_ID = re.compile(r"\w[\w.-]*/\w[\w.-]*")  # "owner/name"
 _WEIGHT_SUFFIXES = (".safetensors", ".sft", ".pt", ".pth", ".bin")
@@ -174,15 +176,6 @@ class MimiStreamDecoder:
             self._exit_stack.close()
             self._exit_stack = None
             self.codec._stream = None
-
-
-def mimi_codes(codes: torch.Tensor, cardinality: int = 2048) -> torch.Tensor:
-    """Codes Mimi can decode: the vocabulary's special ids (2048..2050) become 0.
-
-    A trained model does not emit them as audio codes; untrained weights can.  `Audio.codes`
-    keeps what the model sampled.
-    """
-    return codes.masked_fill(codes >= cardinality, 0)
 
 
 class LaneDecoder:

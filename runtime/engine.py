@@ -30,13 +30,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .generate import check_context_window
+from .generate import check_request
 from .graphs import FrameGraphs
 from .kv_cache import BlockPool, PagedKV, PoolFull, block_keys
 from .fast_model import FastModel, make_ops
 from .model import CSMModel
-from .prompt import check_prompt_text_ids
-from .sampling import check_sampling_args
 from .scheduler import EngineBusy, EngineStopped, Frame, Request, Stream
 
 
@@ -107,22 +105,14 @@ class Engine:
         Raises ValueError for a request that can never run (bad settings, a prompt that leaves
         no room in the context, more KV than the whole pool) and EngineBusy when the queue is full.
         """
-        cfg = self.model.config
-        check_sampling_args(temperature, topk, cfg.audio_vocab_size)
-        if frames.ndim != 2 or frames.shape != mask.shape or frames.shape[1] != cfg.num_codebooks + 1 or not len(frames):
-            raise ValueError(f"prompt frames and mask must both be [S >= 1, {cfg.num_codebooks + 1}], "
-                             f"got {tuple(frames.shape)} and {tuple(mask.shape)}")
+        frames, mask = frames.long().cpu(), mask.bool().cpu()
+        check_request(self.model.config, frames, mask, max_frames, temperature, topk)  # the embedding would clamp ids
         if audio and self.audio is None:
             raise ValueError("this engine has no codec to decode audio: build it with Engine(..., codec=...)")
-        if max_frames < 1:
-            raise ValueError(f"max_frames must be >= 1, got {max_frames}")
-        check_context_window(frames.shape[0], max_frames, cfg.max_seq_len)
         bs = self.pool.block_size
         if self._blocks_needed(frames.shape[0], max_frames) > self.pool.num_blocks:
             raise ValueError(f"this request needs {self._blocks_needed(frames.shape[0], max_frames)} KV blocks of "
                              f"{bs} positions but the pool has {self.pool.num_blocks}: raise num_blocks")
-        frames, mask = frames.long().cpu(), mask.bool().cpu()
-        check_prompt_text_ids(frames, mask, cfg.text_vocab_size)  # the embedding lookup would clamp it
         keys = block_keys(frames[:-1], mask[:-1], bs)  # the last row always runs in the first frame
         req = Request(frames, mask, max_frames, float(temperature), int(topk), int(seed), stop_on_eos, bool(audio),
                       keys)

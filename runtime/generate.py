@@ -1,13 +1,20 @@
-"""The reference frame loop (Sesame's generator): prompt -> Mimi codes, one frame at a time."""
+"""The reference frame loop (Sesame's generator): prompt -> Mimi codes, one frame at a time;
+and `ReferenceBackend`, which offers it behind the engine's interface (`submit` -> a stream of frames).
+"""
 from __future__ import annotations
 
-from typing import Iterator
+import asyncio
+import threading
+import time
+from contextlib import nullcontext
+from typing import Callable, Iterator
 
 import torch
 
 from .model import CSMModel
 from .prompt import check_prompt_text_ids
 from .sampling import check_sampling_args
+from .scheduler import Frame, RequestStats
 
 FRAME_MS = 80  # one Mimi frame: 1920 samples at 24 kHz
 
@@ -27,6 +34,18 @@ def check_context_window(prompt_len: int, max_frames: int, max_seq_len: int) -> 
         )
 
 
+def check_request(cfg, frames, mask, max_frames: int, temperature: float, topk: int) -> None:
+    """Everything about a request that can be refused before any work (both backends)."""
+    check_sampling_args(temperature, topk, cfg.audio_vocab_size)
+    if frames.ndim != 2 or frames.shape != mask.shape or frames.shape[1] != cfg.num_codebooks + 1 or not len(frames):
+        raise ValueError(f"prompt frames and mask must both be [S >= 1, {cfg.num_codebooks + 1}], "
+                         f"got {tuple(frames.shape)} and {tuple(mask.shape)}")
+    if max_frames < 1:
+        raise ValueError(f"max_frames must be >= 1, got {max_frames}")
+    check_context_window(frames.shape[0], max_frames, cfg.max_seq_len)
+    check_prompt_text_ids(frames, mask, cfg.text_vocab_size)
+
+
 def iter_frames(model: CSMModel, frames: torch.Tensor, mask: torch.Tensor, max_frames: int,
                 temperature: float = 0.9, topk: int = 50, seed: int = 0,
                 stop_on_eos: bool = True) -> Iterator[torch.Tensor]:
@@ -37,9 +56,7 @@ def iter_frames(model: CSMModel, frames: torch.Tensor, mask: torch.Tensor, max_f
     Sesame's reference.  Frame t draws its random numbers from counters t*n .. t*n + n - 1.
     """
     cfg = model.config
-    check_sampling_args(temperature, topk, cfg.audio_vocab_size)
-    check_context_window(frames.shape[0], max_frames, cfg.max_seq_len)
-    check_prompt_text_ids(frames, mask, cfg.text_vocab_size)
+    check_request(cfg, frames, mask, max_frames, temperature, topk)
     device = model.audio_head.device
     n = cfg.num_codebooks
     model.setup_caches(1, frames.shape[0] + max_frames)
@@ -64,3 +81,101 @@ def generate_codes(model: CSMModel, frames, mask, max_frames: int, **kwargs) -> 
     out = list(iter_frames(model, frames, mask, max_frames, **kwargs))
     n = model.config.num_codebooks
     return torch.stack(out) if out else torch.zeros(0, n, dtype=torch.long)
+
+
+class ReferenceBackend:
+    """The plain model behind the engine's interface: `submit` returns a stream of `Frame`s, made
+    one at a time by `iter_frames` in the thread that reads the stream (audio, when asked for,
+    decoded there by a streaming Mimi).  One stream at a time: the model holds its caches."""
+
+    name = "reference"
+
+    def __init__(self, model: CSMModel, codec: Callable[[], object] | None = None):
+        self.model, self._codec = model, codec  # codec: makes the MimiCodec on first use
+        self._busy = threading.Lock()
+
+    def submit(self, frames: torch.Tensor, mask: torch.Tensor, max_frames: int, temperature: float = 0.9,
+               topk: int = 50, seed: int = 0, stop_on_eos: bool = True, audio: bool = False) -> ReferenceStream:
+        check_request(self.model.config, frames, mask, max_frames, temperature, topk)
+        if audio and self._codec is None:
+            raise ValueError("this backend has no codec to decode audio")
+        return ReferenceStream(self, frames, mask, max_frames, dict(temperature=temperature, topk=topk, seed=seed,
+                                                                     stop_on_eos=stop_on_eos), audio)
+
+    def close(self) -> None:
+        pass
+
+
+_END = object()
+
+
+class ReferenceStream:
+    """`Stream`'s interface over the reference loop: iterate (or `async for`) for frames;
+    `cancel()` / `close()`, `codes()`, `stats`."""
+
+    def __init__(self, backend: ReferenceBackend, frames, mask, max_frames: int, sampling: dict, audio: bool):
+        self.stats = RequestStats(prompt_positions=len(frames), computed_positions=len(frames))
+        self._submitted = time.perf_counter()
+        self._cancelled = False
+        self._frames = self._run(backend, frames, mask, max_frames, sampling, audio)
+        self._num_codebooks = backend.model.config.num_codebooks
+
+    def _run(self, backend, frames, mask, max_frames, sampling, audio):
+        from .codec import mimi_codes
+
+        if not backend._busy.acquire(blocking=False):
+            raise RuntimeError("the reference backend runs one stream at a time: finish or close the other "
+                               "stream first, or load with backend='auto' (the engine) for concurrent requests")
+        stats = self.stats
+        try:
+            codec = backend._codec() if audio else None
+            with codec.stream_decoder(batch_size=1) if audio else nullcontext() as decoder:
+                for codes in iter_frames(backend.model, frames, mask, max_frames, **sampling):
+                    if self._cancelled:
+                        stats.finish = "cancelled"
+                        return
+                    samples = None
+                    if audio:
+                        samples = decoder.decode_frame(mimi_codes(codes[None], codec.cardinality))[0].float().cpu()
+                    if stats.frames == 0:
+                        stats.first_frame_s = time.perf_counter() - self._submitted
+                    stats.frames += 1
+                    yield Frame(codes.cpu(), samples)
+            stats.finish = "max_frames" if stats.frames == max_frames else "eos"
+        except GeneratorExit:  # closed by the reader
+            stats.finish = "cancelled"
+            raise
+        except Exception:
+            stats.finish = "error"
+            raise
+        finally:
+            stats.total_s = time.perf_counter() - self._submitted
+            backend._busy.release()
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        try:
+            self._frames.close()  # runs the loop's cleanup now (frees the backend for the next stream)
+        except ValueError:  # the loop is running in a worker thread (astream): it stops at its next frame
+            pass
+
+    close = cancel
+
+    def __iter__(self):
+        try:
+            yield from self._frames
+        finally:
+            self.cancel()
+
+    async def __aiter__(self):
+        # Each frame is made in a worker thread, so the event loop keeps running meanwhile.
+        loop = asyncio.get_running_loop()
+        try:
+            while (frame := await loop.run_in_executor(None, next, self._frames, _END)) is not _END:
+                yield frame
+        finally:
+            self.cancel()
+
+    def codes(self) -> torch.Tensor:
+        frames = [frame.codes for frame in self]
+        return torch.stack(frames) if frames else torch.zeros(0, self._num_codebooks, dtype=torch.long)

@@ -116,3 +116,12 @@ def build_prompt(text: str, speaker: int, context, tokenizer, num_codebooks: int
                               text_vocab_size=text_vocab_size))
     frames, mask = zip(*parts)
     return torch.cat(frames), torch.cat(mask)
+
+
+def mimi_codes(codes: torch.Tensor, cardinality: int = 2048) -> torch.Tensor:
+    """Codes Mimi can decode: the vocabulary's special ids (2048..2050) become 0.
+
+    A trained model does not emit them as audio codes; untrained weights can.  `Audio.codes`
+    keeps what the model sampled.
+    """
+    return codes.masked_fill(codes >= cardinality, 0)

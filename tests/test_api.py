@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 import misotts
-from misotts.runtime.codec import mimi_codes
+from misotts.runtime.prompt import mimi_codes
 from misotts.cli import main
 from misotts.runtime.generate import generate_codes
 from misotts.runtime.prompt import build_prompt
@@ -200,3 +200,51 @@ def test_reference_refuses_text_ids_outside_the_vocabulary(tmp_path):
     frames, mask = build_prompt("hello world", 0, [], tts.tokenizer)  # rows given to the loop directly
     with pytest.raises(ValueError, match="text id 300 .* 258"):
         generate_codes(tts.model, frames, mask, 2)
+
+
+def test_reference_backend_runs_one_stream_and_frees_it_on_close(monkeypatch):
+    tts = misotts.load("tiny", device="cpu", backend="reference")
+    first = tts.submit("One.", max_audio_ms=800, seed=1)
+    reading = iter(first)
+    next(reading)
+    with pytest.raises(RuntimeError, match="one stream at a time"):
+        tts.generate_codes("Two.", max_audio_ms=160)
+    first.cancel()
+    assert first.stats.finish == "cancelled" and first.stats.frames == 1
+    assert len(tts.generate_codes("Two.", max_audio_ms=160)) == 2  # the model is free again
+
+
+def test_reference_astream_leaves_the_event_loop_running(monkeypatch):
+    """Frames are made in a worker thread: a heartbeat keeps ticking while each frame is made."""
+    import asyncio
+    import time
+
+    from misotts.runtime import generate
+
+    real = generate.iter_frames
+
+    def slow_frames(*args, **kwargs):
+        for codes in real(*args, **kwargs):
+            time.sleep(0.3)  # a frame that takes 0.3 s
+            yield codes
+
+    monkeypatch.setattr(generate, "iter_frames", slow_frames)
+    tts = misotts.load("tiny", device="cpu", backend="reference")
+
+    async def main():
+        ticks = 0
+
+        async def heartbeat():
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        beat = asyncio.ensure_future(heartbeat())
+        chunks = [c async for c in tts.astream("Hi.", max_audio_ms=240, seed=2)]
+        beat.cancel()
+        return chunks, ticks
+
+    chunks, ticks = asyncio.run(main())
+    assert len(chunks) == 3
+    assert ticks >= 3 * 10  # ~30 per 0.3 s frame when the loop runs; about one per frame if it were blocked

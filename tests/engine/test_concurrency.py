@@ -194,7 +194,8 @@ def test_a_failing_request_does_not_stop_the_engine(tiny_model, monkeypatch):
 def test_engine_decodes_each_streams_audio_like_a_solo_decoder(tiny_model, monkeypatch):
     """Audio made in the engine (one batched Mimi call per frame, lanes joining, leaving and being
     compacted) equals each request's codes decoded alone by a streaming decoder."""
-    from misotts.runtime.codec import load_codec, mimi_codes
+    from misotts.runtime.codec import load_codec
+    from misotts.runtime.prompt import mimi_codes
 
     codec = load_codec(None)
     engine = Engine(tiny_model, EngineConfig(max_batch=4), codec=codec)

@@ -1,11 +1,10 @@
-"""misotts.serving: audio streams on the engine, concurrent streams, conversations that reuse KV."""
+"""TTS on the engine: audio streams, concurrent streams, conversations that reuse KV."""
 import asyncio
 import threading
 
 import pytest
 import torch
 
-from misotts import serving
 from misotts.api import TTS, Audio
 from misotts.runtime.generate import generate_codes
 from misotts.runtime.tokenizer import ByteTokenizer
@@ -18,17 +17,17 @@ FRAME = 1920
 @pytest.fixture(scope="module")
 def tts():
     tts = TTS(make_model(), ByteTokenizer(TINY.bos_id, TINY.eos_id), untrained=True)
-    serving.attach_engine(tts, {"max_batch": 4})
+    tts.start_engine({"max_batch": 4})
     yield tts
     tts.engine.close()
 
 
 def test_stream_chunks_concatenate_to_generate(tts):
     kw = dict(max_audio_ms=400, seed=1)  # 5 frames
-    chunks = list(serving.stream(tts, "Streaming test.", first_chunk_frames=1, chunk_frames=2, **kw))
+    chunks = list(tts.stream("Streaming test.", first_chunk_frames=1, chunk_frames=2, **kw))
     assert [len(c.codes) for c in chunks] == [1, 2, 2]
     assert chunks[0].samples.numel() == FRAME and tts.last_stats.first_audio_s > 0
-    whole = serving.generate(tts, "Streaming test.", **kw)
+    whole = tts.generate("Streaming test.", **kw)
     assert torch.equal(torch.cat([c.codes for c in chunks]), whole.codes)
     assert torch.equal(torch.cat([c.samples for c in chunks]), whole.samples)
     frames, mask = tts.prompt("Streaming test.")
@@ -38,11 +37,11 @@ def test_stream_chunks_concatenate_to_generate(tts):
 
 def test_concurrent_audio_streams_equal_solo(tts):
     texts = ["First voice.", "Second voice, other seed."]
-    solo = [serving.generate(tts, t, max_audio_ms=240, seed=i) for i, t in enumerate(texts)]
+    solo = [tts.generate(t, max_audio_ms=240, seed=i) for i, t in enumerate(texts)]
     results = [None, None]
 
     def run(i):
-        chunks = list(serving.stream(tts, texts[i], max_audio_ms=240, seed=i))
+        chunks = list(tts.stream(texts[i], max_audio_ms=240, seed=i))
         results[i] = Audio(torch.cat([c.samples for c in chunks]), 24_000, torch.cat([c.codes for c in chunks]))
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
@@ -57,7 +56,7 @@ def test_concurrent_audio_streams_equal_solo(tts):
 
     async def both():
         async def one(i):
-            return torch.cat([c.samples async for c in serving.astream(tts, texts[i], max_audio_ms=240, seed=i)])
+            return torch.cat([c.samples async for c in tts.astream(texts[i], max_audio_ms=240, seed=i)])
         return await asyncio.gather(one(0), one(1))
 
     for got, want in zip(asyncio.run(both()), solo):
@@ -65,7 +64,7 @@ def test_concurrent_audio_streams_equal_solo(tts):
 
 
 def test_conversation_reuses_history_and_matches_cold_runs(tts):
-    chat = serving.Conversation(tts)
+    chat = tts.conversation()
     chat.add(1, "Hello, who is there?", codes=random_codes(5))  # a turn that was spoken, not generated
     computed = []
     for turn in range(4):
@@ -88,7 +87,7 @@ def test_conversation_reuses_history_and_matches_cold_runs(tts):
 
 
 def test_conversation_keeps_only_turns_that_completed(tts, tmp_path):
-    chat = serving.Conversation(tts)
+    chat = tts.conversation()
     chat.add(1, "Hello, who is there?", codes=random_codes(3))
     for speak in (chat.say, chat.say_codes, lambda text, **kw: list(chat.stream(text, **kw))):
         with pytest.raises(ValueError, match="topk"):
@@ -113,7 +112,7 @@ def test_conversation_keeps_only_turns_that_completed(tts, tmp_path):
 def test_text_ids_outside_the_vocabulary_are_refused(tts, monkeypatch):
     monkeypatch.setattr(tts, "tokenizer", ByteTokenizer(300, TINY.eos_id))  # a BOS the model has no row for
     with pytest.raises(ValueError, match=f"text id 300 .* {TINY.text_vocab_size}"):
-        serving.generate(tts, "Hello.", max_audio_ms=160)
+        tts.generate("Hello.", max_audio_ms=160)
     assert tts.engine.wait_idle() and tts.engine.pool.all_free()
 
 def test_load_backends_and_tts_conversation():
