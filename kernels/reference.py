@@ -102,20 +102,47 @@ def swiglu_ref(gate_up):
     return (F.silu(gate) * up).to(gate_up.dtype)
 
 
-def sample_topk_ref(logits, temperature, topk, seed, counter):
-    """Sesame's top-k sampler with the shared RNG: logits [B,V] -> int64 tokens [B].
+def lane_sampling(temperature, topk, vocab: int):
+    """What each lane's temperature [N] (fp32) and topk [N] (int) mean to `topk_race`:
+    greedy [N] (temperature == 0 or topk == 1), divisor [N, 1] (the temperature; 1 on greedy lanes)
+    and kth [N, 1], the rank of the k-th largest score (topk capped at the vocabulary).
+    Separate so that the engine works them out once per frame, not once per codebook."""
+    greedy = (temperature == 0) | (topk == 1)
+    return greedy, torch.where(greedy, 1.0, temperature)[:, None], (topk.clamp(max=vocab) - 1)[:, None]
 
-    Greedy argmax (lowest index on ties) when temperature == 0 or topk == 1. Otherwise keep the
-    entries >= the k-th largest of logits/temperature (ties kept), softmax, and return
-    argmax(probs / -log(u)) with u = uniform(seed, counter, V) (an exponential race = a draw).
-    """
+
+def race_noise(seed, counter, vocab):
+    """The race's exponential noise -log(u), u = uniform(seed, counter, vocab): [..., V] fp32."""
+    return -torch.log(uniform(seed, counter, vocab))
+
+
+def topk_race(logits, greedy, divisor, kth, noise):
+    """The draw, given `lane_sampling`'s greedy, divisor, kth and the lanes' `race_noise` [N, V].
+
+    Greedy lanes: argmax of logits (lowest index on ties). Others: keep the scores logits/divisor
+    >= the k-th largest (ties kept), softmax, and return argmax(probs / noise) (an exponential
+    race: a draw from probs). Sorting finds each lane's k-th largest (torch.topk takes one k)."""
     x = logits.float()
-    if temperature == 0 or topk == 1:
-        return x.argmax(-1)
-    x = x / temperature
-    threshold = torch.topk(x, min(topk, x.shape[-1]), dim=-1).values[:, -1:]
-    probs = x.masked_fill(x < threshold, float("-inf")).softmax(-1)
-    return (probs / -torch.log(uniform(seed, counter, x.shape[-1]).to(x.device))).argmax(-1)
+    scores = x / divisor
+    threshold = scores.sort(dim=-1, descending=True).values.gather(1, kth)
+    probs = scores.masked_fill(scores < threshold, float("-inf")).softmax(-1)
+    return torch.where(greedy, x.argmax(-1), (probs / noise).argmax(-1))
+
+
+def sample_topk_ref(logits, temperature, topk, seed, counter, vocab_index=None):
+    """Sesame's top-k sampler with the shared RNG: logits [N, V] -> int64 tokens [N].
+
+    temperature, topk: per-lane tensors [N] (fp32, int), or numbers for every lane (made into
+    such tensors here). Lane n draws from the stream (seed[n], counter[n]); see `topk_race`.
+    vocab_index: optional arange(V), preallocated so that a captured step makes no tensor.
+    """
+    lanes, vocab = logits.shape
+    if not isinstance(temperature, torch.Tensor):
+        temperature = torch.full((lanes,), temperature, dtype=torch.float32, device=logits.device)
+    if not isinstance(topk, torch.Tensor):
+        topk = torch.full((lanes,), topk, dtype=torch.int64, device=logits.device)
+    noise = race_noise(seed.to(logits.device), counter.to(logits.device), vocab if vocab_index is None else vocab_index)
+    return topk_race(logits, *lane_sampling(temperature, topk, vocab), noise)
 
 
 def depth_step_ref(h, head, codebook, embed_table, seed, counter, temperature, topk):

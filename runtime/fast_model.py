@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 
 from misotts.kernels import reference as ref
-from misotts.kernels.rng import uniform
 
 from .config import TransformerConfig
 from .kv_cache import PagedKV
@@ -132,24 +131,9 @@ def make_ops(kind: str, device: torch.device):
     raise ValueError(f"unknown ops {kind!r}: expected 'auto', 'torch' or 'triton'")
 
 
-# ---- sampling with per-lane parameters --------------------------------------------------------
-def sample_lanes(logits, temperature, topk, seed, counter, vocab_index):
-    """`misotts.kernels.reference.sample_topk_ref` with per-lane temperature [N] and topk [N]
-    (int64), bit for bit the same tokens as calling it lane by lane with Python numbers."""
-    greedy = (temperature == 0) | (topk == 1)
-    return _sample(logits, greedy, torch.where(greedy, 1.0, temperature), topk,
-                   -torch.log(uniform(seed, counter, vocab_index)))
-
-
-def _sample(logits, greedy, divisor, topk, noise):
-    """sample_lanes given greedy [N], temperature or 1 [N] and the race's -log(uniform) [N, V].
-
-    Sorting finds each lane's k-th largest score (topk needs one k for the batch)."""
-    x = logits.float()
-    scores = x / divisor[:, None]
-    threshold = scores.sort(dim=-1, descending=True).values.gather(1, (topk - 1)[:, None])
-    probs = scores.masked_fill(scores < threshold, float("-inf")).softmax(-1)
-    return torch.where(greedy, x.argmax(-1), (probs / noise).argmax(-1))
+# The engine's sampler is the reference's per-lane one (`sample_topk_ref` = lane_sampling + race_noise
+# + topk_race); decode_frame calls the three parts so that each runs once per frame where it can.
+sample_lanes = ref.sample_topk_ref
 
 
 # ---- the batch state: everything a frame reads or writes ------------------------------------
@@ -331,10 +315,10 @@ class FastModel:
             xn, h = ops.rmsnorm(m, s.norm if last else s.attn_norm[i + 1], c.norm_eps, residual=h)
         return xn
 
-    def _depth_sample(self, x, pos, n: int, head, greedy, divisor, topk, noise):
+    def _depth_sample(self, x, pos, n: int, head, greedy, divisor, kth, noise):
         """Depth position pos (1..) for x [n, D'] -> its codebook's tokens [n] (logits h @ head,
         race noise [n, V]) and the next input."""
-        token = _sample(self._depth_step(x, pos, n) @ head, greedy, divisor, topk, noise)
+        token = ref.topk_race(self._depth_step(x, pos, n) @ head, greedy, divisor, kth, noise)
         return token, self.proj_table[token + pos * self.vocab]
 
     # ---- one frame for lanes 0..n-1 ------------------------------------------------------------
@@ -353,16 +337,15 @@ class FastModel:
             return self.ops.decode_attention(q, k_cache, v_cache, tables, context_lens, self.bb.scale)
 
         h = self._backbone(x, positions, slots, attend)
-        topk, codes, greedy = st.topk[:n], st.codes[:n], (st.temperature[:n] == 0) | (st.topk[:n] == 1)
-        divisor = torch.where(greedy, 1.0, st.temperature[:n])
+        codes, (greedy, divisor, kth) = st.codes[:n], ref.lane_sampling(st.temperature[:n], st.topk[:n], self.vocab)
         # The race's noise for all codebooks at once: codebook i draws with counter + i.
-        noise = -torch.log(uniform(st.seed[:n, None], st.counter[:n, None] + self.codebook_index, self.vocab_index))
-        codes[:, 0] = _sample(F.linear(h, self.c0_head), greedy, divisor, topk, noise[:, 0])
+        noise = ref.race_noise(st.seed[:n, None], st.counter[:n, None] + self.codebook_index, self.vocab_index)
+        codes[:, 0] = ref.topk_race(F.linear(h, self.c0_head), greedy, divisor, kth, noise[:, 0])
         self._depth_step(F.linear(h, self.projection), self.depth_pos[0], n)
         x = self.proj_table[codes[:, 0]]
         for i in range(1, self.n):
             codes[:, i], x = self._depth_sample(x, self.depth_pos[i], n, self.audio_head[i - 1], greedy, divisor,
-                                                topk, noise[:, i])
+                                                kth, noise[:, i])
         # The frame becomes each lane's next backbone row.
         st.rows[:n, :self.n] = codes
         st.rows[:n, self.n].zero_()
