@@ -9,15 +9,17 @@ import torch.nn.functional as F
 from .rng import uniform
 
 
-def rvq_embed_ref(frames, mask, text_table, audio_table):
-    """frames [B,S,K+1] int, mask [B,S,K+1] bool -> [B,S,D] in the table dtype.
+def rvq_embed_ref(frames, mask, text_table, audio_table, offsets=None):
+    """frames [...,K+1] int, mask [...,K+1] bool -> [...,D] in the table dtype.
 
     Columns 0..K-1 are audio codes (codebook k's code c is row c + k*V of audio_table [K*V, D]),
     column K is a text token. The row embedding is the fp32 sum over the masked columns.
+    offsets: optional int64 [K] = arange(K) * V, preallocated so that a captured step makes no tensor.
     """
     num_codebooks = frames.shape[-1] - 1
     audio_vocab = audio_table.shape[0] // num_codebooks
-    offsets = torch.arange(num_codebooks, device=frames.device) * audio_vocab
+    if offsets is None:
+        offsets = torch.arange(num_codebooks, device=frames.device) * audio_vocab
     rows = frames[..., :num_codebooks].long().clamp(0, audio_vocab - 1) + offsets
     audio = audio_table[rows].float() * mask[..., :num_codebooks, None]
     text = text_table[frames[..., -1].long().clamp(0, text_table.shape[0] - 1)].float() * mask[..., -1:]

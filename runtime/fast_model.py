@@ -39,13 +39,9 @@ class TorchOps:
         return self._aranges[(length, device)]
 
     def embed(self, frames, mask, text_table, audio_table):
-        """`rvq_embed_ref` for rows [N, n+1], with its codebook offsets kept from the first call."""
         n = frames.shape[-1] - 1
-        vocab = audio_table.shape[0] // n
-        rows = frames[:, :n].clamp(0, vocab - 1) + self._arange(n, frames.device) * vocab
-        audio = audio_table[rows].float() * mask[:, :n, None]
-        text = text_table[frames[:, n].clamp(0, text_table.shape[0] - 1)].float() * mask[:, n:]
-        return (audio.sum(-2) + text).to(audio_table.dtype)
+        offsets = self._arange(n, frames.device) * (audio_table.shape[0] // n)
+        return ref.rvq_embed_ref(frames, mask, text_table, audio_table, offsets)
 
     @staticmethod
     def rmsnorm(x, weight, eps, residual=None):

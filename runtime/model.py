@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from misotts.kernels.reference import rvq_embed_ref
+
 from .config import ModelConfig, TransformerConfig
 from .sampling import sample_topk
 
@@ -186,12 +188,7 @@ class CSMModel(nn.Module):
 
     def embed_frames(self, frames: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """frames, mask [B, S, 33] -> [B, S, D]: sum of the masked columns' embeddings."""
-        n = self.config.num_codebooks
-        offsets = torch.arange(n, device=frames.device) * self.config.audio_vocab_size
-        audio = self.audio_embeddings(frames[..., :n] + offsets)  # [B, S, n, D]
-        text = self.text_embeddings(frames[..., n:])  # [B, S, 1, D]
-        rows = torch.cat([audio, text], dim=-2) * mask.unsqueeze(-1).to(audio.dtype)
-        return rows.sum(dim=-2)
+        return rvq_embed_ref(frames, mask, self.text_embeddings.weight, self.audio_embeddings.weight)
 
     # ---- the two stages of a frame -------------------------------------------------------
     def backbone_forward(self, frames, mask, positions) -> torch.Tensor:
