@@ -3,6 +3,8 @@
 Plain torch, fp32 math, same arguments as the launchers (minus scratch buffers). They return
 new tensors instead of writing in place, except `write_kv_ref`, which fills the caches it is given.
 """
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -26,12 +28,38 @@ def rvq_embed_ref(frames, mask, text_table, audio_table, offsets=None):
     return (audio.sum(-2) + text).to(audio_table.dtype)
 
 
-def rope_ref(x, positions, inv_freq):
-    """x [T,H,d] rotated HF rotate_half style (pairs (i, i+d/2)); angle = position * inv_freq in fp32."""
-    angle = positions.float()[:, None] * inv_freq.float()[None, :]  # [T, d/2]
-    cos, sin = angle.cos()[:, None, :], angle.sin()[:, None, :]
+def rope_inv_freq(head_dim, base, factor=None, low_freq_factor=1.0, high_freq_factor=4.0,
+                  original_max_position_embeddings=8192, device=None):
+    """RoPE inverse frequencies [head_dim/2] fp32: base^(-2i/d), computed in float64, with
+    Llama-3 scaling (transformers' "llama3" rope_type) unless factor is None (plain RoPE)."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim))
+    if factor is None:
+        return inv_freq.float()
+    old_len = original_max_position_embeddings
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (old_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    scaled = torch.where(wavelen > old_len / low_freq_factor, inv_freq / factor, inv_freq)
+    is_medium = (wavelen >= old_len / high_freq_factor) & (wavelen <= old_len / low_freq_factor)
+    return torch.where(is_medium, smoothed, scaled).float()
+
+
+def rope_cos_sin(positions, inv_freq):
+    """cos, sin [T, d/2] of the angles position * inv_freq (fp32), for integer positions [T]."""
+    angle = positions.float()[:, None] * inv_freq.float()[None, :]
+    return angle.cos(), angle.sin()
+
+
+def apply_rope(x, cos, sin):
+    """x [..., T, H, d] rotated HF rotate_half style (pairs (i, i+d/2)) by cos/sin [T, d/2]; fp32 math."""
+    cos, sin = cos[:, None, :], sin[:, None, :]
     x1, x2 = x.float().chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+def rope_ref(x, positions, inv_freq):
+    """x [T,H,d] rotated by the angles position * inv_freq (what the rope kernel computes)."""
+    return apply_rope(x, *rope_cos_sin(positions, inv_freq))
 
 
 def write_kv_ref(k, v, k_cache, v_cache, slot_mapping):

@@ -22,7 +22,7 @@ from misotts.kernels import reference as ref
 
 from .config import TransformerConfig
 from .kv_cache import PagedKV
-from .model import CSMModel, apply_rope, rope_cos_sin, rope_inv_freq
+from .model import CSMModel, rope_inv_freq
 
 
 # ---- op sets -----------------------------------------------------------------------------------
@@ -240,7 +240,7 @@ class FastModel:
                                    device=self.device)
         self.depth_v = torch.zeros_like(self.depth_k)
         positions = torch.arange(self.n, device=self.device)
-        self.depth_cos, self.depth_sin = rope_cos_sin(d, positions, rope_inv_freq(d, self.device))
+        self.depth_cos, self.depth_sin = ref.rope_cos_sin(positions, rope_inv_freq(d, self.device))
         self.depth_allowed = positions[None, :] <= positions[:, None]  # [query pos, key pos]
         self.depth_pos = [torch.tensor([i], device=self.device) for i in range(self.n)]
         self.vocab_index = torch.arange(self.vocab, device=self.device)
@@ -298,7 +298,7 @@ class FastModel:
         xn, h = ops.rmsnorm(x, s.attn_norm[0], c.norm_eps)
         for i in range(c.n_layers):
             q, k, v = (t[:, None] for t in s.split_qkv(F.linear(xn, s.qkv[i])))  # [n, 1, heads, d]
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q, k = ref.apply_rope(q, cos, sin), ref.apply_rope(k, cos, sin)
             keys, values = self.depth_k[i, :n], self.depth_v[i, :n]  # [n, K, positions, d]
             keys.index_copy_(2, pos, k.transpose(1, 2))
             values.index_copy_(2, pos, v.transpose(1, 2))

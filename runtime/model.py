@@ -18,47 +18,29 @@ The module holds no buffers, so it can be built on the meta device and loaded wi
 """
 from __future__ import annotations
 
-import math
+import dataclasses
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from misotts.kernels.reference import rvq_embed_ref
+from misotts.kernels import reference as ref
+from misotts.kernels.reference import apply_rope, rvq_embed_ref
 
 from .config import ModelConfig, TransformerConfig
 from .sampling import sample_topk
 
 
 def rope_inv_freq(cfg: TransformerConfig, device=None) -> torch.Tensor:
-    """Inverse frequencies [d/2] in float32, with Llama-3 scaling when configured."""
-    d = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_base ** (torch.arange(0, d, 2, dtype=torch.float64, device=device) / d))
+    """A transformer's RoPE inverse frequencies [d/2] in float32, Llama-3-scaled when configured."""
     s = cfg.rope_scaling
-    if s is None:
-        return inv_freq.float()
-    old_len = s.original_max_position_embeddings
-    wavelen = 2 * math.pi / inv_freq
-    smooth = (old_len / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
-    smoothed = (1 - smooth) * inv_freq / s.factor + smooth * inv_freq
-    scaled = torch.where(wavelen > old_len / s.low_freq_factor, inv_freq / s.factor, inv_freq)
-    is_medium = (wavelen >= old_len / s.high_freq_factor) & (wavelen <= old_len / s.low_freq_factor)
-    return torch.where(is_medium, smoothed, scaled).float()
+    return ref.rope_inv_freq(cfg.head_dim, cfg.rope_base, **(dataclasses.asdict(s) if s else {}), device=device)
 
 
-def rope_cos_sin(cfg: TransformerConfig, positions: torch.Tensor, inv_freq: torch.Tensor):
-    """cos, sin [S, d] for integer positions [S] (the half-frequency table repeated twice)."""
-    angles = positions.float()[:, None] * inv_freq[None, :]
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos(), angles.sin()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate halves of x [B, S, H, d] by the angles of cos/sin [S, d]; math in float32."""
-    xf = x.float()
-    x1, x2 = xf.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return (xf * cos[:, None, :] + rotated * sin[:, None, :]).to(x.dtype)
+def rope_cos_sin(cfg: TransformerConfig, positions: torch.Tensor, inv_freq: torch.Tensor | None = None):
+    """cos, sin [S, d/2] of the transformer's RoPE angles at integer positions [S], for `apply_rope`
+    (inv_freq: `rope_inv_freq(cfg)`, when already made)."""
+    return ref.rope_cos_sin(positions, rope_inv_freq(cfg, positions.device) if inv_freq is None else inv_freq)
 
 
 class RMSNorm(nn.Module):
