@@ -119,17 +119,23 @@ def paged_prefill_ref(q, cu_seqlens_q, k_cache, v_cache, block_tables, context_l
 
 
 def rmsnorm_ref(x, weight, eps, residual=None):
-    """Returns (weight * norm(h), h) with h = x + residual rounded to the residual dtype (or x)."""
+    """Returns (weight * norm(h), h) with h = x + residual rounded to the residual dtype (or x).
+
+    As transformers' LlamaRMSNorm: h / sqrt(mean(h^2) + eps) in fp32, rounded to h's dtype, then
+    times weight (in fp32 that is plain fp32 math; the kernel rounds once, at the end)."""
     h = x if residual is None else (x.float() + residual.float()).to(residual.dtype)
     hf = h.float()
-    out = hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
-    return out.to(x.dtype), h
+    normed = hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * normed.to(h.dtype), h
 
 
-def swiglu_ref(gate_up):
-    """gate_up [..., 2F] (gate first, up second) -> silu(gate) * up [..., F], fp32 math."""
-    gate, up = gate_up.float().chunk(2, dim=-1)
-    return (F.silu(gate) * up).to(gate_up.dtype)
+def swiglu_ref(gate, up=None):
+    """silu(gate) * up [..., F] for gate, up [..., F], or for one fused gate_up [..., 2F] (gate
+    first, up second) when up is None. Each op rounds to the input dtype, as transformers' LlamaMLP
+    (in fp32 that is plain fp32 math; the kernel rounds once, at the end)."""
+    if up is None:
+        gate, up = gate.chunk(2, dim=-1)
+    return F.silu(gate) * up
 
 
 def lane_sampling(temperature, topk, vocab: int):

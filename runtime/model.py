@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from misotts.kernels import reference as ref
-from misotts.kernels.reference import apply_rope, rvq_embed_ref
+from misotts.kernels.reference import apply_rope, rmsnorm_ref, rvq_embed_ref, swiglu_ref
 
 from .config import ModelConfig, TransformerConfig
 from .sampling import sample_topk
@@ -50,9 +50,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * normed.to(x.dtype)
+        return rmsnorm_ref(x, self.weight, self.eps)[0]
 
 
 class KVCache:
@@ -105,7 +103,7 @@ class MLP(nn.Module):
         self.w_down = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
 
     def forward(self, x):
-        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+        return self.w_down(swiglu_ref(self.w_gate(x), self.w_up(x)))
 
 
 class Layer(nn.Module):
