@@ -84,37 +84,41 @@ def gather_kv(cache, block_table, length):
     return cache[blocks].flatten(0, 1)[:length]
 
 
-def _attend(q, k, v, scale, causal_offset=None):
-    """q [Tq,Hq,d], k/v [Tk,Hkv,d]; fp32 softmax; query i sees keys <= causal_offset + i."""
-    group = q.shape[1] // k.shape[1]
-    k = k.float().repeat_interleave(group, dim=1)
-    v = v.float().repeat_interleave(group, dim=1)
-    scores = torch.einsum("qhd,khd->hqk", q.float(), k) * scale
-    if causal_offset is not None:
-        qpos = torch.arange(q.shape[0], device=q.device)[:, None] + causal_offset
-        scores = scores.masked_fill(torch.arange(k.shape[0], device=q.device)[None, :] > qpos, float("-inf"))
-    return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).to(q.dtype)
+def attention_ref(q, k, v, allowed=None, scale=None):
+    """Softmax attention, heads first: q [..., Hq, Tq, d], k/v [..., Hkv, Tk, d] (grouped-query when
+    Hkv < Hq) -> [..., Hq, Tq, d]. allowed: bool broadcastable to [..., Hq, Tq, Tk] (True: the query
+    may see the key) or None (all); scale: of the scores q.k, default d^-0.5."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale,
+                                          enable_gqa=q.shape[-3] != k.shape[-3])
+
+
+def causal_attention_ref(q, k, v, scale=None):
+    """Tokens first: q [Tq,Hq,d] are the last Tq of the Tk positions whose k/v [Tk,Hkv,d] are given;
+    query i sees keys 0..Tk-Tq+i."""
+    tq, tk = q.shape[0], k.shape[0]
+    allowed = torch.arange(tk, device=q.device)[None, :] <= torch.arange(tq, device=q.device)[:, None] + (tk - tq)
+    return attention_ref(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), allowed, scale).transpose(0, 1)
 
 
 def paged_decode_ref(q, k_cache, v_cache, block_tables, context_lens, scale):
-    """q [N,Hq,d], one token per sequence attending to its context_lens[n] cached tokens."""
-    out = [_attend(q[n:n + 1], gather_kv(k_cache, block_tables[n], int(length)),
-                   gather_kv(v_cache, block_tables[n], int(length)), scale)
+    """q [N,Hq,d], one token per sequence attending to its context_lens[n] cached tokens (fp32 math)."""
+    out = [causal_attention_ref(q[n:n + 1].float(), gather_kv(k_cache, block_tables[n], int(length)).float(),
+                                gather_kv(v_cache, block_tables[n], int(length)).float(), scale)
            for n, length in enumerate(context_lens.tolist())]
-    return torch.cat(out)
+    return torch.cat(out).to(q.dtype)
 
 
 def paged_prefill_ref(q, cu_seqlens_q, k_cache, v_cache, block_tables, context_lens, scale):
-    """q [T,Hq,d] packed chunks; chunk n (its k/v already cached) sees its prefix and itself, causally."""
+    """q [T,Hq,d] packed chunks; chunk n (its k/v already cached) sees its prefix and itself, causally (fp32 math)."""
     out = torch.empty_like(q)
     cu = cu_seqlens_q.tolist()
     for n, length in enumerate(context_lens.tolist()):
         start, end = cu[n], cu[n + 1]
         if end == start:
             continue
-        k = gather_kv(k_cache, block_tables[n], length)
-        v = gather_kv(v_cache, block_tables[n], length)
-        out[start:end] = _attend(q[start:end], k, v, scale, causal_offset=length - (end - start))
+        k = gather_kv(k_cache, block_tables[n], length).float()
+        v = gather_kv(v_cache, block_tables[n], length).float()
+        out[start:end] = causal_attention_ref(q[start:end].float(), k, v, scale)
     return out
 
 

@@ -62,26 +62,17 @@ class TorchOps:
     def decode_attention(self, q, k_cache, v_cache, block_tables, context_lens, scale):
         """q [N, H, d]: each lane attends to its first context_lens[n] cached positions.
         Gathers every lane's whole table (static shapes) and masks; no host sync."""
-        n, max_blocks = block_tables.shape
         tables = block_tables.long()
         keys = k_cache[tables].flatten(1, 2).transpose(1, 2)  # [N, K, max_blocks * block_size, d]
         values = v_cache[tables].flatten(1, 2).transpose(1, 2)
         allowed = (self._arange(keys.shape[2], q.device)[None, :] < context_lens[:, None])[:, None, None]
-        out = F.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=allowed, scale=scale,
-                                             enable_gqa=q.shape[1] != keys.shape[1])
-        return out[:, :, 0]
+        return ref.attention_ref(q[:, :, None], keys, values, allowed, scale)[:, :, 0]
 
     @staticmethod
     def prefill_attention(q, k_cache, v_cache, block_table, context_len: int, scale):
         """q [T, H, d]: the last T of context_len positions of one sequence, causal."""
-        keys = ref.gather_kv(k_cache, block_table, context_len).transpose(0, 1)  # [K, L, d]
-        values = ref.gather_kv(v_cache, block_table, context_len).transpose(0, 1)
-        t = q.shape[0]
-        q_pos = torch.arange(context_len - t, context_len, device=q.device)
-        allowed = torch.arange(context_len, device=q.device)[None, :] <= q_pos[:, None]
-        out = F.scaled_dot_product_attention(q.transpose(0, 1), keys, values, attn_mask=allowed, scale=scale,
-                                             enable_gqa=q.shape[1] != keys.shape[0])
-        return out.transpose(0, 1)
+        return ref.causal_attention_ref(q, ref.gather_kv(k_cache, block_table, context_len),
+                                        ref.gather_kv(v_cache, block_table, context_len), scale)
 
 
 class TritonOps:
@@ -302,8 +293,7 @@ class FastModel:
             keys, values = self.depth_k[i, :n], self.depth_v[i, :n]  # [n, K, positions, d]
             keys.index_copy_(2, pos, k.transpose(1, 2))
             values.index_copy_(2, pos, v.transpose(1, 2))
-            o = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=allowed,
-                                               enable_gqa=c.n_heads != c.n_kv_heads)
+            o = ref.attention_ref(q.transpose(1, 2), keys, values, allowed)
             o = F.linear(o.flatten(1), s.wo[i])
             xn, h = ops.rmsnorm(o, s.mlp_norm[i], c.norm_eps, residual=h)
             m = F.linear(ops.swiglu(F.linear(xn, s.gate_up[i])), s.down[i])

@@ -21,11 +21,10 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from misotts.kernels import reference as ref
-from misotts.kernels.reference import apply_rope, rmsnorm_ref, rvq_embed_ref, swiglu_ref
+from misotts.kernels.reference import apply_rope, attention_ref, rmsnorm_ref, rvq_embed_ref, swiglu_ref
 
 from .config import ModelConfig, TransformerConfig
 from .sampling import sample_topk
@@ -89,9 +88,7 @@ class Attention(nn.Module):
         # Causal by position: query at p sees cached keys at 0..p (later slots may be stale).
         key_pos = torch.arange(keys.shape[2], device=x.device)
         allowed = key_pos[None, :] <= positions[:, None]
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), keys, values, attn_mask=allowed, enable_gqa=c.n_heads != c.n_kv_heads
-        )
+        out = attention_ref(q.transpose(1, 2), keys, values, allowed)
         return self.wo(out.transpose(1, 2).reshape(b, s, c.n_heads * c.head_dim))
 
 
