@@ -10,7 +10,9 @@ input is a table row.  Two entry points:
   only preallocated tensors, with shapes that depend on n alone, no host sync and no Python
   branch on tensor values, so it can be captured as a CUDA graph per batch size.
 
-The few ops that differ between devices come from an op set: `TorchOps` (the torch references,
+The math is `misotts.kernels.reference`'s, as in CSMModel; one layer loop (`_layers`) serves the
+backbone's prefill and decode and the depth decoder, which differ only in their attention.  The
+few ops that differ between devices come from an op set: `TorchOps` (the torch references,
 made sync-free where the reference syncs) or `TritonOps` (the launchers in misotts.kernels).
 """
 from __future__ import annotations
@@ -39,6 +41,7 @@ class TorchOps:
         return self._aranges[(length, device)]
 
     def embed(self, frames, mask, text_table, audio_table):
+        """`rvq_embed_ref` for rows [N, n+1], with its codebook offsets from a kept arange."""
         n = frames.shape[-1] - 1
         offsets = self._arange(n, frames.device) * (audio_table.shape[0] // n)
         return ref.rvq_embed_ref(frames, mask, text_table, audio_table, offsets)
@@ -248,21 +251,31 @@ class FastModel:
         self.kv = PagedKV(self.config.backbone, num_blocks, self.block_size, self.dtype, self.device)
         self.state = BatchState(self.max_batch, self.n, self.max_blocks, self.kv.scratch_block, self.device)
 
-    # ---- backbone ------------------------------------------------------------------------
-    def _backbone(self, x, positions, slots, attend):
-        """x [T, D] -> final-normed hidden [T, D]; writes KV at slots; attend(layer, q) -> [T, H, d]."""
-        s, ops = self.bb, self.ops
-        xn, h = ops.rmsnorm(x, s.attn_norm[0], s.cfg.norm_eps)
+    # ---- the layers: one loop for the backbone's prefill and decode and the depth decoder ----------
+    def _layers(self, s: _Stack, x, attention):
+        """The transformer s over rows x [T, D] -> final-normed hidden [T, D].  attention(i, q, k, v)
+        is what differs between the callers: layer i's RoPE, KV write and attention, for
+        q [T, H, d], k, v [T, K, d] -> [T, H, d]."""
+        ops, eps = self.ops, s.cfg.norm_eps
+        xn, h = ops.rmsnorm(x, s.attn_norm[0], eps)
         for i in range(s.cfg.n_layers):
-            q, k, v = s.split_qkv(F.linear(xn, s.qkv[i]))
-            k_cache, v_cache = self.kv.layer(i)
-            q = ops.rope_kv_write(q, k, v, positions, self.bb_inv_freq, k_cache, v_cache, slots)
-            o = F.linear(attend(i, q).flatten(1), s.wo[i])
-            xn, h = ops.rmsnorm(o, s.mlp_norm[i], s.cfg.norm_eps, residual=h)
+            o = F.linear(attention(i, *s.split_qkv(F.linear(xn, s.qkv[i]))).flatten(1), s.wo[i])
+            xn, h = ops.rmsnorm(o, s.mlp_norm[i], eps, residual=h)
             m = F.linear(ops.swiglu(F.linear(xn, s.gate_up[i])), s.down[i])
             last = i + 1 == s.cfg.n_layers
-            xn, h = ops.rmsnorm(m, s.norm if last else s.attn_norm[i + 1], s.cfg.norm_eps, residual=h)
+            xn, h = ops.rmsnorm(m, s.norm if last else s.attn_norm[i + 1], eps, residual=h)
         return xn
+
+    # ---- backbone ------------------------------------------------------------------------
+    def _backbone(self, x, positions, slots, attend):
+        """x [T, D] at positions [T] -> final-normed hidden [T, D]; RoPE'd k and v are written to the
+        paged cache at slots, then attend(q, k_cache, v_cache) -> [T, H, d] (prefill or decode)."""
+        def attention(i, q, k, v):
+            k_cache, v_cache = self.kv.layer(i)
+            q = self.ops.rope_kv_write(q, k, v, positions, self.bb_inv_freq, k_cache, v_cache, slots)
+            return attend(q, k_cache, v_cache)
+
+        return self._layers(self.bb, x, attention)
 
     @torch.inference_mode()
     def prefill(self, frames, mask, start: int, blocks: list[int]) -> None:
@@ -273,33 +286,22 @@ class FastModel:
         table = torch.tensor(blocks, dtype=torch.int32, device=self.device)
         slots = table[positions // self.block_size].long() * self.block_size + positions % self.block_size
         x = self.ops.embed(frames.to(self.device), mask.to(self.device), self.text_table, self.audio_table)
-
-        def attend(i, q):
-            k_cache, v_cache = self.kv.layer(i)
-            return self.ops.prefill_attention(q, k_cache, v_cache, table, start + t, self.bb.scale)
-
-        self._backbone(x, positions, slots, attend)
+        self._backbone(x, positions, slots, lambda q, k_cache, v_cache: self.ops.prefill_attention(
+            q, k_cache, v_cache, table, start + t, self.bb.scale))
 
     # ---- depth decoder ----------------------------------------------------------------------
     def _depth_step(self, x, pos, n: int):
         """The depth decoder at position pos (a tensor [1], so every step has the same shapes)
         for x [n, D']: writes its KV, attends to positions <= pos -> last hidden [n, D']."""
-        s, ops, c = self.dec, self.ops, self.dec.cfg
         cos, sin, allowed = self.depth_cos[pos], self.depth_sin[pos], self.depth_allowed[pos]
-        xn, h = ops.rmsnorm(x, s.attn_norm[0], c.norm_eps)
-        for i in range(c.n_layers):
-            q, k, v = (t[:, None] for t in s.split_qkv(F.linear(xn, s.qkv[i])))  # [n, 1, heads, d]
-            q, k = ref.apply_rope(q, cos, sin), ref.apply_rope(k, cos, sin)
+
+        def attention(i, q, k, v):  # one position per lane: the lanes are the batch
             keys, values = self.depth_k[i, :n], self.depth_v[i, :n]  # [n, K, positions, d]
-            keys.index_copy_(2, pos, k.transpose(1, 2))
-            values.index_copy_(2, pos, v.transpose(1, 2))
-            o = ref.attention_ref(q.transpose(1, 2), keys, values, allowed)
-            o = F.linear(o.flatten(1), s.wo[i])
-            xn, h = ops.rmsnorm(o, s.mlp_norm[i], c.norm_eps, residual=h)
-            m = F.linear(ops.swiglu(F.linear(xn, s.gate_up[i])), s.down[i])
-            last = i + 1 == c.n_layers
-            xn, h = ops.rmsnorm(m, s.norm if last else s.attn_norm[i + 1], c.norm_eps, residual=h)
-        return xn
+            keys.index_copy_(2, pos, ref.apply_rope(k, cos, sin)[:, :, None])
+            values.index_copy_(2, pos, v[:, :, None])
+            return ref.attention_ref(ref.apply_rope(q, cos, sin)[:, :, None], keys, values, allowed)[:, :, 0]
+
+        return self._layers(self.dec, x, attention)
 
     def _depth_sample(self, x, pos, n: int, head, greedy, divisor, kth, noise):
         """Depth position pos (1..) for x [n, D'] -> its codebook's tokens [n] (logits h @ head,
@@ -317,12 +319,8 @@ class FastModel:
         slots = tables.gather(1, block_index[:, None])[:, 0].long() * bs + positions % bs
         context_lens = (positions + 1).clamp(max=self.max_blocks * bs).to(torch.int32)
         x = self.ops.embed(st.rows[:n], st.row_mask[:n], self.text_table, self.audio_table)
-
-        def attend(i, q):
-            k_cache, v_cache = self.kv.layer(i)
-            return self.ops.decode_attention(q, k_cache, v_cache, tables, context_lens, self.bb.scale)
-
-        h = self._backbone(x, positions, slots, attend)
+        h = self._backbone(x, positions, slots, lambda q, k_cache, v_cache: self.ops.decode_attention(
+            q, k_cache, v_cache, tables, context_lens, self.bb.scale))
         codes, (greedy, divisor, kth) = st.codes[:n], ref.lane_sampling(st.temperature[:n], st.topk[:n], self.vocab)
         # The race's noise for all codebooks at once: codebook i draws with counter + i.
         noise = ref.race_noise(st.seed[:n, None], st.counter[:n, None] + self.codebook_index, self.vocab_index)
