@@ -1,7 +1,12 @@
-"""Torch references for every kernel: the tests' oracle and the runtime's CPU path.
+"""The model's math, each op written once, in plain torch: the Triton kernels' oracle in the tests,
+and what the plain model (runtime/model.py) and the engine (runtime/fast_model.py: TorchOps, and the
+depth decoder's RoPE and attention and the sampler on every device) are made of: RVQ embedding sum,
+RoPE (frequencies, angles, rotation), attention, RMSNorm, SwiGLU, per-lane top-k sampling.
 
-Plain torch, fp32 math, same arguments as the launchers (minus scratch buffers). They return
-new tensors instead of writing in place, except `write_kv_ref`, which fills the caches it is given.
+Same arguments as the launchers (minus scratch buffers); where the engine's captured frame step
+needs it, an optional precomputed index tensor keeps them free of host syncs. They return new
+tensors instead of writing in place, except `write_kv_ref`, which fills the caches it is given.
+Math in fp32, or, for RMSNorm and SwiGLU, rounded where transformers' Llama rounds (the same in fp32).
 """
 import math
 

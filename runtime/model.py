@@ -1,5 +1,9 @@
 """The CSM model in plain torch: the reference math that every faster path must match.
 
+Each op's math (RVQ embedding sum, RoPE, RMSNorm, SwiGLU, attention, top-k sampling) is written
+once, in `misotts.kernels.reference`, beside the Triton kernels that implement it; this file
+composes those ops into the model, and the engine (`fast_model.py`) composes the same ones.
+
 Parameter names (our canonical checkpoint layout; RoPE rotates halves, as in transformers):
 
     text_embeddings.weight                [text_vocab, D_bb]
