@@ -1,35 +1,70 @@
-"""Torch references for every kernel: the tests' oracle and the runtime's CPU path.
+"""The model's math, each op written once, in plain torch: the Triton kernels' oracle in the tests,
+and what the plain model (runtime/model.py) and the engine (runtime/fast_model.py: TorchOps, and the
+depth decoder's RoPE and attention and the sampler on every device) are made of: RVQ embedding sum,
+RoPE (frequencies, angles, rotation), attention, RMSNorm, SwiGLU, per-lane top-k sampling.
 
-Plain torch, fp32 math, same arguments as the launchers (minus scratch buffers). They return
-new tensors instead of writing in place, except `write_kv_ref`, which fills the caches it is given.
+Same arguments as the launchers (minus scratch buffers); where the engine's captured frame step
+needs it, an optional precomputed index tensor keeps them free of host syncs. They return new
+tensors instead of writing in place, except `write_kv_ref`, which fills the caches it is given.
+Math in fp32, or, for RMSNorm and SwiGLU, rounded where transformers' Llama rounds (the same in fp32).
 """
+import math
+
 import torch
 import torch.nn.functional as F
 
 from .rng import uniform
 
 
-def rvq_embed_ref(frames, mask, text_table, audio_table):
-    """frames [B,S,K+1] int, mask [B,S,K+1] bool -> [B,S,D] in the table dtype.
+def rvq_embed_ref(frames, mask, text_table, audio_table, offsets=None):
+    """frames [...,K+1] int, mask [...,K+1] bool -> [...,D] in the table dtype.
 
     Columns 0..K-1 are audio codes (codebook k's code c is row c + k*V of audio_table [K*V, D]),
     column K is a text token. The row embedding is the fp32 sum over the masked columns.
+    offsets: optional int64 [K] = arange(K) * V, preallocated so that a captured step makes no tensor.
     """
     num_codebooks = frames.shape[-1] - 1
     audio_vocab = audio_table.shape[0] // num_codebooks
-    offsets = torch.arange(num_codebooks, device=frames.device) * audio_vocab
+    if offsets is None:
+        offsets = torch.arange(num_codebooks, device=frames.device) * audio_vocab
     rows = frames[..., :num_codebooks].long().clamp(0, audio_vocab - 1) + offsets
     audio = audio_table[rows].float() * mask[..., :num_codebooks, None]
     text = text_table[frames[..., -1].long().clamp(0, text_table.shape[0] - 1)].float() * mask[..., -1:]
     return (audio.sum(-2) + text).to(audio_table.dtype)
 
 
-def rope_ref(x, positions, inv_freq):
-    """x [T,H,d] rotated HF rotate_half style (pairs (i, i+d/2)); angle = position * inv_freq in fp32."""
-    angle = positions.float()[:, None] * inv_freq.float()[None, :]  # [T, d/2]
-    cos, sin = angle.cos()[:, None, :], angle.sin()[:, None, :]
+def rope_inv_freq(head_dim, base, factor=None, low_freq_factor=1.0, high_freq_factor=4.0,
+                  original_max_position_embeddings=8192, device=None):
+    """RoPE inverse frequencies [head_dim/2] fp32: base^(-2i/d), computed in float64, with
+    Llama-3 scaling (transformers' "llama3" rope_type) unless factor is None (plain RoPE)."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim))
+    if factor is None:
+        return inv_freq.float()
+    old_len = original_max_position_embeddings
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (old_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    scaled = torch.where(wavelen > old_len / low_freq_factor, inv_freq / factor, inv_freq)
+    is_medium = (wavelen >= old_len / high_freq_factor) & (wavelen <= old_len / low_freq_factor)
+    return torch.where(is_medium, smoothed, scaled).float()
+
+
+def rope_cos_sin(positions, inv_freq):
+    """cos, sin [T, d/2] of the angles position * inv_freq (fp32), for integer positions [T]."""
+    angle = positions.float()[:, None] * inv_freq.float()[None, :]
+    return angle.cos(), angle.sin()
+
+
+def apply_rope(x, cos, sin):
+    """x [..., T, H, d] rotated HF rotate_half style (pairs (i, i+d/2)) by cos/sin [T, d/2]; fp32 math."""
+    cos, sin = cos[:, None, :], sin[:, None, :]
     x1, x2 = x.float().chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+def rope_ref(x, positions, inv_freq):
+    """x [T,H,d] rotated by the angles position * inv_freq (what the rope kernel computes)."""
+    return apply_rope(x, *rope_cos_sin(positions, inv_freq))
 
 
 def write_kv_ref(k, v, k_cache, v_cache, slot_mapping):
@@ -54,68 +89,105 @@ def gather_kv(cache, block_table, length):
     return cache[blocks].flatten(0, 1)[:length]
 
 
-def _attend(q, k, v, scale, causal_offset=None):
-    """q [Tq,Hq,d], k/v [Tk,Hkv,d]; fp32 softmax; query i sees keys <= causal_offset + i."""
-    group = q.shape[1] // k.shape[1]
-    k = k.float().repeat_interleave(group, dim=1)
-    v = v.float().repeat_interleave(group, dim=1)
-    scores = torch.einsum("qhd,khd->hqk", q.float(), k) * scale
-    if causal_offset is not None:
-        qpos = torch.arange(q.shape[0], device=q.device)[:, None] + causal_offset
-        scores = scores.masked_fill(torch.arange(k.shape[0], device=q.device)[None, :] > qpos, float("-inf"))
-    return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).to(q.dtype)
+def attention_ref(q, k, v, allowed=None, scale=None):
+    """Softmax attention, heads first: q [..., Hq, Tq, d], k/v [..., Hkv, Tk, d] (grouped-query when
+    Hkv < Hq) -> [..., Hq, Tq, d]. allowed: bool broadcastable to [..., Hq, Tq, Tk] (True: the query
+    may see the key) or None (all); scale: of the scores q.k, default d^-0.5."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale,
+                                          enable_gqa=q.shape[-3] != k.shape[-3])
+
+
+def causal_attention_ref(q, k, v, scale=None):
+    """Tokens first: q [Tq,Hq,d] are the last Tq of the Tk positions whose k/v [Tk,Hkv,d] are given;
+    query i sees keys 0..Tk-Tq+i."""
+    tq, tk = q.shape[0], k.shape[0]
+    allowed = torch.arange(tk, device=q.device)[None, :] <= torch.arange(tq, device=q.device)[:, None] + (tk - tq)
+    return attention_ref(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), allowed, scale).transpose(0, 1)
 
 
 def paged_decode_ref(q, k_cache, v_cache, block_tables, context_lens, scale):
-    """q [N,Hq,d], one token per sequence attending to its context_lens[n] cached tokens."""
-    out = [_attend(q[n:n + 1], gather_kv(k_cache, block_tables[n], int(length)),
-                   gather_kv(v_cache, block_tables[n], int(length)), scale)
+    """q [N,Hq,d], one token per sequence attending to its context_lens[n] cached tokens (fp32 math)."""
+    out = [causal_attention_ref(q[n:n + 1].float(), gather_kv(k_cache, block_tables[n], int(length)).float(),
+                                gather_kv(v_cache, block_tables[n], int(length)).float(), scale)
            for n, length in enumerate(context_lens.tolist())]
-    return torch.cat(out)
+    return torch.cat(out).to(q.dtype)
 
 
 def paged_prefill_ref(q, cu_seqlens_q, k_cache, v_cache, block_tables, context_lens, scale):
-    """q [T,Hq,d] packed chunks; chunk n (its k/v already cached) sees its prefix and itself, causally."""
+    """q [T,Hq,d] packed chunks; chunk n (its k/v already cached) sees its prefix and itself, causally (fp32 math)."""
     out = torch.empty_like(q)
     cu = cu_seqlens_q.tolist()
     for n, length in enumerate(context_lens.tolist()):
         start, end = cu[n], cu[n + 1]
         if end == start:
             continue
-        k = gather_kv(k_cache, block_tables[n], length)
-        v = gather_kv(v_cache, block_tables[n], length)
-        out[start:end] = _attend(q[start:end], k, v, scale, causal_offset=length - (end - start))
+        k = gather_kv(k_cache, block_tables[n], length).float()
+        v = gather_kv(v_cache, block_tables[n], length).float()
+        out[start:end] = causal_attention_ref(q[start:end].float(), k, v, scale)
     return out
 
 
 def rmsnorm_ref(x, weight, eps, residual=None):
-    """Returns (weight * norm(h), h) with h = x + residual rounded to the residual dtype (or x)."""
+    """Returns (weight * norm(h), h) with h = x + residual rounded to the residual dtype (or x).
+
+    As transformers' LlamaRMSNorm: h / sqrt(mean(h^2) + eps) in fp32, rounded to h's dtype, then
+    times weight (in fp32 that is plain fp32 math; the kernel rounds once, at the end)."""
     h = x if residual is None else (x.float() + residual.float()).to(residual.dtype)
     hf = h.float()
-    out = hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
-    return out.to(x.dtype), h
+    normed = hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * normed.to(h.dtype), h
 
 
-def swiglu_ref(gate_up):
-    """gate_up [..., 2F] (gate first, up second) -> silu(gate) * up [..., F], fp32 math."""
-    gate, up = gate_up.float().chunk(2, dim=-1)
-    return (F.silu(gate) * up).to(gate_up.dtype)
+def swiglu_ref(gate, up=None):
+    """silu(gate) * up [..., F] for gate, up [..., F], or for one fused gate_up [..., 2F] (gate
+    first, up second) when up is None. Each op rounds to the input dtype, as transformers' LlamaMLP
+    (in fp32 that is plain fp32 math; the kernel rounds once, at the end)."""
+    if up is None:
+        gate, up = gate.chunk(2, dim=-1)
+    return F.silu(gate) * up
 
 
-def sample_topk_ref(logits, temperature, topk, seed, counter):
-    """Sesame's top-k sampler with the shared RNG: logits [B,V] -> int64 tokens [B].
+def lane_sampling(temperature, topk, vocab: int):
+    """What each lane's temperature [N] (fp32) and topk [N] (int) mean to `topk_race`:
+    greedy [N] (temperature == 0 or topk == 1), divisor [N, 1] (the temperature; 1 on greedy lanes)
+    and kth [N, 1], the rank of the k-th largest score (topk capped at the vocabulary).
+    Separate so that the engine works them out once per frame, not once per codebook."""
+    greedy = (temperature == 0) | (topk == 1)
+    return greedy, torch.where(greedy, 1.0, temperature)[:, None], (topk.clamp(max=vocab) - 1)[:, None]
 
-    Greedy argmax (lowest index on ties) when temperature == 0 or topk == 1. Otherwise keep the
-    entries >= the k-th largest of logits/temperature (ties kept), softmax, and return
-    argmax(probs / -log(u)) with u = uniform(seed, counter, V) (an exponential race = a draw).
-    """
+
+def race_noise(seed, counter, vocab):
+    """The race's exponential noise -log(u), u = uniform(seed, counter, vocab): [..., V] fp32."""
+    return -torch.log(uniform(seed, counter, vocab))
+
+
+def topk_race(logits, greedy, divisor, kth, noise):
+    """The draw, given `lane_sampling`'s greedy, divisor, kth and the lanes' `race_noise` [N, V].
+
+    Greedy lanes: argmax of logits (lowest index on ties). Others: keep the scores logits/divisor
+    >= the k-th largest (ties kept), softmax, and return argmax(probs / noise) (an exponential
+    race: a draw from probs). Sorting finds each lane's k-th largest (torch.topk takes one k)."""
     x = logits.float()
-    if temperature == 0 or topk == 1:
-        return x.argmax(-1)
-    x = x / temperature
-    threshold = torch.topk(x, min(topk, x.shape[-1]), dim=-1).values[:, -1:]
-    probs = x.masked_fill(x < threshold, float("-inf")).softmax(-1)
-    return (probs / -torch.log(uniform(seed, counter, x.shape[-1]).to(x.device))).argmax(-1)
+    scores = x / divisor
+    threshold = scores.sort(dim=-1, descending=True).values.gather(1, kth)
+    probs = scores.masked_fill(scores < threshold, float("-inf")).softmax(-1)
+    return torch.where(greedy, x.argmax(-1), (probs / noise).argmax(-1))
+
+
+def sample_topk_ref(logits, temperature, topk, seed, counter, vocab_index=None):
+    """Sesame's top-k sampler with the shared RNG: logits [N, V] -> int64 tokens [N].
+
+    temperature, topk: per-lane tensors [N] (fp32, int), or numbers for every lane (made into
+    such tensors here). Lane n draws from the stream (seed[n], counter[n]); see `topk_race`.
+    vocab_index: optional arange(V), preallocated so that a captured step makes no tensor.
+    """
+    lanes, vocab = logits.shape
+    if not isinstance(temperature, torch.Tensor):
+        temperature = torch.full((lanes,), temperature, dtype=torch.float32, device=logits.device)
+    if not isinstance(topk, torch.Tensor):
+        topk = torch.full((lanes,), topk, dtype=torch.int64, device=logits.device)
+    noise = race_noise(seed.to(logits.device), counter.to(logits.device), vocab if vocab_index is None else vocab_index)
+    return topk_race(logits, *lane_sampling(temperature, topk, vocab), noise)
 
 
 def depth_step_ref(h, head, codebook, embed_table, seed, counter, temperature, topk):

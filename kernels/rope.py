@@ -3,33 +3,20 @@
 RoPE convention: HF rotate_half (pairs (x[i], x[i + d/2])), angle = position * inv_freq[i] in fp32,
 cos/sin computed in the kernel (so there is no table to size for a maximum length).
 """
-import math
-
 import torch
 import triton
 import triton.language as tl
 
 from ._utils import FLOAT_DTYPES, INT_DTYPES, check, check_same_device, launch, next_pow2
+from .reference import rope_inv_freq
 
 
 def llama3_inv_freq(head_dim, base=500000.0, factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
                     original_max_position_embeddings=8192, device=None):
-    """inv_freq [head_dim/2] fp32 with Llama-3 frequency scaling (factor=1, low=high=None: plain RoPE)."""
-    inv = [base ** (-2 * i / head_dim) for i in range(head_dim // 2)]
-    if factor != 1.0:
-        orig = original_max_position_embeddings
-        scaled = []
-        for f in inv:
-            wavelen = 2 * math.pi / f
-            if wavelen < orig / high_freq_factor:
-                scaled.append(f)
-            elif wavelen > orig / low_freq_factor:
-                scaled.append(f / factor)
-            else:
-                smooth = (orig / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
-                scaled.append((1 - smooth) * f / factor + smooth * f)
-        inv = scaled
-    return torch.tensor(inv, dtype=torch.float32, device=device)
+    """inv_freq [head_dim/2] fp32 with Llama-3 frequency scaling (factor=1: plain RoPE);
+    `reference.rope_inv_freq` with CSM's settings as defaults."""
+    return rope_inv_freq(head_dim, base, None if factor == 1.0 else factor, low_freq_factor, high_freq_factor,
+                         original_max_position_embeddings, device)
 
 
 @triton.jit

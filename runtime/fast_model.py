@@ -10,7 +10,9 @@ input is a table row.  Two entry points:
   only preallocated tensors, with shapes that depend on n alone, no host sync and no Python
   branch on tensor values, so it can be captured as a CUDA graph per batch size.
 
-The few ops that differ between devices come from an op set: `TorchOps` (the torch references,
+The math is `misotts.kernels.reference`'s, as in CSMModel; one layer loop (`_layers`) serves the
+backbone's prefill and decode and the depth decoder, which differ only in their attention.  The
+few ops that differ between devices come from an op set: `TorchOps` (the torch references,
 made sync-free where the reference syncs) or `TritonOps` (the launchers in misotts.kernels).
 """
 from __future__ import annotations
@@ -19,11 +21,10 @@ import torch
 import torch.nn.functional as F
 
 from misotts.kernels import reference as ref
-from misotts.kernels.rng import uniform
 
 from .config import TransformerConfig
 from .kv_cache import PagedKV
-from .model import CSMModel, apply_rope, rope_cos_sin, rope_inv_freq
+from .model import CSMModel, rope_inv_freq
 
 
 # ---- op sets -----------------------------------------------------------------------------------
@@ -40,13 +41,10 @@ class TorchOps:
         return self._aranges[(length, device)]
 
     def embed(self, frames, mask, text_table, audio_table):
-        """`rvq_embed_ref` for rows [N, n+1], with its codebook offsets kept from the first call."""
+        """`rvq_embed_ref` for rows [N, n+1], with its codebook offsets from a kept arange."""
         n = frames.shape[-1] - 1
-        vocab = audio_table.shape[0] // n
-        rows = frames[:, :n].clamp(0, vocab - 1) + self._arange(n, frames.device) * vocab
-        audio = audio_table[rows].float() * mask[:, :n, None]
-        text = text_table[frames[:, n].clamp(0, text_table.shape[0] - 1)].float() * mask[:, n:]
-        return (audio.sum(-2) + text).to(audio_table.dtype)
+        offsets = self._arange(n, frames.device) * (audio_table.shape[0] // n)
+        return ref.rvq_embed_ref(frames, mask, text_table, audio_table, offsets)
 
     @staticmethod
     def rmsnorm(x, weight, eps, residual=None):
@@ -67,26 +65,17 @@ class TorchOps:
     def decode_attention(self, q, k_cache, v_cache, block_tables, context_lens, scale):
         """q [N, H, d]: each lane attends to its first context_lens[n] cached positions.
         Gathers every lane's whole table (static shapes) and masks; no host sync."""
-        n, max_blocks = block_tables.shape
         tables = block_tables.long()
         keys = k_cache[tables].flatten(1, 2).transpose(1, 2)  # [N, K, max_blocks * block_size, d]
         values = v_cache[tables].flatten(1, 2).transpose(1, 2)
         allowed = (self._arange(keys.shape[2], q.device)[None, :] < context_lens[:, None])[:, None, None]
-        out = F.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=allowed, scale=scale,
-                                             enable_gqa=q.shape[1] != keys.shape[1])
-        return out[:, :, 0]
+        return ref.attention_ref(q[:, :, None], keys, values, allowed, scale)[:, :, 0]
 
     @staticmethod
     def prefill_attention(q, k_cache, v_cache, block_table, context_len: int, scale):
         """q [T, H, d]: the last T of context_len positions of one sequence, causal."""
-        keys = ref.gather_kv(k_cache, block_table, context_len).transpose(0, 1)  # [K, L, d]
-        values = ref.gather_kv(v_cache, block_table, context_len).transpose(0, 1)
-        t = q.shape[0]
-        q_pos = torch.arange(context_len - t, context_len, device=q.device)
-        allowed = torch.arange(context_len, device=q.device)[None, :] <= q_pos[:, None]
-        out = F.scaled_dot_product_attention(q.transpose(0, 1), keys, values, attn_mask=allowed, scale=scale,
-                                             enable_gqa=q.shape[1] != keys.shape[0])
-        return out.transpose(0, 1)
+        return ref.causal_attention_ref(q, ref.gather_kv(k_cache, block_table, context_len),
+                                        ref.gather_kv(v_cache, block_table, context_len), scale)
 
 
 class TritonOps:
@@ -132,24 +121,9 @@ def make_ops(kind: str, device: torch.device):
     raise ValueError(f"unknown ops {kind!r}: expected 'auto', 'torch' or 'triton'")
 
 
-# ---- sampling with per-lane parameters --------------------------------------------------------
-def sample_lanes(logits, temperature, topk, seed, counter, vocab_index):
-    """`misotts.kernels.reference.sample_topk_ref` with per-lane temperature [N] and topk [N]
-    (int64), bit for bit the same tokens as calling it lane by lane with Python numbers."""
-    greedy = (temperature == 0) | (topk == 1)
-    return _sample(logits, greedy, torch.where(greedy, 1.0, temperature), topk,
-                   -torch.log(uniform(seed, counter, vocab_index)))
-
-
-def _sample(logits, greedy, divisor, topk, noise):
-    """sample_lanes given greedy [N], temperature or 1 [N] and the race's -log(uniform) [N, V].
-
-    Sorting finds each lane's k-th largest score (topk needs one k for the batch)."""
-    x = logits.float()
-    scores = x / divisor[:, None]
-    threshold = scores.sort(dim=-1, descending=True).values.gather(1, (topk - 1)[:, None])
-    probs = scores.masked_fill(scores < threshold, float("-inf")).softmax(-1)
-    return torch.where(greedy, x.argmax(-1), (probs / noise).argmax(-1))
+# The engine's sampler is the reference's per-lane one (`sample_topk_ref` = lane_sampling + race_noise
+# + topk_race); decode_frame calls the three parts so that each runs once per frame where it can.
+sample_lanes = ref.sample_topk_ref
 
 
 # ---- the batch state: everything a frame reads or writes ------------------------------------
@@ -260,7 +234,7 @@ class FastModel:
                                    device=self.device)
         self.depth_v = torch.zeros_like(self.depth_k)
         positions = torch.arange(self.n, device=self.device)
-        self.depth_cos, self.depth_sin = rope_cos_sin(d, positions, rope_inv_freq(d, self.device))
+        self.depth_cos, self.depth_sin = ref.rope_cos_sin(positions, rope_inv_freq(d, self.device))
         self.depth_allowed = positions[None, :] <= positions[:, None]  # [query pos, key pos]
         self.depth_pos = [torch.tensor([i], device=self.device) for i in range(self.n)]
         self.vocab_index = torch.arange(self.vocab, device=self.device)
@@ -277,21 +251,31 @@ class FastModel:
         self.kv = PagedKV(self.config.backbone, num_blocks, self.block_size, self.dtype, self.device)
         self.state = BatchState(self.max_batch, self.n, self.max_blocks, self.kv.scratch_block, self.device)
 
-    # ---- backbone ------------------------------------------------------------------------
-    def _backbone(self, x, positions, slots, attend):
-        """x [T, D] -> final-normed hidden [T, D]; writes KV at slots; attend(layer, q) -> [T, H, d]."""
-        s, ops = self.bb, self.ops
-        xn, h = ops.rmsnorm(x, s.attn_norm[0], s.cfg.norm_eps)
+    # ---- the layers: one loop for the backbone's prefill and decode and the depth decoder ----------
+    def _layers(self, s: _Stack, x, attention):
+        """The transformer s over rows x [T, D] -> final-normed hidden [T, D].  attention(i, q, k, v)
+        is what differs between the callers: layer i's RoPE, KV write and attention, for
+        q [T, H, d], k, v [T, K, d] -> [T, H, d]."""
+        ops, eps = self.ops, s.cfg.norm_eps
+        xn, h = ops.rmsnorm(x, s.attn_norm[0], eps)
         for i in range(s.cfg.n_layers):
-            q, k, v = s.split_qkv(F.linear(xn, s.qkv[i]))
-            k_cache, v_cache = self.kv.layer(i)
-            q = ops.rope_kv_write(q, k, v, positions, self.bb_inv_freq, k_cache, v_cache, slots)
-            o = F.linear(attend(i, q).flatten(1), s.wo[i])
-            xn, h = ops.rmsnorm(o, s.mlp_norm[i], s.cfg.norm_eps, residual=h)
+            o = F.linear(attention(i, *s.split_qkv(F.linear(xn, s.qkv[i]))).flatten(1), s.wo[i])
+            xn, h = ops.rmsnorm(o, s.mlp_norm[i], eps, residual=h)
             m = F.linear(ops.swiglu(F.linear(xn, s.gate_up[i])), s.down[i])
             last = i + 1 == s.cfg.n_layers
-            xn, h = ops.rmsnorm(m, s.norm if last else s.attn_norm[i + 1], s.cfg.norm_eps, residual=h)
+            xn, h = ops.rmsnorm(m, s.norm if last else s.attn_norm[i + 1], eps, residual=h)
         return xn
+
+    # ---- backbone ------------------------------------------------------------------------
+    def _backbone(self, x, positions, slots, attend):
+        """x [T, D] at positions [T] -> final-normed hidden [T, D]; RoPE'd k and v are written to the
+        paged cache at slots, then attend(q, k_cache, v_cache) -> [T, H, d] (prefill or decode)."""
+        def attention(i, q, k, v):
+            k_cache, v_cache = self.kv.layer(i)
+            q = self.ops.rope_kv_write(q, k, v, positions, self.bb_inv_freq, k_cache, v_cache, slots)
+            return attend(q, k_cache, v_cache)
+
+        return self._layers(self.bb, x, attention)
 
     @torch.inference_mode()
     def prefill(self, frames, mask, start: int, blocks: list[int]) -> None:
@@ -302,39 +286,27 @@ class FastModel:
         table = torch.tensor(blocks, dtype=torch.int32, device=self.device)
         slots = table[positions // self.block_size].long() * self.block_size + positions % self.block_size
         x = self.ops.embed(frames.to(self.device), mask.to(self.device), self.text_table, self.audio_table)
-
-        def attend(i, q):
-            k_cache, v_cache = self.kv.layer(i)
-            return self.ops.prefill_attention(q, k_cache, v_cache, table, start + t, self.bb.scale)
-
-        self._backbone(x, positions, slots, attend)
+        self._backbone(x, positions, slots, lambda q, k_cache, v_cache: self.ops.prefill_attention(
+            q, k_cache, v_cache, table, start + t, self.bb.scale))
 
     # ---- depth decoder ----------------------------------------------------------------------
     def _depth_step(self, x, pos, n: int):
         """The depth decoder at position pos (a tensor [1], so every step has the same shapes)
         for x [n, D']: writes its KV, attends to positions <= pos -> last hidden [n, D']."""
-        s, ops, c = self.dec, self.ops, self.dec.cfg
         cos, sin, allowed = self.depth_cos[pos], self.depth_sin[pos], self.depth_allowed[pos]
-        xn, h = ops.rmsnorm(x, s.attn_norm[0], c.norm_eps)
-        for i in range(c.n_layers):
-            q, k, v = (t[:, None] for t in s.split_qkv(F.linear(xn, s.qkv[i])))  # [n, 1, heads, d]
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            keys, values = self.depth_k[i, :n], self.depth_v[i, :n]  # [n, K, positions, d]
-            keys.index_copy_(2, pos, k.transpose(1, 2))
-            values.index_copy_(2, pos, v.transpose(1, 2))
-            o = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=allowed,
-                                               enable_gqa=c.n_heads != c.n_kv_heads)
-            o = F.linear(o.flatten(1), s.wo[i])
-            xn, h = ops.rmsnorm(o, s.mlp_norm[i], c.norm_eps, residual=h)
-            m = F.linear(ops.swiglu(F.linear(xn, s.gate_up[i])), s.down[i])
-            last = i + 1 == c.n_layers
-            xn, h = ops.rmsnorm(m, s.norm if last else s.attn_norm[i + 1], c.norm_eps, residual=h)
-        return xn
 
-    def _depth_sample(self, x, pos, n: int, head, greedy, divisor, topk, noise):
+        def attention(i, q, k, v):  # one position per lane: the lanes are the batch
+            keys, values = self.depth_k[i, :n], self.depth_v[i, :n]  # [n, K, positions, d]
+            keys.index_copy_(2, pos, ref.apply_rope(k, cos, sin)[:, :, None])
+            values.index_copy_(2, pos, v[:, :, None])
+            return ref.attention_ref(ref.apply_rope(q, cos, sin)[:, :, None], keys, values, allowed)[:, :, 0]
+
+        return self._layers(self.dec, x, attention)
+
+    def _depth_sample(self, x, pos, n: int, head, greedy, divisor, kth, noise):
         """Depth position pos (1..) for x [n, D'] -> its codebook's tokens [n] (logits h @ head,
         race noise [n, V]) and the next input."""
-        token = _sample(self._depth_step(x, pos, n) @ head, greedy, divisor, topk, noise)
+        token = ref.topk_race(self._depth_step(x, pos, n) @ head, greedy, divisor, kth, noise)
         return token, self.proj_table[token + pos * self.vocab]
 
     # ---- one frame for lanes 0..n-1 ------------------------------------------------------------
@@ -347,22 +319,17 @@ class FastModel:
         slots = tables.gather(1, block_index[:, None])[:, 0].long() * bs + positions % bs
         context_lens = (positions + 1).clamp(max=self.max_blocks * bs).to(torch.int32)
         x = self.ops.embed(st.rows[:n], st.row_mask[:n], self.text_table, self.audio_table)
-
-        def attend(i, q):
-            k_cache, v_cache = self.kv.layer(i)
-            return self.ops.decode_attention(q, k_cache, v_cache, tables, context_lens, self.bb.scale)
-
-        h = self._backbone(x, positions, slots, attend)
-        topk, codes, greedy = st.topk[:n], st.codes[:n], (st.temperature[:n] == 0) | (st.topk[:n] == 1)
-        divisor = torch.where(greedy, 1.0, st.temperature[:n])
+        h = self._backbone(x, positions, slots, lambda q, k_cache, v_cache: self.ops.decode_attention(
+            q, k_cache, v_cache, tables, context_lens, self.bb.scale))
+        codes, (greedy, divisor, kth) = st.codes[:n], ref.lane_sampling(st.temperature[:n], st.topk[:n], self.vocab)
         # The race's noise for all codebooks at once: codebook i draws with counter + i.
-        noise = -torch.log(uniform(st.seed[:n, None], st.counter[:n, None] + self.codebook_index, self.vocab_index))
-        codes[:, 0] = _sample(F.linear(h, self.c0_head), greedy, divisor, topk, noise[:, 0])
+        noise = ref.race_noise(st.seed[:n, None], st.counter[:n, None] + self.codebook_index, self.vocab_index)
+        codes[:, 0] = ref.topk_race(F.linear(h, self.c0_head), greedy, divisor, kth, noise[:, 0])
         self._depth_step(F.linear(h, self.projection), self.depth_pos[0], n)
         x = self.proj_table[codes[:, 0]]
         for i in range(1, self.n):
             codes[:, i], x = self._depth_sample(x, self.depth_pos[i], n, self.audio_head[i - 1], greedy, divisor,
-                                                topk, noise[:, i])
+                                                kth, noise[:, i])
         # The frame becomes each lane's next backbone row.
         st.rows[:n, :self.n] = codes
         st.rows[:n, self.n].zero_()

@@ -1,5 +1,9 @@
 """The CSM model in plain torch: the reference math that every faster path must match.
 
+Each op's math (RVQ embedding sum, RoPE, RMSNorm, SwiGLU, attention, top-k sampling) is written
+once, in `misotts.kernels.reference`, beside the Triton kernels that implement it; this file
+composes those ops into the model, and the engine (`fast_model.py`) composes the same ones.
+
 Parameter names (our canonical checkpoint layout; RoPE rotates halves, as in transformers):
 
     text_embeddings.weight                [text_vocab, D_bb]
@@ -18,45 +22,28 @@ The module holds no buffers, so it can be built on the meta device and loaded wi
 """
 from __future__ import annotations
 
-import math
+import dataclasses
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from misotts.kernels import reference as ref
+from misotts.kernels.reference import apply_rope, attention_ref, rmsnorm_ref, rvq_embed_ref, swiglu_ref
 
 from .config import ModelConfig, TransformerConfig
 from .sampling import sample_topk
 
 
 def rope_inv_freq(cfg: TransformerConfig, device=None) -> torch.Tensor:
-    """Inverse frequencies [d/2] in float32, with Llama-3 scaling when configured."""
-    d = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_base ** (torch.arange(0, d, 2, dtype=torch.float64, device=device) / d))
+    """A transformer's RoPE inverse frequencies [d/2] in float32, Llama-3-scaled when configured."""
     s = cfg.rope_scaling
-    if s is None:
-        return inv_freq.float()
-    old_len = s.original_max_position_embeddings
-    wavelen = 2 * math.pi / inv_freq
-    smooth = (old_len / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
-    smoothed = (1 - smooth) * inv_freq / s.factor + smooth * inv_freq
-    scaled = torch.where(wavelen > old_len / s.low_freq_factor, inv_freq / s.factor, inv_freq)
-    is_medium = (wavelen >= old_len / s.high_freq_factor) & (wavelen <= old_len / s.low_freq_factor)
-    return torch.where(is_medium, smoothed, scaled).float()
+    return ref.rope_inv_freq(cfg.head_dim, cfg.rope_base, **(dataclasses.asdict(s) if s else {}), device=device)
 
 
-def rope_cos_sin(cfg: TransformerConfig, positions: torch.Tensor, inv_freq: torch.Tensor):
-    """cos, sin [S, d] for integer positions [S] (the half-frequency table repeated twice)."""
-    angles = positions.float()[:, None] * inv_freq[None, :]
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos(), angles.sin()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate halves of x [B, S, H, d] by the angles of cos/sin [S, d]; math in float32."""
-    xf = x.float()
-    x1, x2 = xf.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return (xf * cos[:, None, :] + rotated * sin[:, None, :]).to(x.dtype)
+def rope_cos_sin(cfg: TransformerConfig, positions: torch.Tensor, inv_freq: torch.Tensor | None = None):
+    """cos, sin [S, d/2] of the transformer's RoPE angles at integer positions [S], for `apply_rope`
+    (inv_freq: `rope_inv_freq(cfg)`, when already made)."""
+    return ref.rope_cos_sin(positions, rope_inv_freq(cfg, positions.device) if inv_freq is None else inv_freq)
 
 
 class RMSNorm(nn.Module):
@@ -66,9 +53,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * normed.to(x.dtype)
+        return rmsnorm_ref(x, self.weight, self.eps)[0]
 
 
 class KVCache:
@@ -107,9 +92,7 @@ class Attention(nn.Module):
         # Causal by position: query at p sees cached keys at 0..p (later slots may be stale).
         key_pos = torch.arange(keys.shape[2], device=x.device)
         allowed = key_pos[None, :] <= positions[:, None]
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), keys, values, attn_mask=allowed, enable_gqa=c.n_heads != c.n_kv_heads
-        )
+        out = attention_ref(q.transpose(1, 2), keys, values, allowed)
         return self.wo(out.transpose(1, 2).reshape(b, s, c.n_heads * c.head_dim))
 
 
@@ -121,7 +104,7 @@ class MLP(nn.Module):
         self.w_down = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
 
     def forward(self, x):
-        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+        return self.w_down(swiglu_ref(self.w_gate(x), self.w_up(x)))
 
 
 class Layer(nn.Module):
@@ -186,12 +169,7 @@ class CSMModel(nn.Module):
 
     def embed_frames(self, frames: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """frames, mask [B, S, 33] -> [B, S, D]: sum of the masked columns' embeddings."""
-        n = self.config.num_codebooks
-        offsets = torch.arange(n, device=frames.device) * self.config.audio_vocab_size
-        audio = self.audio_embeddings(frames[..., :n] + offsets)  # [B, S, n, D]
-        text = self.text_embeddings(frames[..., n:])  # [B, S, 1, D]
-        rows = torch.cat([audio, text], dim=-2) * mask.unsqueeze(-1).to(audio.dtype)
-        return rows.sum(dim=-2)
+        return rvq_embed_ref(frames, mask, self.text_embeddings.weight, self.audio_embeddings.weight)
 
     # ---- the two stages of a frame -------------------------------------------------------
     def backbone_forward(self, frames, mask, positions) -> torch.Tensor:
