@@ -95,7 +95,7 @@ def workloads(seed: int, n: int = 32) -> dict:
 def follow_up(wl: Workload, codes: torch.Tensor) -> Workload:
     """The next turn: the history is `wl`'s context plus the turn just generated (its codes)."""
     import misotts
-    from misotts.runtime.codec import mimi_codes
+    from misotts.runtime.prompt import mimi_codes
 
     turn = misotts.Segment(wl.speaker, wl.text, codes=mimi_codes(codes))
     return Workload("follow-up", FOLLOW_UP[1], FOLLOW_UP[0], (*wl.context, turn))

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from misotts.runtime.codec import mimi_codes
+from misotts.runtime.prompt import mimi_codes
 
 from .stats import FRAME_S
 
