@@ -7,7 +7,7 @@ site-packages (``kernels`` is a real PyPI package that transformers imports).
 """
 from setuptools import setup
 
-SUBPACKAGES = ["kernels", "runtime", "weights", "bench"]
+SUBPACKAGES = ["kernels", "runtime", "engine", "weights", "bench"]
 
 setup(
     name="misotts",

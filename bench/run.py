@@ -195,7 +195,7 @@ def make_system(name: str, tts, plan: Plan, max_positions: int):
 
 def engine_available() -> bool:
     try:
-        import misotts.runtime.engine  # noqa: F401
+        import misotts.engine  # noqa: F401
     except ImportError:
         return False
     return True

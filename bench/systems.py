@@ -188,14 +188,14 @@ class Transformers:
 # ---- our engine ----------------------------------------------------------------------------------
 
 class EngineSystem:
-    """`misotts.runtime.engine.Engine`: paged KV, prefix cache, CUDA graphs, continuous batching.
+    """`misotts.engine.Engine`: paged KV, prefix cache, CUDA graphs, continuous batching.
     Streams are submitted to its loop, which also decodes their PCM (one batched streaming Mimi
     call per frame, with the same Mimi weights as the API's)."""
 
     name = "engine"
 
     def __init__(self, tts, max_batch: int, max_positions: int):
-        from misotts.runtime.engine import Engine, EngineConfig
+        from misotts.engine import Engine, EngineConfig
 
         self.tts = tts
         block = EngineConfig.block_size

@@ -11,7 +11,7 @@ from misotts.chunks import Audio, Chunker, GenerationStats
 from misotts.conversation import Conversation
 from misotts.runtime.audio import SAMPLE_RATE
 from misotts.runtime.config import PRESETS, ModelConfig
-from misotts.runtime.engine import Engine, EngineConfig
+from misotts.engine import Engine, EngineConfig
 from misotts.runtime.generate import ReferenceBackend, max_frames_for
 from misotts.runtime.model import CSMModel
 from misotts.runtime.prompt import Segment, build_prompt
@@ -27,7 +27,7 @@ DEFAULT_CODEC = "kyutai/moshiko-pytorch-bf16"
 @dataclass
 class TTS:
     """A loaded model, its tokenizer, its Mimi codec (loaded on first use) and the backend that
-    makes its frames: the engine (`misotts.runtime.engine.Engine`) or the plain reference loop
+    makes its frames: the engine (`misotts.engine.Engine`) or the plain reference loop
     (`misotts.runtime.generate.ReferenceBackend`).  Both take a prompt and return a stream of
     frames; nothing here asks which one it has."""
 
@@ -181,7 +181,7 @@ def load(source: str | Path = "tiny", device=None, dtype: torch.dtype | None = N
     codec: Mimi weights (a .safetensors path or hub repo id); default the untrained Mimi for
     random models and kyutai's Mimi for real checkpoints.
     tokenizer: a tokenizer.json to use instead of the one beside the weights.
-    backend: "auto" serves through the engine (misotts.runtime.engine: paged KV with prefix reuse,
+    backend: "auto" serves through the engine (misotts.engine: paged KV with prefix reuse,
     continuous batching; Triton kernels and CUDA graphs on CUDA, torch ops on the CPU);
     "reference" runs the plain model frame by frame.
     engine: EngineConfig fields for "auto", e.g. {"max_batch": 8, "num_blocks": 4096}.

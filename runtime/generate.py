@@ -11,10 +11,10 @@ from typing import Callable, Iterator
 
 import torch
 
+from .frames import Frame, RequestStats
 from .model import CSMModel
-from .prompt import check_prompt_text_ids
+from .prompt import check_prompt_text_ids, mimi_codes
 from .sampling import check_sampling_args
-from .scheduler import Frame, RequestStats
 
 FRAME_MS = 80  # one Mimi frame: 1920 samples at 24 kHz
 
@@ -121,8 +121,6 @@ class ReferenceStream:
         self._num_codebooks = backend.model.config.num_codebooks
 
     def _run(self, backend, frames, mask, max_frames, sampling, audio):
-        from .codec import mimi_codes
-
         if not backend._busy.acquire(blocking=False):
             raise RuntimeError("the reference backend runs one stream at a time: finish or close the other "
                                "stream first, or load with backend='auto' (the engine) for concurrent requests")

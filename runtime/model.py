@@ -2,7 +2,7 @@
 
 Each op's math (RVQ embedding sum, RoPE, RMSNorm, SwiGLU, attention, top-k sampling) is written
 once, in `misotts.kernels.reference`, beside the Triton kernels that implement it; this file
-composes those ops into the model, and the engine (`fast_model.py`) composes the same ones.
+composes those ops into the model, and the engine (`engine/model_runner.py`) composes the same ones.
 
 Parameter names (our canonical checkpoint layout; RoPE rotates halves, as in transformers):
 

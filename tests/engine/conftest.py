@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from misotts.runtime.config import PRESETS, ModelConfig
-from misotts.runtime.engine import Engine, EngineConfig
+from misotts.engine import Engine, EngineConfig
 from misotts.runtime.model import CSMModel
 from misotts.runtime.prompt import Segment, build_prompt
 from misotts.runtime.tokenizer import ByteTokenizer

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from misotts.runtime.engine import Engine, EngineConfig
+from misotts.engine import Engine, EngineConfig
 
 from .conftest import history, make_model, prompt
 

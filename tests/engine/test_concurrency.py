@@ -6,8 +6,8 @@ import time
 import pytest
 import torch
 
-from misotts.runtime.engine import Engine, EngineConfig
-from misotts.runtime.scheduler import EngineBusy
+from misotts.engine import Engine, EngineConfig
+from misotts.engine.requests import EngineBusy
 
 from .conftest import TINY, frames_wait_for, history, prompt, slow_frames
 
@@ -173,14 +173,14 @@ def test_cancelling_frees_blocks_and_spares_the_others(tiny_model, monkeypatch):
 
 def test_a_failing_request_does_not_stop_the_engine(tiny_model, monkeypatch):
     engine = Engine(tiny_model, EngineConfig(max_batch=2))
-    real_prefill = engine.fast.prefill
+    real_prefill = engine.runner.prefill
 
     def flaky_prefill(frames, mask, start, blocks):
         if frames.shape[0] == 7:  # only the poisoned request has a 7-row chunk
             raise RuntimeError("boom")
         return real_prefill(frames, mask, start, blocks)
 
-    monkeypatch.setattr(engine.fast, "prefill", flaky_prefill)
+    monkeypatch.setattr(engine.runner, "prefill", flaky_prefill)
     frames, mask = prompt()
     bad = engine.submit(frames[:8], mask[:8], 3, **GEN)
     good = engine.submit(frames, mask, 3, **GEN)

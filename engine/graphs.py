@@ -1,4 +1,4 @@
-"""CUDA graphs of one frame (`FastModel.decode_frame`), one per batch-size bucket.
+"""CUDA graphs of one frame (`ModelRunner.decode_frame`), one per batch-size bucket.
 
 A frame is ~30 small launches per layer of the backbone and 31 depth steps of the decoder: at
 small batch the GPU would mostly wait for the host to launch them.  Captured once per bucket

@@ -2,9 +2,9 @@
 
 A `Request` is one generation: its prompt rows, sampling settings, and where it stands (its
 blocks, its lane in the running batch, the frames made so far).  Its `Stream` is the caller's
-end: iterate it (threads) or `async for` over it (asyncio) to get codes [num_codebooks] per
-frame (and its audio, when asked for); closing it, breaking out of the loop or cancelling the task cancels the request, and the
-engine frees its blocks at the next frame boundary.
+end: iterate it (threads) or `async for` over it (asyncio) to get a `Frame` (codes, and audio
+when asked for) per frame; closing it, breaking out of the loop or cancelling the task cancels
+the request, and the engine frees its blocks at the next frame boundary.
 """
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 import torch
+
+from misotts.runtime.frames import Frame, RequestStats
 
 
 class EngineBusy(RuntimeError):
@@ -27,25 +28,6 @@ class EngineStopped(RuntimeError):
 
 
 _END = object()
-
-
-class Frame(NamedTuple):
-    """One generated frame, as a stream hands it out."""
-
-    codes: torch.Tensor  # [num_codebooks] int64, CPU
-    audio: torch.Tensor | None  # [frame_size] float32 samples at 24 kHz (CPU) when the request asked for audio
-
-
-@dataclass
-class RequestStats:
-    prompt_positions: int = 0
-    reused_positions: int = 0  # prompt positions whose KV came from the prefix cache
-    computed_positions: int = 0  # prompt positions prefilled (or run by the first frame)
-    frames: int = 0
-    wait_s: float = 0.0  # queued for a lane and KV blocks
-    first_frame_s: float = float("nan")  # from submit to the first frame's codes on the host
-    total_s: float = float("nan")
-    finish: str = ""  # "eos", "max_frames", "cancelled" or "error"
 
 
 @dataclass(eq=False)

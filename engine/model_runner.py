@@ -1,6 +1,6 @@
 """CSMModel's math re-expressed for the engine: a paged backbone KV cache and static batches.
 
-`FastModel` takes a `CSMModel`'s parameters (shared, not copied) plus a few precomputed ones:
+`ModelRunner` takes a `CSMModel`'s parameters (shared, not copied) plus a few precomputed ones:
 fused qkv and gate_up weights, and `projection(audio_embeddings)` so that a depth step's next
 input is a table row.  Two entry points:
 
@@ -22,9 +22,9 @@ import torch.nn.functional as F
 
 from misotts.kernels import reference as ref
 
-from .config import TransformerConfig
+from misotts.runtime.config import TransformerConfig
 from .kv_cache import PagedKV
-from .model import CSMModel, rope_inv_freq
+from misotts.runtime.model import CSMModel, rope_inv_freq
 
 
 # ---- op sets -----------------------------------------------------------------------------------
@@ -123,7 +123,6 @@ def make_ops(kind: str, device: torch.device):
 
 # The engine's sampler is the reference's per-lane one (`sample_topk_ref` = lane_sampling + race_noise
 # + topk_race); decode_frame calls the three parts so that each runs once per frame where it can.
-sample_lanes = ref.sample_topk_ref
 
 
 # ---- the batch state: everything a frame reads or writes ------------------------------------
@@ -212,7 +211,7 @@ class _Stack:
                 v.unflatten(-1, (c.n_kv_heads, c.head_dim)))
 
 
-class FastModel:
+class ModelRunner:
     def __init__(self, model: CSMModel, ops, max_batch: int, block_size: int, num_blocks: int | None = None,
                  compile: bool = False):
         cfg = self.config = model.config

@@ -15,7 +15,7 @@ from collections import OrderedDict
 
 import torch
 
-from .config import TransformerConfig
+from misotts.runtime.config import TransformerConfig
 
 
 def block_keys(frames: torch.Tensor, mask: torch.Tensor, block_size: int, parent: bytes = b"") -> list[bytes]:

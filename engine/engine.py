@@ -1,0 +1,222 @@
+"""The serving engine: one model, many concurrent requests, continuous batching at frame boundaries.
+
+    engine = Engine(tts.model)                     # preallocates, warms up, captures graphs
+    stream = engine.submit(frames, mask, max_frames=125, seed=1)
+    for frame in stream: ...                       # Frame(codes [32], audio) as they are made
+
+One background thread runs the loop; callers only enqueue requests and read their streams.
+Each turn of the loop is a frame boundary:
+
+1. admit waiting requests while a lane and their KV blocks are free (cached prefix blocks are
+   matched first, so a prompt that starts like an earlier one skips those positions);
+2. prefill up to `prefill_chunk` prompt positions of admitted requests; a request whose prompt is
+   prefilled (all but its last row, which the first frame runs) joins the batch;
+3. run one frame for every lane (a CUDA graph replay on CUDA), decode every lane's audio in one
+   batched streaming Mimi call (when a running request asked for audio), then read the codes --
+   the one host sync per frame -- hand the frames to the streams, register completed blocks in the
+   prefix cache, and let finished or cancelled requests leave (their lane is refilled at once
+   by the last lane, so lanes 0..n-1 are always the running ones).
+
+The policy of steps 1-3 (who is admitted, what is prefilled, who leaves) is `scheduler.py`; the
+device side is `model_runner.py` (prefill and the batched frame), `graphs.py` (one CUDA graph per
+batch-size bucket), `kv_cache.py` (the paged pool) and `audio.py` (the lanes' Mimi decode); this
+file is the thread, `submit`, and `step()`.
+
+Each lane keeps its own seed and RNG counter, so a request's codes do not depend on its
+neighbours (up to batch-size-dependent float rounding, which the tests check does not flip codes).
+"""
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+
+from misotts.runtime.generate import check_request
+from misotts.runtime.model import CSMModel
+
+from .graphs import FrameGraphs
+from .kv_cache import BlockPool, PagedKV, block_keys
+from .model_runner import ModelRunner, make_ops
+from .requests import EngineStopped, Request, Stream
+from .scheduler import Scheduler
+
+
+@dataclass
+class EngineConfig:
+    max_batch: int = 0  # lanes; 0: 32 on CUDA, 8 elsewhere
+    block_size: int = 16  # positions per KV block (a power of two >= 16 for the Triton kernels)
+    num_blocks: int = 0  # KV pool size; 0: from free GPU memory (CUDA) or max_batch full contexts (CPU)
+    kv_memory_fraction: float = 0.8  # of the free GPU memory, when num_blocks is 0
+    prefill_chunk: int = 512  # prompt positions prefilled per frame boundary
+    max_waiting: int = 64  # requests queued for a lane or for KV blocks before submit refuses
+    wait_timeout_s: float = 30.0  # how long a queued request waits before it fails with EngineBusy
+    ops: str = "auto"  # "auto" (Triton on CUDA, torch elsewhere), "torch" or "triton"
+    cuda_graphs: bool = True  # capture frames on CUDA
+    compile: bool = False  # CPU: Inductor-compile the depth steps (~1.7x at batch 1; ~13 s per bucket, cold cache)
+
+
+class Engine:
+    def __init__(self, model: CSMModel, config: EngineConfig | None = None, progress: bool = False,
+                 codec=None):
+        """codec: a `MimiCodec` for requests that ask for audio (decoded in the engine's thread)."""
+        config = config or EngineConfig()
+        self.model, self.config = model, config
+        device = model.audio_head.device
+        cuda = device.type == "cuda"
+        self.max_batch = config.max_batch or (32 if cuda else 8)
+        bs = config.block_size
+        self.runner = ModelRunner(model, make_ops(config.ops, device), self.max_batch, bs,
+                                  compile=config.compile and not cuda)
+        num_blocks = config.num_blocks or self._default_num_blocks(model, bs, cuda)
+        self.runner.allocate_kv(num_blocks)
+        self.pool = BlockPool(num_blocks, bs)
+        self.graphs = FrameGraphs(self.runner.decode_frame, self.max_batch)
+        if cuda and config.cuda_graphs:
+            self.graphs.capture(progress)
+        else:  # warm-up: first-call setup (and compiling) happens here, not in a request's frame
+            for n in self.graphs.buckets if config.compile else [1]:
+                self.runner.decode_frame(n)
+        for lane in range(self.max_batch):
+            self.runner.state.clear_lane(lane)
+        self.audio = None
+        if codec is not None:
+            from .audio import LaneDecoder  # moshi loads with the codec, not with the engine
+
+            self.audio = LaneDecoder(codec, self.max_batch)
+        self.scheduler = Scheduler(self.pool, self, self.max_batch, config.max_waiting, config.wait_timeout_s,
+                                   config.prefill_chunk)
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self.frames_run = 0
+
+    def _default_num_blocks(self, model, bs, cuda) -> int:
+        per_seq = -(-model.config.max_seq_len // bs)
+        if not cuda:
+            return self.max_batch * per_seq
+        free, _ = torch.cuda.mem_get_info(model.audio_head.device)
+        block = PagedKV.block_bytes(model.config.backbone, bs, model.audio_head.dtype)
+        return max(per_seq, int(free * self.config.kv_memory_fraction) // block)
+
+    # ---- caller side ------------------------------------------------------------------------
+    def submit(self, frames: torch.Tensor, mask: torch.Tensor, max_frames: int, temperature: float = 0.9,
+               topk: int = 50, seed: int = 0, stop_on_eos: bool = True, audio: bool = False) -> Stream:
+        """Queue a generation for prompt rows frames, mask [S, n + 1]; returns its Stream at once.
+        audio: each frame also carries its samples, decoded in the engine (needs the engine's codec).
+
+        Raises ValueError for a request that can never run (bad settings, a prompt that leaves
+        no room in the context, more KV than the whole pool) and EngineBusy when the queue is full.
+        """
+        frames, mask = frames.long().cpu(), mask.bool().cpu()
+        check_request(self.model.config, frames, mask, max_frames, temperature, topk)  # the embedding would clamp ids
+        if audio and self.audio is None:
+            raise ValueError("this engine has no codec to decode audio: build it with Engine(..., codec=...)")
+        bs, needed = self.pool.block_size, self.scheduler.blocks_needed(frames.shape[0], max_frames)
+        if needed > self.pool.num_blocks:
+            raise ValueError(f"this request needs {needed} KV blocks of {bs} positions but the pool has "
+                             f"{self.pool.num_blocks}: raise num_blocks")
+        keys = block_keys(frames[:-1], mask[:-1], bs)  # the last row always runs in the first frame
+        req = Request(frames, mask, max_frames, float(temperature), int(topk), int(seed), stop_on_eos, bool(audio),
+                      keys)
+        req.stream = Stream(req, self._wake)
+        req.stats.prompt_positions = frames.shape[0]
+        with self._cond:
+            if self._closed:
+                raise EngineStopped("the engine is closed")
+            self.scheduler.enqueue(req)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="misotts-engine", daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+        return req.stream
+
+    def generate(self, frames, mask, max_frames: int, **kwargs) -> torch.Tensor:
+        """All frames of one request: codes [T, num_codebooks]."""
+        return self.submit(frames, mask, max_frames, **kwargs).codes()
+
+    def wait_idle(self, timeout: float = 60.0) -> bool:
+        """Block until no request is queued or running (True), or the timeout passes (False)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self.scheduler.busy():
+                if not self._cond.wait(max(0.0, deadline - time.monotonic())) and time.monotonic() >= deadline:
+                    return False
+        return True
+
+    def close(self) -> None:
+        """Stop the loop; requests still queued or running end with EngineStopped."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+        if self.audio is not None:
+            self.audio.close()
+
+    def stats(self) -> dict:
+        s = self.scheduler
+        return {"ops": self.runner.ops.name, "graphs": len(self.graphs.graphs),
+                "reused_positions": self.pool.reused_positions, "computed_positions": self.pool.computed_positions,
+                "frames_run": self.frames_run, "running": len(s.lanes), "waiting": len(s.waiting),
+                "blocks_total": self.pool.num_blocks, "blocks_available": self.pool.available(),
+                "blocks_cached": len(self.pool.block_of)}
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    # ---- the loop (engine thread only) --------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                if self._closed:
+                    break
+                self.scheduler.admit()
+                if not self.scheduler.working():
+                    self._cond.notify_all()  # wake wait_idle()
+                    self._cond.wait(timeout=0.05 if self.scheduler.waiting else None)
+                    continue
+            try:
+                self.step()
+            except Exception as err:  # noqa: BLE001 -- the requests in flight get the error; the loop goes on
+                print(f"misotts engine: {type(err).__name__}: {err}", file=sys.stderr)
+                for req in [*self.scheduler.prefilling, *self.scheduler.lanes]:
+                    self.scheduler.finish(req, "error", err)
+        with self._cond:
+            self.scheduler.finish_all("error", EngineStopped("the engine was closed"))
+            self._cond.notify_all()
+
+    def step(self) -> None:
+        """One frame boundary: prefill what the scheduler plans, then one frame for every lane."""
+        self.scheduler.prefill(lambda req, start, end: self.runner.prefill(
+            req.frames[start:end], req.mask[start:end], start, req.blocks))
+        if self.scheduler.lanes:
+            self._frame()
+
+    def _frame(self) -> None:
+        n = len(self.scheduler.lanes)
+        bucket = self.graphs.run(n)
+        codes = self.runner.state.codes
+        audio = None
+        if self.audio is not None and any(req.audio for req in self.scheduler.lanes):
+            audio = self.audio.decode(codes[:bucket])[:n].to("cpu")
+        self.frames_run += 1
+        self.scheduler.frame_done(codes[:n].to("cpu", copy=True), audio)  # the one host sync of a frame
+
+    # ---- lane operations (the scheduler's decisions, on the device) ----------------------------
+    def join(self, lane: int, req: Request) -> None:
+        self.runner.state.set_lane(lane, req.frames[-1], req.mask[-1], req.prompt_len - 1, req.blocks, req.seed,
+                                   req.temperature, req.topk)
+        if self.audio is not None:
+            self.audio.reset(lane)
+
+    def move(self, src: int, dst: int) -> None:
+        self.runner.state.move_lane(src, dst)
+        if self.audio is not None:
+            self.audio.move(src, dst)
+
+    def clear(self, lane: int) -> None:
+        self.runner.state.clear_lane(lane)

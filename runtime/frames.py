@@ -1,0 +1,26 @@
+"""What a generation hands out, whichever backend makes it: a `Frame` per frame, and its stats."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+
+class Frame(NamedTuple):
+    """One generated frame."""
+
+    codes: torch.Tensor  # [num_codebooks] int64, CPU
+    audio: torch.Tensor | None  # [frame_size] float32 samples at 24 kHz (CPU) when the request asked for audio
+
+
+@dataclass
+class RequestStats:
+    prompt_positions: int = 0
+    reused_positions: int = 0  # prompt positions whose KV came from the prefix cache
+    computed_positions: int = 0  # prompt positions prefilled (or run by the first frame)
+    frames: int = 0
+    wait_s: float = 0.0  # queued for a lane and KV blocks
+    first_frame_s: float = float("nan")  # from submit to the first frame's codes on the host
+    total_s: float = float("nan")
+    finish: str = ""  # "eos", "max_frames", "cancelled" or "error"
