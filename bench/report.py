@@ -106,7 +106,7 @@ def markdown(merged: dict, checks: list[dict]) -> str:
             sorted(int(s) for s in m["floors"]["throughput"])
         p = m["prompts"]
         lines += [f"## {name} ({m['parameters'] / 1e6:,.0f} M parameters, {m['dtype']}, seeded random weights)", "",
-                  f"Prompt positions: " + ", ".join(f"{k} {v['positions']}" for k, v in p.items())
+                  "Prompt positions: " + ", ".join(f"{k} {v['positions']}" for k, v in p.items())
                   + f". Copy bandwidth {m['bandwidth_gbps']:.1f} GB/s, matmul {m['matmul_tflops']:.2f} TFLOP/s; "
                   f"torch {m['torch']}, transformers {m['transformers']}; {m['date']}"
                   + (f", load average {m['load_average'][0]:.1f}" if m.get("load_average") else "") + ".", "",

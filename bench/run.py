@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import inspect
 import json
 import os
 import platform
@@ -193,22 +192,13 @@ def make_system(name: str, tts, plan: Plan, max_positions: int):
     raise ValueError(f"unknown system {name!r}; known: {', '.join(ALL_SYSTEMS)}")
 
 
-def engine_available() -> bool:
-    try:
-        import misotts.engine  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def run_model(model: str, systems: list[str], plan: Plan, device, dtype, seed: int, out: Path) -> dict:
     import misotts
     import transformers
 
     log(f"{model}: loading seeded random weights ({dtype} on {device})")
     # The reference system is the plain API path: no engine attached, where the API could attach one.
-    reference = {"backend": "reference"} if "backend" in inspect.signature(misotts.load).parameters else {}
-    tts = misotts.load(model, device=device, dtype=dtype, random_init=True, seed=seed, **reference)
+    tts = misotts.load(model, device=device, dtype=dtype, random_init=True, seed=seed, backend="reference")
     tts.codec  # load Mimi now, not inside a measurement
     wls = workloads(seed, tts.config.num_codebooks)
     shapes = {name: prompt_shape(tts, wl) for name, wl in wls.items()}
@@ -282,8 +272,7 @@ def run(args) -> int:
     if args.systems:
         systems = args.systems.split(",")
     else:
-        systems = [s for s in ALL_SYSTEMS if (s != "engine" or engine_available())
-                   and (s != "transformers-static" or device.type == "cuda")]
+        systems = [s for s in ALL_SYSTEMS if s != "transformers-static" or device.type == "cuda"]
     out = Path(args.out) if args.out else default_out(device)
     out.mkdir(parents=True, exist_ok=True)
     log(f"results go to {out}")

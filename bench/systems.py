@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from misotts.runtime.prompt import mimi_codes
+from misotts.runtime.prompt import audio_rows, mimi_codes
 
 from .stats import FRAME_S
 
@@ -72,15 +72,13 @@ class Reference:
         cur, cur_mask = rows.to(dev).expand(streams, -1, -1), mask.to(dev).expand(streams, -1, -1)
         positions = torch.arange(rows.shape[0], device=dev)
         seeds = torch.arange(streams, device=dev) + seed
-        audio_mask = torch.ones(streams, 1, n + 1, dtype=torch.bool, device=dev)
-        audio_mask[..., -1] = False
         with tts.codec.stream_decoder(batch_size=streams) as decoder:
             for t in range(frames):
                 counter = torch.full((streams,), t * n, dtype=torch.long, device=dev)
                 codes = model.generate_frame(cur, cur_mask, positions, SAMPLING["temperature"], SAMPLING["topk"],
                                              seeds, counter)
                 decoder.decode_frame(mimi_codes(codes)).cpu()
-                cur, cur_mask = torch.cat([codes, codes.new_zeros(streams, 1)], dim=1)[:, None], audio_mask
+                cur, cur_mask = (rows[:, None] for rows in audio_rows(codes, end_of_audio=False))
                 positions = positions[-1:] + 1
         return time.perf_counter() - start
 

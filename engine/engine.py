@@ -55,7 +55,7 @@ class EngineConfig:
     wait_timeout_s: float = 30.0  # how long a queued request waits before it fails with EngineBusy
     ops: str = "auto"  # "auto" (Triton on CUDA, torch elsewhere), "torch" or "triton"
     cuda_graphs: bool = True  # capture frames on CUDA
-    compile: bool = False  # CPU: Inductor-compile the depth steps (~1.7x at batch 1; ~13 s per bucket, cold cache)
+    compile: bool = False  # CPU: Inductor-compile the depth steps (faster frames, slower load: docs/bench.md)
 
 
 class Engine:

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from misotts.runtime.frames import Frame, RequestStats
+from misotts.runtime.frames import RequestStats
+from misotts.runtime.prompt import audio_rows
 
 
 class EngineBusy(RuntimeError):
@@ -59,11 +60,7 @@ class Request:
         if start < s:
             parts.append((self.frames[start:min(end, s)], self.mask[start:min(end, s)]))
         if end > s:
-            codes = torch.stack(self.generated[max(start, s) - s:end - s])
-            frames = torch.cat([codes, codes.new_zeros(len(codes), 1)], dim=1)
-            mask = torch.ones_like(frames, dtype=torch.bool)
-            mask[:, -1] = False
-            parts.append((frames, mask))
+            parts.append(audio_rows(torch.stack(self.generated[max(start, s) - s:end - s]), end_of_audio=False))
         frames, mask = zip(*parts)
         return torch.cat(frames), torch.cat(mask)
 

@@ -18,8 +18,10 @@ from __future__ import annotations
 import time
 from collections import deque
 
+from misotts.runtime.frames import Frame
+
 from .kv_cache import BlockPool, PoolFull, block_keys
-from .requests import EngineBusy, Frame, Request
+from .requests import EngineBusy, Request
 
 
 class Scheduler:

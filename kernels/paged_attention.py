@@ -5,7 +5,6 @@ contiguous. A sequence's logical token p lives in block block_tables[seq, p // b
 offset p % block_size. Tiles of BLOCK_N tokens gather their block ids per token, so the tile size
 does not depend on the page size. Softmax runs in fp32 in the exp2 domain (scale folded with log2 e).
 """
-import math
 
 import torch
 import triton

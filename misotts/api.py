@@ -14,7 +14,7 @@ from misotts.runtime.config import PRESETS, ModelConfig
 from misotts.engine import Engine, EngineConfig
 from misotts.runtime.generate import ReferenceBackend, max_frames_for
 from misotts.runtime.model import CSMModel
-from misotts.runtime.prompt import Segment, build_prompt
+from misotts.runtime.prompt import build_prompt
 from misotts.runtime.tokenizer import ByteTokenizer, Llama3Tokenizer, load_tokenizer
 from misotts.weights import load_model, random_model
 from misotts.weights.load import default_dtype

@@ -13,7 +13,7 @@ import torch
 
 from .frames import Frame, RequestStats
 from .model import CSMModel
-from .prompt import check_prompt_text_ids, mimi_codes
+from .prompt import audio_rows, check_prompt_text_ids, mimi_codes
 from .sampling import check_sampling_args
 
 FRAME_MS = 80  # one Mimi frame: 1920 samples at 24 kHz
@@ -63,16 +63,13 @@ def iter_frames(model: CSMModel, frames: torch.Tensor, mask: torch.Tensor, max_f
     seed_t = torch.tensor([seed], dtype=torch.long, device=device)
     cur_frames, cur_mask = frames[None].to(device), mask[None].to(device)
     positions = torch.arange(frames.shape[0], device=device)
-    audio_mask = torch.ones(1, 1, n + 1, dtype=torch.bool, device=device)
-    audio_mask[..., -1] = False
     for t in range(max_frames):
         counter = torch.tensor([t * n], dtype=torch.long, device=device)
         codes = model.generate_frame(cur_frames, cur_mask, positions, temperature, topk, seed_t, counter)
         if stop_on_eos and not codes.any():
             return
         yield codes[0]
-        cur_frames = torch.cat([codes, codes.new_zeros(1, 1)], dim=1)[:, None]
-        cur_mask = audio_mask
+        cur_frames, cur_mask = (rows[None] for rows in audio_rows(codes, end_of_audio=False))
         positions = positions[-1:] + 1
 
 

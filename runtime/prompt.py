@@ -53,11 +53,13 @@ def check_prompt_text_ids(frames: torch.Tensor, mask: torch.Tensor, text_vocab_s
 
 
 def audio_rows(codes: torch.Tensor, end_of_audio: bool = True):
-    """codes [T, n] -> frames, mask [T (+1), n + 1]; the extra all-zero row marks the end."""
+    """codes [T, n] -> frames, mask [T (+1), n + 1] on codes' device: the backbone rows of audio
+    frames (every path that feeds frames back builds them here); the extra all-zero row marks
+    the end of a turn's audio."""
     t, n = codes.shape
     rows = t + int(end_of_audio)
-    frames = torch.zeros(rows, n + 1, dtype=torch.long)
-    mask = torch.zeros(rows, n + 1, dtype=torch.bool)
+    frames = torch.zeros(rows, n + 1, dtype=torch.long, device=codes.device)
+    mask = torch.zeros(rows, n + 1, dtype=torch.bool, device=codes.device)
     frames[:t, :n] = codes
     mask[:, :n] = True
     return frames, mask

@@ -1,6 +1,5 @@
 """The block pool: reference counts, prefix keys, LRU eviction."""
 import pytest
-import torch
 
 from misotts.engine.kv_cache import BlockPool, PoolFull, block_keys
 
