@@ -9,7 +9,7 @@ import torch
 
 from misotts.chunks import Audio, Chunker, GenerationStats
 from misotts.conversation import Conversation
-from misotts.runtime.audio import SAMPLE_RATE
+from misotts.runtime.audio import SAMPLE_RATE, load_audio
 from misotts.runtime.config import PRESETS, ModelConfig
 from misotts.engine import Engine, EngineConfig
 from misotts.runtime.generate import ReferenceBackend, max_frames_for
@@ -84,8 +84,6 @@ class TTS:
                             text_vocab_size=self.config.text_vocab_size)
 
     def _encode_audio(self, audio) -> torch.Tensor:
-        from misotts.runtime.audio import load_audio
-
         return self.codec.encode(load_audio(audio, SAMPLE_RATE).to(self.device)).cpu()
 
     def submit(self, text: str, speaker: int = 0, context=(), max_audio_ms: float = 10_000,

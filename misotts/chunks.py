@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from misotts.runtime.audio import SAMPLE_RATE
+from misotts.runtime.audio import SAMPLE_RATE, save_wav
 
 
 @dataclass
@@ -27,8 +27,6 @@ class Audio:
         return self.samples.numel() / self.sample_rate
 
     def save(self, path: str | Path) -> Path:
-        from misotts.runtime.audio import save_wav
-
         save_wav(path, self.samples, self.sample_rate)
         return Path(path)
 

@@ -7,6 +7,8 @@ import sys
 
 import torch
 
+from misotts.chunks import Audio
+
 UNTRAINED_NOTE = "note: the model is {}: untrained, so the audio is noise, not speech."
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -42,8 +44,6 @@ def _parse_context(items: list[str]):
 
 
 def cmd_speak(args) -> int:
-    from misotts.api import Audio
-
     tts = _load(args)
     if tts.untrained:
         print(UNTRAINED_NOTE.format(tts.source), file=sys.stderr)
@@ -53,7 +53,7 @@ def cmd_speak(args) -> int:
     if not chunks:
         print("the model ended the utterance before the first frame; nothing written", file=sys.stderr)
         return 1
-    audio = Audio(torch.cat([c.samples for c in chunks]), chunks[0].sample_rate, torch.cat([c.codes for c in chunks]))
+    audio = Audio.concat(chunks, tts.config.num_codebooks)
     path = audio.save(args.output)
     s = tts.last_stats
     print(f"wrote {path} ({audio.duration_s:.2f} s, {audio.codes.shape[0]} frames, {audio.sample_rate} Hz)")
