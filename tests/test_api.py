@@ -9,10 +9,9 @@ import torch
 from safetensors.torch import save_file
 
 import misotts
-from misotts.runtime.prompt import mimi_codes
 from misotts.cli import main
 from misotts.runtime.generate import generate_codes
-from misotts.runtime.prompt import build_prompt
+from misotts.runtime.prompt import build_prompt, mimi_codes
 
 from .tokenizer_files import write_templated_tokenizer
 
@@ -166,23 +165,30 @@ def test_conversation_reports_reuse_after_audio_turns(tts):
     assert chat.last_stats.reused_positions + chat.last_stats.computed_positions == prompt_len
 
 
-def test_reference_conversation_keeps_only_turns_that_completed(tmp_path):
-    tts = misotts.load("tiny", device="cpu", backend="reference")
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_conversation_keeps_only_turns_that_completed(backend, tmp_path):
+    tts = misotts.load("tiny", device="cpu", backend=backend, engine={"max_batch": 2})
     chat = tts.conversation()
-    chat.add(1, "Hi.", codes=torch.randint(0, 2048, (3, 32)))
+    chat.add(1, "Hello, who is there?", codes=torch.randint(0, 2048, (3, 32)))
     for speak in (chat.say, chat.say_codes, lambda text, **kw: list(chat.stream(text, **kw))):
         with pytest.raises(ValueError, match="topk"):
             speak("A turn that fails.", topk=0)
     assert len(chat.history) == 1  # a turn that raised joins nothing
     with pytest.raises(FileNotFoundError, match="missing.wav"):  # at add(), not at the next turn
         chat.add(0, "Heard, not made.", audio=str(tmp_path / "missing.wav"))
+    with pytest.raises(ValueError, match="0..2047"):
+        chat.add(0, "Heard, not made.", codes=torch.full((2, 32), 4096))
     assert len(chat.history) == 1
-    codes = chat.say_codes("Next.", max_audio_ms=160, seed=3)
-    assert torch.equal(codes, tts.generate_codes("Next.", context=chat.history[:1], max_audio_ms=160, seed=3))
+    # The next turn is what it would be had the failures never happened.
+    codes = chat.say_codes("Next.", speaker=0, max_audio_ms=240, seed=3)
+    frames, mask = tts.prompt("Next.", 0, chat.history[:1])
+    assert torch.equal(codes, generate_codes(tts.model, frames, mask, 3, seed=3))
+    # A turn the caller stops early joins with the frames made.
     turn = chat.stream("Cut short.", speaker=1, max_audio_ms=400, seed=4)
     first = next(turn)
-    turn.close()  # stopped early: the frames made join
+    turn.close()
     assert len(chat.history) == 3 and torch.equal(chat.history[-1].codes, mimi_codes(first.codes))
+    tts.close()
 
 
 def test_the_tokenizer_json_bos_eos_reach_the_prompt(tmp_path):

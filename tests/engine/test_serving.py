@@ -86,29 +86,6 @@ def test_conversation_reuses_history_and_matches_cold_runs(tts):
     assert audio.samples.numel() == 2 * FRAME and torch.equal(chat.history[-1].codes, audio.codes)
 
 
-def test_conversation_keeps_only_turns_that_completed(tts, tmp_path):
-    chat = tts.conversation()
-    chat.add(1, "Hello, who is there?", codes=random_codes(3))
-    for speak in (chat.say, chat.say_codes, lambda text, **kw: list(chat.stream(text, **kw))):
-        with pytest.raises(ValueError, match="topk"):
-            speak("A turn that fails.", topk=0)
-    assert len(chat.history) == 1  # a turn that raised joins nothing
-    with pytest.raises(FileNotFoundError, match="missing.wav"):  # at add(), not at the next turn
-        chat.add(0, "Heard, not made.", audio=str(tmp_path / "missing.wav"))
-    with pytest.raises(ValueError, match="0..2047"):
-        chat.add(0, "Heard, not made.", codes=torch.full((2, TINY.num_codebooks), 4096))
-    assert len(chat.history) == 1
-    # The next turn is what it would be had the failures never happened.
-    codes = chat.say_codes("Next.", speaker=0, max_audio_ms=240, seed=3)
-    frames, mask = tts.prompt("Next.", 0, chat.history[:1])
-    assert torch.equal(codes, generate_codes(tts.model, frames, mask, 3, seed=3))
-    # A turn the caller stops early joins with the frames made.
-    turn = chat.stream("Cut short.", speaker=1, max_audio_ms=400, seed=4)
-    first = next(turn)
-    turn.close()
-    assert len(chat.history) == 3 and torch.equal(chat.history[-1].codes, first.codes)
-
-
 def test_text_ids_outside_the_vocabulary_are_refused(tts, monkeypatch):
     monkeypatch.setattr(tts, "tokenizer", ByteTokenizer(300, TINY.eos_id))  # a BOS the model has no row for
     with pytest.raises(ValueError, match=f"text id 300 .* {TINY.text_vocab_size}"):
