@@ -61,7 +61,8 @@ class EngineConfig:
 class Engine:
     def __init__(self, model: CSMModel, config: EngineConfig | None = None, progress: bool = False,
                  codec=None):
-        """codec: a `MimiCodec` for requests that ask for audio (decoded in the engine's thread)."""
+        """codec: a `MimiCodec`, or a function that makes one, for requests that ask for audio
+        (decoded in the engine's thread); made and set up at the first such request."""
         config = config or EngineConfig()
         self.model, self.config = model, config
         device = model.audio_head.device
@@ -81,11 +82,7 @@ class Engine:
                 self.runner.decode_frame(n)
         for lane in range(self.max_batch):
             self.runner.state.clear_lane(lane)
-        self.audio = None
-        if codec is not None:
-            from .audio import LaneDecoder  # moshi loads with the codec, not with the engine
-
-            self.audio = LaneDecoder(codec, self.max_batch)
+        self._codec, self.audio = codec, None
         self.scheduler = Scheduler(self.pool, self, self.max_batch, config.max_waiting, config.wait_timeout_s,
                                    config.prefill_chunk)
         self._cond = threading.Condition()
@@ -113,7 +110,7 @@ class Engine:
         frames, mask = frames.long().cpu(), mask.bool().cpu()
         check_request(self.model.config, frames, mask, max_frames, temperature, topk)  # the embedding would clamp ids
         if audio and self.audio is None:
-            raise ValueError("this engine has no codec to decode audio: build it with Engine(..., codec=...)")
+            self._start_audio()
         bs, needed = self.pool.block_size, self.scheduler.blocks_needed(frames.shape[0], max_frames)
         if needed > self.pool.num_blocks:
             raise ValueError(f"this request needs {needed} KV blocks of {bs} positions but the pool has "
@@ -132,6 +129,18 @@ class Engine:
                 self._thread.start()
             self._cond.notify_all()
         return req.stream
+
+    def _start_audio(self) -> None:
+        """The lanes' Mimi decoder, at the first request for audio (a codec that cannot be had --
+        offline, say -- then fails that request, not the engine's construction)."""
+        if self._codec is None:
+            raise ValueError("this engine has no codec to decode audio: build it with Engine(..., codec=...)")
+        from .audio import LaneDecoder  # moshi loads with the codec, not with the engine
+
+        decoder = LaneDecoder(self._codec() if callable(self._codec) else self._codec, self.max_batch)
+        with self._cond:  # every lane of a fresh decoder is reset; lanes that join from now on want it
+            if self.audio is None:
+                self.audio = decoder
 
     def generate(self, frames, mask, max_frames: int, **kwargs) -> torch.Tensor:
         """All frames of one request: codes [T, num_codebooks]."""

@@ -49,7 +49,7 @@ class TTS:
         if isinstance(config, dict):
             config = EngineConfig(**config)
         self.backend.close()
-        self.backend = Engine(self.model, config, progress=progress, codec=self.codec)
+        self.backend = Engine(self.model, config, progress=progress, codec=lambda: self.codec)
         return self.backend
 
     @property

@@ -216,3 +216,16 @@ def test_engine_decodes_each_streams_audio_like_a_solo_decoder(tiny_model, monke
     engine.close()
     with pytest.raises(ValueError, match="codec"):
         Engine(tiny_model, EngineConfig(max_batch=1)).submit(*prompt(), 2, audio=True)
+
+
+def test_a_codec_that_cannot_be_had_fails_only_audio_requests(tiny_model):
+    """The codec is made at the first audio request: offline, a real checkpoint's engine still
+    serves codes, and the audio request gets the codec's error."""
+    def offline():
+        raise FileNotFoundError("could not get the Mimi weights (offline)")
+
+    engine = Engine(tiny_model, EngineConfig(max_batch=1), codec=offline)
+    assert len(engine.generate(*prompt(), 2, **GEN)) == 2
+    with pytest.raises(FileNotFoundError, match="offline"):
+        engine.submit(*prompt(), 2, audio=True)
+    engine.close()
