@@ -90,7 +90,7 @@ class Reference:
 def to_transformers(model):
     """transformers' CsmForConditionalGeneration holding `model`'s tensors (shared, not copied).
 
-    The config comes from `ModelConfig.to_hf_dict()`, names from the weights package's HF name
+    The config comes from `hf_config` (weights/formats.py), names from the weights package's HF name
     map (read backwards), the audio table is tied into the depth decoder as in real checkpoints.
     The codec stays transformers' default (untrained, unused: audio is decoded by our Mimi).
     """
@@ -98,10 +98,10 @@ def to_transformers(model):
     from transformers import CsmConfig, CsmForConditionalGeneration
     from transformers.initialization import no_init_weights
 
-    from misotts.weights.formats import HF_NAMES
+    from misotts.weights.formats import HF_NAMES, hf_config
 
     transformers.logging.set_verbosity_error()  # it warns that our RoPE/token settings are unusual; they are right
-    config = CsmConfig(**model.config.to_hf_dict(), pad_token_id=None)
+    config = CsmConfig(**hf_config(model.config), pad_token_id=None)
     with no_init_weights():
         hf = CsmForConditionalGeneration(config)
     state = {HF_NAMES.from_canonical(name): t for name, t in model.state_dict().items()}
