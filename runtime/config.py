@@ -112,11 +112,3 @@ PRESETS = {
         text_vocab_size=258, bos_id=256, eos_id=257, tokenizer="bytes", name="tiny",
     ),
 }
-
-
-
-def preset(name: str) -> ModelConfig:
-    try:
-        return PRESETS[name]
-    except KeyError:
-        raise ValueError(f"unknown preset {name!r}; presets: {sorted(PRESETS)}") from None
