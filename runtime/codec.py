@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import os
-import re
 from pathlib import Path
 
 import torch
@@ -17,8 +16,9 @@ from moshi.modules.transformer import RingKVCache
 from moshi.quantization.core_vq import EuclideanCodebook
 from moshi.utils.compile import CUDAGraphed
 
+from .hub import HUB_ID
+
 UNTRAINED_SEED = 0
-_HUB_REPO_ID = re.compile(r"\w[\w.-]*/\w[\w.-]*")  # "owner/name"
 _WEIGHT_SUFFIXES = (".safetensors", ".sft", ".pt", ".pth", ".bin")
 
 
@@ -56,7 +56,7 @@ def _weights_file(weights: str | os.PathLike) -> str:
     if path.is_file():
         return str(path)
     name = str(weights)
-    if name != "hub" and (name.endswith(_WEIGHT_SUFFIXES) or not _HUB_REPO_ID.fullmatch(name)):
+    if name != "hub" and (name.endswith(_WEIGHT_SUFFIXES) or not HUB_ID.fullmatch(name)):
         raise FileNotFoundError(f"Mimi weights file not found: {name}")
     repo = loaders.DEFAULT_REPO if name == "hub" else name
     from huggingface_hub import hf_hub_download

@@ -116,6 +116,14 @@ def test_missing_directory_and_file_path(tmp_path, tiny_dir):
         load_model(tiny_dir / "model.safetensors", progress=False)
 
 
+def test_relative_path_is_not_a_hub_id(tmp_path, monkeypatch):
+    """'../ckpt' has the owner/name shape but is a path: reported missing, not looked up on the hub."""
+    monkeypatch.chdir(tmp_path)
+    for missing in ("../no-such-ckpt", "./no/such-ckpt"):
+        with pytest.raises(FileNotFoundError, match="checkpoint directory not found"):
+            load_model(missing, progress=False)
+
+
 def test_hub_id_offline(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no local folder called sesame/csm-1b
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
