@@ -18,9 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from misotts.runtime.audio import FRAME_MS
 from misotts.runtime.codec import mimi_codes
-
-from .stats import FRAME_S
 
 SAMPLING = dict(temperature=0.9, topk=50)
 
@@ -51,12 +50,12 @@ class Reference:
         tts, times, codes = self.tts, [], []
         start = time.perf_counter()
         if audio:
-            for chunk in tts.stream(wl.text, wl.speaker, wl.context, max_audio_ms=frames * FRAME_S * 1e3, seed=seed,
+            for chunk in tts.stream(wl.text, wl.speaker, wl.context, max_audio_ms=frames * FRAME_MS, seed=seed,
                                     chunk_frames=1, **SAMPLING, **_no_eos(tts.stream)):
                 times.append(time.perf_counter() - start)
                 codes.append(chunk.codes)
         else:
-            for c in tts.iter_codes(wl.text, wl.speaker, wl.context, max_audio_ms=frames * FRAME_S * 1e3, seed=seed,
+            for c in tts.iter_codes(wl.text, wl.speaker, wl.context, max_audio_ms=frames * FRAME_MS, seed=seed,
                                     **SAMPLING, **_no_eos(tts.iter_codes)):
                 codes.append(c[None].cpu())
                 times.append(time.perf_counter() - start)

@@ -81,8 +81,8 @@ class MimiCodec:
 
     def __init__(self, mimi):
         self.mimi = mimi
-        self.sample_rate = mimi.sample_rate  # 24000
-        self.frame_size = mimi.frame_size  # 1920 samples per frame
+        self.sample_rate = mimi.sample_rate  # audio.SAMPLE_RATE
+        self.frame_size = mimi.frame_size  # audio.FRAME_SAMPLES samples per frame
         self.num_codebooks = mimi.num_codebooks
         self.cardinality = mimi.cardinality  # 2048 entries per codebook
         self.device = next(mimi.parameters()).device

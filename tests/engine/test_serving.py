@@ -7,6 +7,7 @@ import torch
 
 from misotts import serving
 from misotts.api import TTS, Audio
+from misotts.runtime.audio import SAMPLE_RATE
 from misotts.runtime.generate import generate_codes
 from misotts.runtime.tokenizer import ByteTokenizer
 
@@ -43,7 +44,7 @@ def test_concurrent_audio_streams_equal_solo(tts):
 
     def run(i):
         chunks = list(serving.stream(tts, texts[i], max_audio_ms=240, seed=i))
-        results[i] = Audio(torch.cat([c.samples for c in chunks]), 24_000, torch.cat([c.codes for c in chunks]))
+        results[i] = Audio(torch.cat([c.samples for c in chunks]), SAMPLE_RATE, torch.cat([c.codes for c in chunks]))
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
     for t in threads:

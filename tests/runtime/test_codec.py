@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from misotts.runtime.audio import FRAME_SAMPLES, SAMPLE_RATE
 from misotts.runtime.codec import load_codec
 
 FRAME = 1920
@@ -34,6 +35,7 @@ def test_untrained_codec_is_deterministic_and_leaves_global_rng_alone(codec):
     assert all(torch.equal(ours[name], theirs[name]) for name in ours)
     assert (codec.sample_rate, codec.frame_size, codec.num_codebooks) == (24000, 1920, 32)
     assert codec.sample_rate / codec.frame_size == 12.5
+    assert (codec.sample_rate, codec.frame_size) == (SAMPLE_RATE, FRAME_SAMPLES)  # our constants are Mimi's
 
 
 def test_encode_shape_range_and_determinism(codec):
