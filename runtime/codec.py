@@ -162,12 +162,6 @@ class MimiStreamDecoder:
         self.open()
         return self.codec.mimi.decode(codes[:, :, None].to(self.codec.device))[:, 0]
 
-    @torch.no_grad()
-    def reset(self):
-        """Forget all frames decoded so far, as if the stream had just been opened."""
-        if self._exit_stack is not None:
-            self.codec.mimi.reset_streaming()
-
     def close(self):
         """End streaming and free its state; the codec can then encode/decode again."""
         if self._exit_stack is not None:
