@@ -19,6 +19,9 @@ from typing import Callable, Optional
 
 import torch
 
+from misotts.kernels.report import COMPILED_PRESETS
+from misotts.runtime.config import PRESETS
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -39,7 +42,6 @@ def _cases(preset, device, dtype=torch.bfloat16, small=False):
     from misotts.kernels.embedding import rvq_embed
     from misotts.kernels.flash_backend import flash_decode, flash_prefill
     from misotts.kernels.paged_attention import decode_workspace, paged_decode, paged_prefill
-    from misotts.kernels.report import AUDIO_VOCAB, NUM_CODEBOOKS, PRESETS, TEXT_VOCAB
     from misotts.kernels.rmsnorm import rmsnorm
     from misotts.kernels.rope import llama3_inv_freq, rope_kv_write
     from misotts.kernels.sampling import depth_step, sample_topk
@@ -55,26 +57,27 @@ def _cases(preset, device, dtype=torch.bfloat16, small=False):
         return torch.randint(0, high, shape, generator=g, device=device, dtype=dt)
 
     cfg = PRESETS[preset]
+    n_cb, vocab = cfg.num_codebooks, cfg.audio_vocab_size
     tokens, decode_batch, context = (8, 2, 40) if small else (512, 8, 2048)
     cases = []
 
-    dim = cfg["backbone"][0] if not small else 64
+    dim = cfg.backbone.dim if not small else 64
     for rows in (decode_batch, tokens):
-        frames = ints(AUDIO_VOCAB, 1, rows, NUM_CODEBOOKS + 1)
+        frames = ints(vocab, 1, rows, n_cb + 1)
         mask = torch.ones_like(frames, dtype=torch.bool)
         mask[..., -1] = False  # an audio frame: 32 codebook rows, no text
-        text, audio = randn(TEXT_VOCAB if not small else 100, dim), randn(NUM_CODEBOOKS * AUDIO_VOCAB, dim)
+        text, audio = randn(cfg.text_vocab_size if not small else 100, dim), randn(n_cb * vocab, dim)
         out = torch.empty(1, rows, dim, device=device, dtype=dtype)
         cases.append(Case("rvq_embed", f"{rows} frames D{dim}",
                           lambda f=frames, m=mask, t=text, a=audio, o=out: rvq_embed(f, m, t, a, out=o),
                           lambda f=frames, m=mask, t=text, a=audio: ref.rvq_embed_ref(f, m, t, a),
-                          rows * (NUM_CODEBOOKS + 1) * dim * size))
+                          rows * (n_cb + 1) * dim * size))
 
-    for part in ("backbone", "decoder"):
-        d, hq, hkv, ffn, hd = cfg[part]
+    for part, tc in (("backbone", cfg.backbone), ("decoder", cfg.decoder)):
+        d, hq, hkv, ffn, hd = tc.dim, tc.n_heads, tc.n_kv_heads, tc.ffn_dim, tc.head_dim
         if small:
             d, hq, hkv, ffn = 64, 4, 2, 96
-        ctx = context if part == "backbone" else NUM_CODEBOOKS + 1
+        ctx = context if part == "backbone" else n_cb + 1
         label = f"{part} Hq{hq}/Hkv{hkv}/d{hd}"
         page, flash_page = 16, 256
 
@@ -137,22 +140,22 @@ def _cases(preset, device, dtype=torch.bfloat16, small=False):
             cases.append(Case("swiglu", f"{part} {rows}x F{ffn}", lambda a=gate_up: swiglu(a),
                               lambda a=gate_up: ref.swiglu_ref(a), 3 * rows * ffn * size))
 
-    dec = cfg["decoder"][0] if not small else 64
+    dec = cfg.decoder.dim if not small else 64
     batch = decode_batch
     seed, counter = ints(2**40, batch), ints(2**20, batch)
     for codebook in (0, 1):
-        h_dim = (cfg["backbone"][0] if not small else 64) if codebook == 0 else dec
-        h, head = randn(batch, h_dim), randn(h_dim, AUDIO_VOCAB)
-        embed = randn(NUM_CODEBOOKS * AUDIO_VOCAB, dec)
-        codes = torch.zeros(batch, NUM_CODEBOOKS, dtype=torch.int64, device=device)
-        nxt, logits = randn(batch, dec), torch.empty(batch, AUDIO_VOCAB, device=device)
-        cases.append(Case("depth_step", f"codebook{codebook} B{batch} D{h_dim}->V{AUDIO_VOCAB} top50",
+        h_dim = (cfg.backbone.dim if not small else 64) if codebook == 0 else dec
+        h, head = randn(batch, h_dim), randn(h_dim, vocab)
+        embed = randn(n_cb * vocab, dec)
+        codes = torch.zeros(batch, n_cb, dtype=torch.int64, device=device)
+        nxt, logits = randn(batch, dec), torch.empty(batch, vocab, device=device)
+        cases.append(Case("depth_step", f"codebook{codebook} B{batch} D{h_dim}->V{vocab} top50",
                           lambda a=(h, head, codebook, embed, codes, nxt, seed, counter, 0.9, 50), lg=logits:
                               depth_step(*a, logits=lg),
                           lambda a=(h, head, codebook, embed, seed, counter, 0.9, 50): ref.depth_step_ref(*a),
-                          h_dim * AUDIO_VOCAB * size + batch * (h_dim + 2 * dec) * size))
-    logits = randn(batch, AUDIO_VOCAB, dt=torch.float32)
-    cases.append(Case("sample_topk", f"B{batch} V{AUDIO_VOCAB} top50",
+                          h_dim * vocab * size + batch * (h_dim + 2 * dec) * size))
+    logits = randn(batch, vocab, dt=torch.float32)
+    cases.append(Case("sample_topk", f"B{batch} V{vocab} top50",
                       lambda: sample_topk(logits, 0.9, 50, seed, counter),
                       lambda: ref.sample_topk_ref(logits, 0.9, 50, seed, counter), logits.numel() * 4))
     return cases
@@ -180,7 +183,7 @@ def _try_ms(fn):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", choices=["miso-8b", "csm-1b"], action="append")
+    parser.add_argument("--preset", choices=COMPILED_PRESETS, action="append")
     parser.add_argument("--out", type=Path, default=RESULTS)
     opts = parser.parse_args(argv)
     if not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -190,7 +193,7 @@ def main(argv=None):
     device = torch.device("cuda")
     copy = _copy_gbps(device)
     rows = []
-    for preset in opts.preset or ["miso-8b", "csm-1b"]:
+    for preset in opts.preset or COMPILED_PRESETS:
         for case in _cases(preset, device):
             ms, ref_ms, flash_ms = _median_ms(case.triton), _try_ms(case.torch), _try_ms(case.flash)
             gbps = case.bytes / ms / 1e6

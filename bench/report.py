@@ -8,6 +8,8 @@ import json
 import sys
 from pathlib import Path
 
+from misotts.runtime.audio import FRAME_MS
+
 OURS = ("engine", "reference")  # the targets judge the first of these that was measured
 PEERS = ("transformers", "transformers-static")
 
@@ -126,7 +128,7 @@ def markdown(merged: dict, checks: list[dict]) -> str:
         tput = " / ".join(_fmt(_get(f, "throughput", str(s)), "{:.0f}") for s in streams)
         rtf = _get(f, "short", "frame_ms")
         lines.append(f"| *floor* | {ttfa} | | {_fmt(_get(f, 'short', 'frame_ms'), '{:.2f}')} | "
-                     f"{_fmt(rtf and rtf / 80, '{:.4f}')} | {tput} | |")
+                     f"{_fmt(rtf and rtf / FRAME_MS, '{:.4f}')} | {tput} | |")
         lines += [""] + ratio_lines(m)
         for sys_name, err in m["errors"].items():
             lines.append(f"- {sys_name} failed: `{err}`")

@@ -32,15 +32,17 @@ from pathlib import Path
 
 import torch
 
+from misotts.runtime.audio import FRAME_MS, FRAME_S
+
 from . import floors
-from .stats import FRAME_S, median, stream_metrics, throughput
+from .stats import median, stream_metrics, throughput
 from .systems import EngineSystem, Reference, Transformers, Workload
 
 RESULTS = Path(__file__).parent / "results"
 SHORT_TEXT = "Hello! How are you today?"  # 30 prompt positions with the byte tokenizer
 CONTEXT = [(1, "Hi, it is good to see you."), (0, "It has been a long week.")]
 FOLLOW_UP = (1, "Tell me more about it.")
-CONTEXT_FRAMES = 125  # 10 s of audio per earlier turn
+CONTEXT_FRAMES = 10_000 // FRAME_MS  # 10 s of audio per earlier turn
 ALL_SYSTEMS = ("reference", "engine", "transformers", "transformers-static")
 
 

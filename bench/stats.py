@@ -5,7 +5,7 @@ or PCM -- reached the host, one entry per frame.  A batch run is measured by its
 """
 from __future__ import annotations
 
-FRAME_S = 0.08  # one Mimi frame: 1920 samples at 24 kHz
+from misotts.runtime.audio import FRAME_S
 
 
 def percentile(xs, q: float) -> float:

@@ -18,9 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from misotts.runtime.audio import FRAME_MS
 from misotts.runtime.prompt import audio_rows, mimi_codes
-
-from .stats import FRAME_S
 
 SAMPLING = dict(temperature=0.9, topk=50)
 
@@ -51,12 +50,12 @@ class Reference:
         tts, times, codes = self.tts, [], []
         start = time.perf_counter()
         if audio:
-            for chunk in tts.stream(wl.text, wl.speaker, wl.context, max_audio_ms=frames * FRAME_S * 1e3, seed=seed,
+            for chunk in tts.stream(wl.text, wl.speaker, wl.context, max_audio_ms=frames * FRAME_MS, seed=seed,
                                     chunk_frames=1, **SAMPLING, **_no_eos(tts.stream)):
                 times.append(time.perf_counter() - start)
                 codes.append(chunk.codes)
         else:
-            for c in tts.iter_codes(wl.text, wl.speaker, wl.context, max_audio_ms=frames * FRAME_S * 1e3, seed=seed,
+            for c in tts.iter_codes(wl.text, wl.speaker, wl.context, max_audio_ms=frames * FRAME_MS, seed=seed,
                                     **SAMPLING, **_no_eos(tts.iter_codes)):
                 codes.append(c[None].cpu())
                 times.append(time.perf_counter() - start)
@@ -88,7 +87,7 @@ class Reference:
 def to_transformers(model):
     """transformers' CsmForConditionalGeneration holding `model`'s tensors (shared, not copied).
 
-    The config comes from `ModelConfig.to_hf_dict()`, names from the weights package's HF name
+    The config comes from `hf_config` (weights/formats.py), names from the weights package's HF name
     map (read backwards), the audio table is tied into the depth decoder as in real checkpoints.
     The codec stays transformers' default (untrained, unused: audio is decoded by our Mimi).
     """
@@ -96,10 +95,10 @@ def to_transformers(model):
     from transformers import CsmConfig, CsmForConditionalGeneration
     from transformers.initialization import no_init_weights
 
-    from misotts.weights.formats import HF_NAMES
+    from misotts.weights.formats import HF_NAMES, hf_config
 
     transformers.logging.set_verbosity_error()  # it warns that our RoPE/token settings are unusual; they are right
-    config = CsmConfig(**model.config.to_hf_dict(), pad_token_id=None)
+    config = CsmConfig(**hf_config(model.config), pad_token_id=None)
     with no_init_weights():
         hf = CsmForConditionalGeneration(config)
     state = {HF_NAMES.from_canonical(name): t for name, t in model.state_dict().items()}

@@ -2,10 +2,11 @@
 
     python -m misotts.kernels.report [--arch sm_90a|sm_80|all] [--kernel NAME] [--preset NAME] [--jobs N]
 
-The real launchers are called on `meta` tensors of the preset shapes; `_utils.launch` records the
-kernel, arguments and meta-parameters instead of running them, and each recorded launch is compiled
-with triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32)) using the same argument
-specialization (dtypes, 16-byte alignment, ints divisible by 16) that the JIT would use at run time.
+The real launchers are called on `meta` tensors of the presets' shapes (runtime/config.py PRESETS);
+`_utils.launch` records the kernel, arguments and meta-parameters instead of running them, and each
+recorded launch is compiled with triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))
+using the same argument specialization (dtypes, 16-byte alignment, ints divisible by 16) that the
+JIT would use at run time.
 ptxas -v on the generated PTX gives registers and spills; shared memory is Triton's allocation.
 Exit status 1 on any failed compile or any spill.
 """
@@ -21,11 +22,9 @@ import time
 
 import torch
 
-PRESETS = {  # dim / heads / kv_heads / ffn / head_dim, backbone then depth decoder
-    "miso-8b": dict(backbone=(4096, 32, 8, 14336, 128), decoder=(1024, 8, 2, 8192, 128)),
-    "csm-1b": dict(backbone=(2048, 32, 8, 8192, 64), decoder=(1024, 8, 2, 8192, 128)),
-}
-TEXT_VOCAB, AUDIO_VOCAB, NUM_CODEBOOKS = 128256, 2051, 32
+from misotts.runtime.config import PRESETS
+
+COMPILED_PRESETS = ("miso-8b", "csm-1b")  # the full-size presets (tiny is for tests)
 ARCHS = {"sm_90a": 90, "sm_80": 80}
 PAGE = 16  # KV block size compiled in the report (the kernels take any power of two >= 16)
 
@@ -40,16 +39,17 @@ def _cases(preset):
     ints = dict(dtype=torch.int32)
     longs = dict(dtype=torch.int64)
     cfg = PRESETS[preset]
-    dim = cfg["backbone"][0]
+    n_cb, vocab, dim, dec = cfg.num_codebooks, cfg.audio_vocab_size, cfg.backbone.dim, cfg.decoder.dim
     cases = [("rvq_embed", f"{preset} D{dim}", lambda: embedding.rvq_embed(
-        t(1, 16, NUM_CODEBOOKS + 1, **longs), t(1, 16, NUM_CODEBOOKS + 1, dtype=torch.bool), t(TEXT_VOCAB, dim),
-        t(NUM_CODEBOOKS * AUDIO_VOCAB, dim)))]
+        t(1, 16, n_cb + 1, **longs), t(1, 16, n_cb + 1, dtype=torch.bool), t(cfg.text_vocab_size, dim),
+        t(n_cb * vocab, dim)))]
+
     def cache(hkv, hd):
         return t(4096, PAGE, hkv, hd)
 
-    for part in ("backbone", "decoder"):
-        d, hq, hkv, ffn, hd = cfg[part]
-        ctx = 2048 if part == "backbone" else NUM_CODEBOOKS + 1
+    for part, tc in (("backbone", cfg.backbone), ("decoder", cfg.decoder)):
+        d, hq, hkv, ffn, hd, eps = tc.dim, tc.n_heads, tc.n_kv_heads, tc.ffn_dim, tc.head_dim, tc.norm_eps
+        ctx = tc.max_seq_len if part == "backbone" else n_cb + 1  # the depth decoder sees one frame
         blocks = -(-ctx // PAGE)
         label = f"{preset} {part} Hq{hq}/Hkv{hkv}/d{hd}"
 
@@ -63,24 +63,24 @@ def _cases(preset):
             ("paged_prefill", f"{label} page{PAGE}", lambda hq=hq, hkv=hkv, hd=hd, blocks=blocks: (
                 paged_attention.paged_prefill(t(512, hq, hd), t(5, **ints), 256, cache(hkv, hd), cache(hkv, hd),
                                               t(4, blocks, **ints), t(4, **ints)))),
-            ("rmsnorm", f"{preset} {part} D{d}", lambda d=d: rmsnorm.rmsnorm(t(64, d), t(d), 1e-5, residual=t(64, d))),
+            ("rmsnorm", f"{preset} {part} D{d}", lambda d=d, eps=eps: rmsnorm.rmsnorm(t(64, d), t(d), eps,
+                                                                                    residual=t(64, d))),
             ("swiglu", f"{preset} {part} F{ffn}", lambda ffn=ffn: swiglu.swiglu(t(64, 2 * ffn))),
         ]
-    dec = cfg["decoder"][0]
     for codebook, h_dim in ((0, dim), (1, dec)):
-        cases.append(("depth_step", f"{preset} codebook{codebook} D{h_dim}->V{AUDIO_VOCAB} B8",
+        cases.append(("depth_step", f"{preset} codebook{codebook} D{h_dim}->V{vocab} B8",
                       lambda codebook=codebook, h_dim=h_dim: sampling.depth_step(
-                          t(8, h_dim), t(NUM_CODEBOOKS - 1, h_dim, AUDIO_VOCAB)[max(codebook - 1, 0)], codebook,
-                          t(NUM_CODEBOOKS * AUDIO_VOCAB, dec), t(8, NUM_CODEBOOKS, **longs), t(8, dec), t(8, **longs),
-                          t(8, **longs), 0.9, 50, logits=t(8, AUDIO_VOCAB, dtype=torch.float32))))
-    cases.append(("depth_step", f"{preset} codebook1 D{dec}->V{AUDIO_VOCAB} B8 per-lane params",
+                          t(8, h_dim), t(n_cb - 1, h_dim, vocab)[max(codebook - 1, 0)], codebook,
+                          t(n_cb * vocab, dec), t(8, n_cb, **longs), t(8, dec), t(8, **longs),
+                          t(8, **longs), 0.9, 50, logits=t(8, vocab, dtype=torch.float32))))
+    cases.append(("depth_step", f"{preset} codebook1 D{dec}->V{vocab} B8 per-lane params",
                   lambda: sampling.depth_step(
-                      t(8, dec), t(NUM_CODEBOOKS - 1, dec, AUDIO_VOCAB)[0], 1, t(NUM_CODEBOOKS * AUDIO_VOCAB, dec),
-                      t(8, NUM_CODEBOOKS, **longs), t(8, dec), t(8, **longs), t(8, **longs),
-                      t(8, dtype=torch.float32), t(8, **longs), logits=t(8, AUDIO_VOCAB, dtype=torch.float32),
+                      t(8, dec), t(n_cb - 1, dec, vocab)[0], 1, t(n_cb * vocab, dec),
+                      t(8, n_cb, **longs), t(8, dec), t(8, **longs), t(8, **longs),
+                      t(8, dtype=torch.float32), t(8, **longs), logits=t(8, vocab, dtype=torch.float32),
                       counter_offset=1)))
-    cases.append(("sample_topk", f"{preset} V{AUDIO_VOCAB} B8", lambda: sampling.sample_topk(
-        t(8, AUDIO_VOCAB, dtype=torch.float32), 0.9, 50, t(8, **longs), t(8, **longs))))
+    cases.append(("sample_topk", f"{preset} V{vocab} B8", lambda: sampling.sample_topk(
+        t(8, vocab, dtype=torch.float32), 0.9, 50, t(8, **longs), t(8, **longs))))
     return cases
 
 
@@ -161,13 +161,13 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", choices=[*ARCHS, "all"], default="all")
     parser.add_argument("--kernel", help="only cases of this kernel (e.g. rmsnorm)")
-    parser.add_argument("--preset", choices=list(PRESETS), help="only this preset")
+    parser.add_argument("--preset", choices=COMPILED_PRESETS, help="only this preset")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     opts = parser.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)  # the report compiles real kernels
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     archs = list(ARCHS) if opts.arch == "all" else [opts.arch]
-    presets = [opts.preset] if opts.preset else list(PRESETS)
+    presets = [opts.preset] if opts.preset else COMPILED_PRESETS
     jobs = [(p, i, a) for a in archs for p in presets for i, (k, _, _) in enumerate(_cases(p))
             if opts.kernel in (None, k)]
     if not jobs:

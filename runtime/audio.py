@@ -10,7 +10,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-SAMPLE_RATE = 24000
+# Mimi's audio: every other definition imports these.
+SAMPLE_RATE = 24_000  # samples per second
+FRAME_SAMPLES = 1920  # samples per frame (one code per codebook): 12.5 frames/s
+FRAME_MS = 1000 * FRAME_SAMPLES // SAMPLE_RATE  # 80 ms of audio per frame
+FRAME_S = FRAME_SAMPLES / SAMPLE_RATE  # 0.08 s
 
 # Resampler low-pass: Kaiser-windowed sinc with this many zero crossings each side, cut off at
 # this fraction of the lower Nyquist frequency; `resample` documents the measured accuracy.

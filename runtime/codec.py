@@ -6,7 +6,6 @@ one code per codebook; CSM uses the first 32 of its codebooks, each with 2048 en
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 import torch
@@ -14,8 +13,9 @@ from moshi.models import loaders
 from moshi.quantization.core_vq import EuclideanCodebook
 
 
+from .hub import HUB_ID
+
 UNTRAINED_SEED = 0
-_HUB_REPO_ID = re.compile(r"\w[\w.-]*/\w[\w.-]*")  # "owner/name"
 _WEIGHT_SUFFIXES = (".safetensors", ".sft", ".pt", ".pth", ".bin")
 
 
@@ -53,7 +53,7 @@ def _weights_file(weights: str | os.PathLike) -> str:
     if path.is_file():
         return str(path)
     name = str(weights)
-    if name != "hub" and (name.endswith(_WEIGHT_SUFFIXES) or not _HUB_REPO_ID.fullmatch(name)):
+    if name != "hub" and (name.endswith(_WEIGHT_SUFFIXES) or not HUB_ID.fullmatch(name)):
         raise FileNotFoundError(f"Mimi weights file not found: {name}")
     repo = loaders.DEFAULT_REPO if name == "hub" else name
     from huggingface_hub import hf_hub_download
@@ -78,8 +78,8 @@ class MimiCodec:
 
     def __init__(self, mimi):
         self.mimi = mimi
-        self.sample_rate = mimi.sample_rate  # 24000
-        self.frame_size = mimi.frame_size  # 1920 samples per frame
+        self.sample_rate = mimi.sample_rate  # audio.SAMPLE_RATE
+        self.frame_size = mimi.frame_size  # audio.FRAME_SAMPLES samples per frame
         self.num_codebooks = mimi.num_codebooks
         self.cardinality = mimi.cardinality  # 2048 entries per codebook
         self.device = next(mimi.parameters()).device
@@ -158,12 +158,6 @@ class MimiStreamDecoder:
         self.codec._check_codes(codes, "B", self.batch_size)
         self.open()
         return self.codec.mimi.decode(codes[:, :, None].to(self.codec.device))[:, 0]
-
-    @torch.no_grad()
-    def reset(self):
-        """Forget all frames decoded so far, as if the stream had just been opened."""
-        if self._exit_stack is not None:
-            self.codec.mimi.reset_streaming()
 
     def close(self):
         """End streaming and free its state; the codec can then encode/decode again."""

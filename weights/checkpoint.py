@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from misotts.runtime.config import ModelConfig, config_from_json_dict
+from misotts.runtime.config import ModelConfig
 
-from .formats import (INDEX_FILE, NAME_MAPS, SESAME_DEFAULT_CONFIG, TORCH_FILE, detect_format,
-                      interleaved_to_halves, read_config_json, rope_heads, weight_file)
+from .formats import (INDEX_FILE, NAME_MAPS, TORCH_FILE, detect_format, interleaved_to_halves, read_config,
+                      rope_heads, weight_file)
 
 
 class SafetensorsFile:
@@ -97,8 +97,7 @@ class Checkpoint:
         self.dir = Path(path)
         self.format = detect_format(self.dir)
         self.names = NAME_MAPS[self.format]
-        config = read_config_json(self.dir) or (SESAME_DEFAULT_CONFIG if self.format == "sesame" else {})
-        self.config: ModelConfig = config_from_json_dict(config)
+        self.config: ModelConfig = read_config(self.dir, self.format)
         files = open_weight_files(self.dir)
         self.sources: dict[str, tuple[str, SafetensorsFile | TorchFile]] = {}  # ours -> (file's name, file)
         self.unknown: list[str] = []  # the file's names that mean nothing to us

@@ -1,17 +1,19 @@
-"""Checkpoint formats: which one a folder holds, and what its tensor names mean in ours.
+"""Checkpoint formats: which one a folder holds, its config, and what its tensor names mean in ours.
 
-Three layouts are read (see runtime/model.py for our canonical names):
+Everything we know about a format other than our own lives here. Three layouts are read (see
+runtime/model.py for our canonical names):
 
-- ``misotts``: ours. config.json with ``"format": "misotts"``; model.safetensors or a sharded
-  model.safetensors.index.json.  Names are canonical already.
-- ``hf``: transformers' CSM. config.json with ``"model_type": "csm"``; same weight files.  Mimi
-  is bundled as ``codec_model.*`` (ignored: the codec is loaded on its own).
+- ``misotts``: ours. config.json with ``"format": "misotts"`` (`ModelConfig.to_dict`);
+  model.safetensors or a sharded model.safetensors.index.json.  Names are canonical already.
+- ``hf``: transformers' CSM. config.json with ``"model_type": "csm"`` (``CsmConfig``); same weight
+  files.  Mimi is bundled as ``codec_model.*`` (ignored: the codec is loaded on its own).
 - ``sesame``: Sesame's original (torchtune names). config.json with backbone_flavor /
   decoder_flavor and model.safetensors, or a ``ckpt.pt`` torch checkpoint.  Its q/k weights are
   laid out for RoPE on interleaved pairs; we rotate halves, so they are permuted on load.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import dataclass, field
@@ -19,7 +21,9 @@ from pathlib import Path
 
 import torch
 
-FORMATS = ("misotts", "hf", "sesame")
+from misotts.runtime.config import (AUDIO_VOCAB_SIZE, LLAMA3_BOS, LLAMA3_EOS, NUM_CODEBOOKS, PRESETS, ModelConfig,
+                                    RopeScaling, TransformerConfig)
+
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 TORCH_FILE = "ckpt.pt"
@@ -27,6 +31,8 @@ TORCH_FILE = "ckpt.pt"
 # Sesame's first release shipped ckpt.pt alone; its generator hard-coded the CSM-1B shapes.
 SESAME_DEFAULT_CONFIG = {"backbone_flavor": "llama-1B", "decoder_flavor": "llama-100M"}
 
+
+# ---- which format ---------------------------------------------------------------------------
 
 def read_config_json(path: Path) -> dict | None:
     file = Path(path) / "config.json"
@@ -39,7 +45,10 @@ def read_config_json(path: Path) -> dict | None:
 
 
 def detect_format(path: str | Path) -> str:
-    """'misotts', 'hf' or 'sesame', from the files in the checkpoint folder `path`."""
+    """'misotts', 'hf' or 'sesame', from the files in the checkpoint folder `path`.
+
+    The one place a format is recognised: by the fields of its config.json, or (Sesame's first
+    release) by a ckpt.pt with no config."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory not found: {path}")
@@ -69,6 +78,106 @@ def weight_file(path: Path) -> str | None:
         if (path / name).is_file():
             return name
     return None
+
+
+def read_config(path: Path, fmt: str) -> ModelConfig:
+    """The config of the checkpoint folder `path`, whose format `detect_format` found to be `fmt`."""
+    return CONFIG_READERS[fmt](read_config_json(path) or SESAME_DEFAULT_CONFIG)
+
+
+# ---- configs --------------------------------------------------------------------------------
+
+def config_from_hf(d: dict) -> ModelConfig:
+    """Our config from the fields of transformers' ``CsmConfig``."""
+    dec = d.get("depth_decoder_config") or {}
+    bos = d.get("bos_token_id")
+    return ModelConfig(
+        backbone=_transformer_from_hf(d, default_max_len=2048),
+        decoder=_transformer_from_hf(dec, default_max_len=33),
+        text_vocab_size=d.get("text_vocab_size", 128_256),
+        audio_vocab_size=d.get("vocab_size", AUDIO_VOCAB_SIZE),
+        num_codebooks=d.get("num_codebooks", NUM_CODEBOOKS),
+        bos_id=LLAMA3_BOS if bos is None else bos,
+        eos_id=LLAMA3_EOS,
+        name=d.get("_name_or_path") or "csm",
+    )
+
+
+def _transformer_from_hf(d: dict, default_max_len: int) -> TransformerConfig:
+    # transformers >= 5 keeps rope settings in `rope_parameters`; 4.x used rope_theta + rope_scaling.
+    rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+    base = rope.get("rope_theta", d.get("rope_theta", 500_000.0))
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in ("default", "llama3"):
+        raise ValueError(f"unsupported rope_type {kind!r} (supported: default, llama3)")
+    scaling = None
+    if kind == "llama3":
+        scaling = RopeScaling(
+            factor=rope["factor"],
+            low_freq_factor=rope["low_freq_factor"],
+            high_freq_factor=rope["high_freq_factor"],
+            original_max_position_embeddings=rope["original_max_position_embeddings"],
+        )
+    n_heads = d.get("num_attention_heads", 32)
+    return TransformerConfig(
+        dim=d["hidden_size"],
+        n_layers=d["num_hidden_layers"],
+        n_heads=n_heads,
+        n_kv_heads=d.get("num_key_value_heads") or n_heads,
+        ffn_dim=d["intermediate_size"],
+        head_dim=d.get("head_dim") or 0,
+        norm_eps=d.get("rms_norm_eps", 1e-5),
+        rope_base=float(base),
+        rope_scaling=scaling,
+        max_seq_len=d.get("max_position_embeddings", default_max_len),
+    )
+
+
+def hf_config(config: ModelConfig) -> dict:
+    """The transformers ``CsmConfig`` fields for a model of `config` (without the codec config)."""
+
+    def fields(t: TransformerConfig) -> dict:
+        rope = {"rope_type": "default", "rope_theta": t.rope_base}
+        if t.rope_scaling is not None:
+            rope = {"rope_type": "llama3", "rope_theta": t.rope_base, **dataclasses.asdict(t.rope_scaling)}
+        return dict(hidden_size=t.dim, num_hidden_layers=t.n_layers, num_attention_heads=t.n_heads,
+                    num_key_value_heads=t.n_kv_heads, intermediate_size=t.ffn_dim, head_dim=t.head_dim,
+                    rms_norm_eps=t.norm_eps, rope_parameters=rope, max_position_embeddings=t.max_seq_len)
+
+    return {
+        **fields(config.backbone), "model_type": "csm", "text_vocab_size": config.text_vocab_size,
+        "vocab_size": config.audio_vocab_size, "num_codebooks": config.num_codebooks, "bos_token_id": config.bos_id,
+        "depth_decoder_config": {**fields(config.decoder), "backbone_hidden_size": config.backbone.dim,
+                                 "vocab_size": config.audio_vocab_size, "num_codebooks": config.num_codebooks},
+    }
+
+
+# Sesame's flavours (torchtune llama3_2 builders): the shapes of our presets' transformers.
+SESAME_FLAVORS = {
+    "llama-1B": PRESETS["csm-1b"].backbone,
+    "llama-100M": PRESETS["csm-1b"].decoder,
+    "llama-8B": PRESETS["miso-8b"].backbone,
+    "llama-300M": PRESETS["miso-8b"].decoder,
+}
+
+
+def config_from_sesame(d: dict) -> ModelConfig:
+    """Our config from Sesame's (flavour names for the shapes)."""
+    flavors = {"backbone_flavor": d.get("backbone_flavor"), "decoder_flavor": d.get("decoder_flavor")}
+    for key, flavor in flavors.items():
+        if flavor not in SESAME_FLAVORS:
+            raise ValueError(f"unknown Sesame {key} {flavor!r}; known: {sorted(SESAME_FLAVORS)}")
+    return ModelConfig(
+        backbone=SESAME_FLAVORS[flavors["backbone_flavor"]],
+        decoder=SESAME_FLAVORS[flavors["decoder_flavor"]],
+        text_vocab_size=d.get("text_vocab_size", 128_256),
+        audio_vocab_size=d.get("audio_vocab_size", AUDIO_VOCAB_SIZE),
+        num_codebooks=d.get("audio_num_codebooks", NUM_CODEBOOKS),
+        name=f"sesame-{flavors['backbone_flavor']}",
+    )
+
+
+CONFIG_READERS = {"misotts": ModelConfig.from_dict, "hf": config_from_hf, "sesame": config_from_sesame}
 
 
 # ---- names ----------------------------------------------------------------------------------

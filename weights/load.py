@@ -6,19 +6,17 @@ to its target dtype and device, so an 8B model never exists in fp32 (or twice) o
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from misotts.runtime.config import ModelConfig
+from misotts.runtime.hub import HUB_ID
 from misotts.runtime.model import CSMModel
 
 from .checkpoint import Checkpoint
 from .formats import weight_file
-
-HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
 
 def default_dtype(device: torch.device) -> torch.dtype:

@@ -7,6 +7,7 @@ from misotts.kernels.rng import uniform
 from misotts.runtime.config import ModelConfig
 from misotts.engine import Engine, EngineConfig
 from misotts.runtime.generate import generate_codes
+from misotts.weights.formats import config_from_hf
 
 from ..weights.hf_models import HF_SHAPES  # the shapes checked against transformers
 from .conftest import history, make_model, prompt
@@ -14,8 +15,8 @@ from .conftest import history, make_model, prompt
 
 def hf_config(name) -> ModelConfig:
     backbone, decoder = HF_SHAPES[name]
-    return ModelConfig.from_hf_dict({**backbone, "depth_decoder_config": decoder, "text_vocab_size": 261,
-                                     "vocab_size": 2051, "num_codebooks": 32, "bos_token_id": 256})
+    return config_from_hf({**backbone, "depth_decoder_config": decoder, "text_vocab_size": 261,
+                           "vocab_size": 2051, "num_codebooks": 32, "bos_token_id": 256})
 
 
 SETTINGS = [dict(temperature=0.0, topk=50, seed=0), dict(temperature=0.9, topk=50, seed=7)]

@@ -41,8 +41,7 @@ def test_concurrent_audio_streams_equal_solo(tts):
     results = [None, None]
 
     def run(i):
-        chunks = list(tts.stream(texts[i], max_audio_ms=240, seed=i))
-        results[i] = Audio(torch.cat([c.samples for c in chunks]), 24_000, torch.cat([c.codes for c in chunks]))
+        results[i] = Audio.concat(list(tts.stream(texts[i], max_audio_ms=240, seed=i)), TINY.num_codebooks)
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
     for t in threads:

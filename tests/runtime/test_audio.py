@@ -7,9 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from misotts.runtime.audio import load_audio, resample, save_wav
+from misotts.runtime.audio import FRAME_MS, FRAME_S, FRAME_SAMPLES, SAMPLE_RATE, load_audio, resample, save_wav
 
 QUANT_16 = 1 / 32768  # one 16-bit step
+
+
+def test_frame_constants():
+    assert (SAMPLE_RATE, FRAME_SAMPLES, FRAME_MS, FRAME_S) == (24000, 1920, 80, 0.08)
 
 
 def sine(freq, rate, seconds=1.0, amplitude=0.5, phase=0.3):

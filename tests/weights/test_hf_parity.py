@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import misotts
+from misotts.runtime.audio import FRAME_MS
 from misotts.runtime.generate import generate_codes
 from misotts.runtime.prompt import Segment, build_prompt
 from misotts.runtime.tokenizer import ByteTokenizer
@@ -122,7 +123,7 @@ def test_greedy_codes_with_the_tokenizers_own_bos_eos(hf_checkpoint, tmp_path):
     for backend in ("reference", "auto"):
         tts = misotts.load(path, device="cpu", dtype=torch.float32, tokenizer=tokenizer, progress=False,
                            backend=backend, engine={"max_batch": 1})
-        got = tts.generate_codes("hello world", temperature=0, topk=1, stop_on_eos=False, max_audio_ms=FRAMES * 80)
+        got = tts.generate_codes("hello world", temperature=0, topk=1, stop_on_eos=False, max_audio_ms=FRAMES * FRAME_MS)
         if tts.engine is not None:
             tts.engine.close()
         assert torch.equal(got, want), backend

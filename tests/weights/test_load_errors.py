@@ -6,14 +6,14 @@ import huggingface_hub.constants
 import pytest
 from safetensors.torch import load_file, save_file
 
-from misotts.runtime.config import preset
+from misotts.runtime.config import PRESETS
 from misotts.weights import convert, load_model, random_model
 
 
 @pytest.fixture
 def tiny_dir(tmp_path):
     """A canonical-format checkpoint of the tiny preset, written by hand (not by convert)."""
-    config = preset("tiny")
+    config = PRESETS["tiny"]
     path = tmp_path / "tiny"
     path.mkdir()
     save_file(random_model(config).state_dict(), path / "model.safetensors")
@@ -29,7 +29,7 @@ def rewrite(path, change):
 
 def test_the_fixture_loads(tiny_dir):
     model, config, checkpoint_dir = load_model(tiny_dir, progress=False)
-    assert config == preset("tiny") and checkpoint_dir == tiny_dir
+    assert config == PRESETS["tiny"] and checkpoint_dir == tiny_dir
 
 
 def test_missing_tensor(tiny_dir):
@@ -114,6 +114,14 @@ def test_missing_directory_and_file_path(tmp_path, tiny_dir):
         load_model(tmp_path / "no" / "such" / "dir", progress=False)
     with pytest.raises(ValueError, match="pass the checkpoint directory"):
         load_model(tiny_dir / "model.safetensors", progress=False)
+
+
+def test_relative_path_is_not_a_hub_id(tmp_path, monkeypatch):
+    """'../ckpt' has the owner/name shape but is a path: reported missing, not looked up on the hub."""
+    monkeypatch.chdir(tmp_path)
+    for missing in ("../no-such-ckpt", "./no/such-ckpt"):
+        with pytest.raises(FileNotFoundError, match="checkpoint directory not found"):
+            load_model(missing, progress=False)
 
 
 def test_hub_id_offline(tmp_path, monkeypatch):

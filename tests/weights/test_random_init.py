@@ -3,12 +3,12 @@ import dataclasses
 
 import torch
 
-from misotts.runtime.config import preset
+from misotts.runtime.config import PRESETS
 from misotts.runtime.generate import generate_codes
 from misotts.runtime.prompt import text_rows
 from misotts.weights import random_model
 
-TINY = preset("tiny")
+TINY = PRESETS["tiny"]
 
 
 def test_same_seed_same_weights_other_seed_other_weights():

@@ -10,13 +10,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from misotts.runtime import config as config_module
 from misotts.runtime.config import TransformerConfig
 from misotts.runtime.generate import generate_codes
 from misotts.runtime.model import apply_rope, rope_cos_sin, rope_inv_freq
 from misotts.runtime.prompt import build_prompt
 from misotts.runtime.tokenizer import ByteTokenizer
 from misotts.weights import detect_format, load_model
+from misotts.weights import formats
 from misotts.weights.formats import interleaved_to_halves
 
 from .hf_models import BOS, EOS
@@ -61,8 +61,8 @@ def sesame_state_dict(model) -> dict[str, torch.Tensor]:
 
 
 def register_flavours(monkeypatch, config) -> dict:
-    monkeypatch.setitem(config_module.SESAME_FLAVORS, "test-backbone", config.backbone)
-    monkeypatch.setitem(config_module.SESAME_FLAVORS, "test-decoder", config.decoder)
+    monkeypatch.setitem(formats.SESAME_FLAVORS, "test-backbone", config.backbone)
+    monkeypatch.setitem(formats.SESAME_FLAVORS, "test-decoder", config.decoder)
     return {"backbone_flavor": "test-backbone", "decoder_flavor": "test-decoder",
             "text_vocab_size": config.text_vocab_size, "audio_vocab_size": config.audio_vocab_size,
             "audio_num_codebooks": config.num_codebooks}
