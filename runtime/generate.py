@@ -11,12 +11,12 @@ from typing import Callable, Iterator
 
 import torch
 
+from .audio import FRAME_MS
 from .frames import Frame, RequestStats
 from .model import CSMModel
 from .prompt import audio_rows, check_prompt_text_ids, mimi_codes
 from .sampling import check_sampling_args
 
-FRAME_MS = 80  # one Mimi frame: 1920 samples at 24 kHz
 
 
 def max_frames_for(max_audio_ms: float) -> int:
