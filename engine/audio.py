@@ -27,7 +27,10 @@ class LaneDecoder:
         shared = {id(t): t for t in (*codec.mimi.parameters(), *codec.mimi.buffers())}
         self.mimi = copy.deepcopy(codec.mimi, memo=shared)
         self.cardinality, self.frame_size, self.max_batch = codec.cardinality, codec.frame_size, max_batch
-        self._streaming = self.mimi.streaming(max_batch)
+        # Plain tensors even when made under a caller's inference_mode: the engine thread, which
+        # runs outside it, updates this state in place.
+        with torch.inference_mode(False):
+            self._streaming = self.mimi.streaming(max_batch)
         self.states = [(m, m._streaming_state) for m in self.mimi.modules()
                        if isinstance(m, StreamingModule) and m._streaming_state is not None]
         self._views: dict[int, tuple[list, list]] = {}
