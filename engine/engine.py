@@ -110,7 +110,7 @@ class Engine:
         frames, mask = frames.long().cpu(), mask.bool().cpu()
         check_request(self.model.config, frames, mask, max_frames, temperature, topk)  # the embedding would clamp ids
         if audio and self.audio is None:
-            self._start_audio()
+            self.start_audio()
         bs, needed = self.pool.block_size, self.scheduler.blocks_needed(frames.shape[0], max_frames)
         if needed > self.pool.num_blocks:
             raise ValueError(f"this request needs {needed} KV blocks of {bs} positions but the pool has "
@@ -130,9 +130,11 @@ class Engine:
             self._cond.notify_all()
         return req.stream
 
-    def _start_audio(self) -> None:
-        """The lanes' Mimi decoder, at the first request for audio (a codec that cannot be had --
-        offline, say -- then fails that request, not the engine's construction)."""
+    def start_audio(self) -> None:
+        """Make the lanes' Mimi decoder now; otherwise the first request for audio does (a codec
+        that cannot be had -- offline, say -- then fails that request, not the engine)."""
+        if self.audio is not None:
+            return
         if self._codec is None:
             raise ValueError("this engine has no codec to decode audio: build it with Engine(..., codec=...)")
         from .audio import LaneDecoder  # moshi loads with the codec, not with the engine

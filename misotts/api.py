@@ -50,6 +50,10 @@ class TTS:
             config = EngineConfig(**config)
         self.backend.close()
         self.backend = Engine(self.model, config, progress=progress, codec=lambda: self.codec)
+        try:  # the audio path is ready before the first request, as the rest of the engine is
+            self.backend.start_audio()
+        except OSError:  # no codec to be had (offline): codes are still served; audio requests get the error
+            pass
         return self.backend
 
     @property
