@@ -142,7 +142,9 @@ class Engine:
         decoder = LaneDecoder(self._codec() if callable(self._codec) else self._codec, self.max_batch)
         with self._cond:  # every lane of a fresh decoder is reset; lanes that join from now on want it
             if self.audio is None:
-                self.audio = decoder
+                self.audio, decoder = decoder, None
+        if decoder is not None:  # another request made one first
+            decoder.close()
 
     def generate(self, frames, mask, max_frames: int, **kwargs) -> torch.Tensor:
         """All frames of one request: codes [T, num_codebooks]."""
