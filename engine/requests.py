@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from misotts.runtime.frames import RequestStats
+from misotts.runtime.frames import RequestStats, stack_codes
 from misotts.runtime.prompt import audio_rows
 
 
@@ -156,4 +156,4 @@ class Stream:
         """All frames' codes [T, num_codebooks] (T may be 0)."""
         frames = [frame.codes for frame in self]
         n = self.request.frames.shape[1] - 1
-        return torch.stack(frames) if frames else torch.zeros(0, n, dtype=torch.long)
+        return stack_codes(frames, n)

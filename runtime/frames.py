@@ -24,3 +24,8 @@ class RequestStats:
     first_frame_s: float = float("nan")  # from submit to the first frame's codes on the host
     total_s: float = float("nan")
     finish: str = ""  # "eos", "max_frames", "cancelled" or "error"
+
+
+def stack_codes(codes: list[torch.Tensor], num_codebooks: int) -> torch.Tensor:
+    """Frames' codes [num_codebooks] each -> [T, num_codebooks] (T = 0 when there are none)."""
+    return torch.stack(codes) if codes else torch.zeros(0, num_codebooks, dtype=torch.long)

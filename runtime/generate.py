@@ -12,7 +12,7 @@ from typing import Callable, Iterator
 import torch
 
 from .audio import FRAME_MS
-from .frames import Frame, RequestStats
+from .frames import Frame, RequestStats, stack_codes
 from .model import CSMModel
 from .prompt import audio_rows, check_prompt_text_ids, mimi_codes
 from .sampling import check_sampling_args
@@ -77,7 +77,7 @@ def generate_codes(model: CSMModel, frames, mask, max_frames: int, **kwargs) -> 
     """All frames at once: codes [T, num_codebooks] (T may be 0 when the first frame is EOS)."""
     out = list(iter_frames(model, frames, mask, max_frames, **kwargs))
     n = model.config.num_codebooks
-    return torch.stack(out) if out else torch.zeros(0, n, dtype=torch.long)
+    return stack_codes(out, n)
 
 
 class ReferenceBackend:
@@ -172,5 +172,4 @@ class ReferenceStream:
             self.cancel()
 
     def codes(self) -> torch.Tensor:
-        frames = [frame.codes for frame in self]
-        return torch.stack(frames) if frames else torch.zeros(0, self._num_codebooks, dtype=torch.long)
+        return stack_codes([frame.codes for frame in self], self._num_codebooks)
