@@ -27,6 +27,7 @@ neighbours (up to batch-size-dependent float rounding, which the tests check doe
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 import threading
 import time
@@ -75,13 +76,13 @@ class Engine:
         self.runner.allocate_kv(num_blocks)
         self.pool = BlockPool(num_blocks, bs)
         self.graphs = FrameGraphs(self.runner.decode_frame, self.max_batch)
-        if cuda and config.cuda_graphs:
-            self.graphs.capture(progress)
-        else:  # warm-up: first-call setup (and compiling) happens here, not in a request's frame
-            for n in self.graphs.buckets if config.compile else [1]:
-                self.runner.decode_frame(n)
-        for lane in range(self.max_batch):
-            self.runner.state.clear_lane(lane)
+        # The engine's device work runs on its own stream, with the model's device current (Triton
+        # launches on the current device and stream, whatever its tensors' device).
+        self.stream = torch.cuda.Stream(device) if cuda else None
+        with self.on_device():
+            self._warm_up(progress)
+            for lane in range(self.max_batch):
+                self.runner.state.clear_lane(lane)
         self._codec, self.audio = codec, None
         self.scheduler = Scheduler(self.pool, self, self.max_batch, config.max_waiting, config.wait_timeout_s,
                                    config.prefill_chunk)
@@ -89,6 +90,31 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._closed = False
         self.frames_run = 0
+
+    def on_device(self):
+        """The model's device and the engine's stream made current (a no-op off CUDA)."""
+        if self.stream is None:
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.cuda.device(self.stream.device))
+        stack.enter_context(torch.cuda.stream(self.stream))
+        return stack
+
+    def _warm_up(self, progress: bool) -> None:
+        """Every kernel a request can launch is compiled (and cuBLAS has picked its kernels) before
+        the first request: prefill at a few chunk lengths into the scratch block, then the frame
+        (captured as CUDA graphs, or run once per bucket when compiling, else once)."""
+        n, scratch = self.model.config.num_codebooks, self.runner.kv.scratch_block
+        for length in sorted({1, 3, self.pool.block_size}):  # Triton specializes on 1 and on multiples of 16
+            self.runner.prefill(torch.zeros(length, n + 1, dtype=torch.long),
+                                torch.zeros(length, n + 1, dtype=torch.bool), 0, [scratch])
+        if self.stream is not None and self.config.cuda_graphs:
+            self.graphs.capture(progress)
+        else:
+            for b in self.graphs.buckets if self.config.compile else [1]:
+                self.runner.decode_frame(b)
+        if self.stream is not None:
+            self.stream.synchronize()
 
     def _default_num_blocks(self, model, bs, cuda) -> int:
         per_seq = -(-model.config.max_seq_len // bs)
@@ -140,6 +166,9 @@ class Engine:
         from .audio import LaneDecoder  # moshi loads with the codec, not with the engine
 
         decoder = LaneDecoder(self._codec() if callable(self._codec) else self._codec, self.max_batch)
+        if self.stream is not None and self.config.cuda_graphs:
+            with torch.cuda.device(self.stream.device):
+                decoder.capture(self.graphs.buckets, self.model.config.num_codebooks)
         with self._cond:  # every lane of a fresh decoder is reset; lanes that join from now on want it
             if self.audio is None:
                 self.audio, decoder = decoder, None
@@ -183,6 +212,10 @@ class Engine:
 
     # ---- the loop (engine thread only) --------------------------------------------------------
     def _loop(self) -> None:
+        with self.on_device():
+            self._run()
+
+    def _run(self) -> None:
         while True:
             with self._cond:
                 if self._closed:

@@ -46,7 +46,7 @@ class FrameGraphs:
                     self.step(n)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):  # other threads may use CUDA
                 self.step(n)
             pool = graph.pool()
             self.graphs[n] = graph

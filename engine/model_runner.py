@@ -72,10 +72,11 @@ class TorchOps:
         return ref.attention_ref(q[:, :, None], keys, values, allowed, scale)[:, :, 0]
 
     @staticmethod
-    def prefill_attention(q, k_cache, v_cache, block_table, context_len: int, scale):
-        """q [T, H, d]: the last T of context_len positions of one sequence, causal."""
-        return ref.causal_attention_ref(q, ref.gather_kv(k_cache, block_table, context_len),
-                                        ref.gather_kv(v_cache, block_table, context_len), scale)
+    def prefill_attention(q, k_cache, v_cache, chunk, scale):
+        """q [T, H, d]: the last T of chunk.context_len positions of one sequence, causal."""
+        n = chunk.context_len
+        return ref.causal_attention_ref(q, ref.gather_kv(k_cache, chunk.block_table, n),
+                                        ref.gather_kv(v_cache, chunk.block_table, n), scale)
 
 
 class TritonOps:
@@ -103,11 +104,9 @@ class TritonOps:
     def decode_attention(self, q, k_cache, v_cache, block_tables, context_lens, scale):
         return self.k_attn.paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale)
 
-    def prefill_attention(self, q, k_cache, v_cache, block_table, context_len: int, scale):
-        t = q.shape[0]
-        cu = torch.tensor([0, t], dtype=torch.int32, device=q.device)
-        lens = torch.tensor([context_len], dtype=torch.int32, device=q.device)
-        return self.k_attn.paged_prefill(q, cu, t, k_cache, v_cache, block_table[None], lens, scale)
+    def prefill_attention(self, q, k_cache, v_cache, chunk, scale):
+        return self.k_attn.paged_prefill(q, chunk.cu_seqlens, q.shape[0], k_cache, v_cache, chunk.block_table[None],
+                                         chunk.context_lens, scale)
 
 
 def make_ops(kind: str, device: torch.device):
@@ -123,6 +122,25 @@ def make_ops(kind: str, device: torch.device):
 
 # The engine's sampler is the reference's per-lane one (`sample_topk_ref` = lane_sampling + race_noise
 # + topk_race); decode_frame calls the three parts so that each runs once per frame where it can.
+
+
+# ---- a prefill call's metadata ------------------------------------------------------------------
+class PrefillChunk:
+    """What every layer's prefill attention needs, copied to the device once per call (one copy,
+    not one per layer: on CUDA each host-to-device copy of pageable memory stalls the host).
+
+    cu_seqlens [2] = (0, T), context_lens [1] = (start + T,), block_table [blocks]: int32 views
+    of one device tensor; context_len: the same length as a Python int.
+    """
+
+    def __init__(self, meta: torch.Tensor, context_len: int):
+        self.cu_seqlens, self.context_lens, self.block_table = meta[:2], meta[2:3], meta[3:]
+        self.context_len = context_len
+
+    @classmethod
+    def make(cls, length: int, start: int, blocks: list[int], device) -> "PrefillChunk":
+        meta = torch.tensor([0, length, start + length, *blocks], dtype=torch.int32)
+        return cls(meta.to(device), start + length)
 
 
 # ---- the batch state: everything a frame reads or writes ------------------------------------
@@ -280,13 +298,12 @@ class ModelRunner:
     def prefill(self, frames, mask, start: int, blocks: list[int]) -> None:
         """Write the KV of rows frames, mask [T, n+1] at positions start.. of the sequence whose
         blocks are `blocks` (eager; the hidden states are not needed)."""
-        t = frames.shape[0]
-        positions = torch.arange(start, start + t, device=self.device)
-        table = torch.tensor(blocks, dtype=torch.int32, device=self.device)
-        slots = table[positions // self.block_size].long() * self.block_size + positions % self.block_size
+        chunk = PrefillChunk.make(frames.shape[0], start, blocks, self.device)
+        positions = torch.arange(start, chunk.context_len, device=self.device)
+        slots = chunk.block_table[positions // self.block_size].long() * self.block_size + positions % self.block_size
         x = self.ops.embed(frames.to(self.device), mask.to(self.device), self.text_table, self.audio_table)
         self._backbone(x, positions, slots, lambda q, k_cache, v_cache: self.ops.prefill_attention(
-            q, k_cache, v_cache, table, start + t, self.bb.scale))
+            q, k_cache, v_cache, chunk, self.bb.scale))
 
     # ---- depth decoder ----------------------------------------------------------------------
     def _depth_step(self, x, pos, n: int):
