@@ -23,11 +23,21 @@ def _load_kv_tile(cache, block_table, pos, valid, kv_head, dims, stride_b, strid
 
 
 @triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    # fp32 inputs: full-precision products (tl.dot's default is tf32 on sm_80+), so the engine's fp32
+    # codes match the fp32 reference path; bf16/fp16 ignore it.
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
 def _decode_kernel(q, k_cache, v_cache, block_tables, context_lens, out, part_out, part_lse, qk_scale,
                    stride_qn, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                    stride_bt, stride_on, stride_oh, max_splits,
                    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
-                   BLOCK_N: tl.constexpr, PARTITION: tl.constexpr, DIRECT: tl.constexpr):
+                   BLOCK_N: tl.constexpr, PARTITION: tl.constexpr, DIRECT: tl.constexpr, IEEE: tl.constexpr):
     seq, kv_head, split = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
     length = tl.load(context_lens + seq)
     start = split * PARTITION
@@ -45,14 +55,14 @@ def _decode_kernel(q, k_cache, v_cache, block_tables, context_lens, out, part_ou
         pos = n0 + tl.arange(0, BLOCK_N)
         valid = pos < end
         k = _load_kv_tile(k_cache, table, pos, valid, kv_head, dims, stride_kb, stride_ks, stride_kh, PAGE)
-        s = tl.dot(q_tile, tl.trans(k)) * qk_scale
+        s = _dot(q_tile, tl.trans(k), IEEE) * qk_scale
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))  # finite: every tile has >= 1 valid token
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(s - m_new[:, None])
         l = l * alpha + tl.sum(p, axis=1)
         v = _load_kv_tile(v_cache, table, pos, valid, kv_head, dims, stride_vb, stride_vs, stride_vh, PAGE)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
         m = m_new
     out_tile = acc / tl.where(l > 0, l, 1.0)[:, None]  # zeros for an empty (length 0) padding lane
     row_mask = (rows < GROUP)[:, None]
@@ -147,12 +157,13 @@ def paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale=None, ou
         return out
     scale = head_dim ** -0.5 if scale is None else scale
     group = num_q_heads // num_kv_heads
-    block_n = min(64, partition_size)
+    block_n = min(16 if q.dtype == torch.float32 else 64, partition_size)  # fp32: as in paged_prefill
     launch(_decode_kernel, (num_seqs, num_kv_heads, max_splits), q, k_cache, v_cache, block_tables, context_lens,
            out, part_out, part_lse, scale * LOG2E, q.stride(0), q.stride(1), *k_cache.stride()[:3],
            *v_cache.stride()[:3], block_tables.stride(0), out.stride(0), out.stride(1), max_splits,
            GROUP=group, GROUP_PAD=max(16, next_pow2(group)), HEAD_DIM=head_dim, PAGE=page, BLOCK_N=block_n,
-           PARTITION=partition_size, DIRECT=max_splits == 1, num_warps=4)
+           PARTITION=partition_size, DIRECT=max_splits == 1, IEEE=q.dtype == torch.float32,
+           num_warps=4)
     if max_splits > 1:
         launch(_decode_merge_kernel, (num_seqs, num_q_heads), part_out, part_lse, context_lens, out,
                out.stride(0), out.stride(1), max_splits, HEAD_DIM=head_dim, PARTITION=partition_size,
@@ -165,7 +176,7 @@ def _prefill_kernel(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_len
                     stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                     stride_bt, stride_ot, stride_oh,
                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
     m_block, seq, head = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
     kv_head = head // GROUP
     q_start = tl.load(cu_seqlens_q + seq).to(tl.int64)
@@ -187,14 +198,14 @@ def _prefill_kernel(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_len
         pos = n0 + tl.arange(0, BLOCK_N)
         valid = pos < kv_end
         k = _load_kv_tile(k_cache, table, pos, valid, kv_head, dims, stride_kb, stride_ks, stride_kh, PAGE)
-        s = tl.dot(q_tile, tl.trans(k)) * qk_scale
+        s = _dot(q_tile, tl.trans(k), IEEE) * qk_scale
         s = tl.where(valid[None, :] & (pos[None, :] <= q_pos[:, None]), s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))  # finite from the first tile on: key 0 is visible to all
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(s - m_new[:, None])
         l = l * alpha + tl.sum(p, axis=1)
         v = _load_kv_tile(v_cache, table, pos, valid, kv_head, dims, stride_vb, stride_vs, stride_vh, PAGE)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
         m = m_new
     out_tile = acc / tl.where(l > 0, l, 1.0)[:, None]
     tl.store(out + (q_start + rows)[:, None] * stride_ot + head * stride_oh + dims[None, :],
@@ -229,9 +240,11 @@ def paged_prefill(q, cu_seqlens_q, max_seqlen_q, k_cache, v_cache, block_tables,
         return out
     scale = head_dim ** -0.5 if scale is None else scale
     block_m, block_n = (64, 64) if head_dim <= 128 else (32, 32)
+    if q.dtype == torch.float32:  # ieee fp32 dots are FMA loops: small tiles, or registers spill
+        block_m, block_n = 16, 16
     launch(_prefill_kernel, (triton.cdiv(max_seqlen_q, block_m), num_seqs, num_q_heads), q, k_cache, v_cache,
            block_tables, cu_seqlens_q, context_lens, out, scale * LOG2E, q.stride(0), q.stride(1),
            *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0), out.stride(0), out.stride(1),
            GROUP=num_q_heads // num_kv_heads, HEAD_DIM=head_dim, PAGE=page, BLOCK_M=block_m, BLOCK_N=block_n,
-           num_warps=8 if head_dim >= 128 else 4)  # 4 warps spill a 64x128 fp32 accumulator on sm_80
+           IEEE=q.dtype == torch.float32, num_warps=8 if head_dim >= 128 else 4)  # 4 warps spill a 64x128 fp32 accumulator on sm_80
     return out

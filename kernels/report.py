@@ -63,6 +63,14 @@ def _cases(preset):
             ("paged_prefill", f"{label} page{PAGE}", lambda hq=hq, hkv=hkv, hd=hd, blocks=blocks: (
                 paged_attention.paged_prefill(t(512, hq, hd), t(5, **ints), 256, cache(hkv, hd), cache(hkv, hd),
                                               t(4, blocks, **ints), t(4, **ints)))),
+            ("paged_decode", f"{label} ctx{ctx} page{PAGE} fp32 (ieee dots)", lambda hq=hq, hkv=hkv, hd=hd,
+             blocks=blocks, f=torch.float32: paged_attention.paged_decode(
+                 t(8, hq, hd, dtype=f), t(4096, PAGE, hkv, hd, dtype=f), t(4096, PAGE, hkv, hd, dtype=f),
+                 t(8, blocks, **ints), t(8, **ints))),
+            ("paged_prefill", f"{label} page{PAGE} fp32 (ieee dots)", lambda hq=hq, hkv=hkv, hd=hd, blocks=blocks,
+             f=torch.float32: paged_attention.paged_prefill(
+                 t(512, hq, hd, dtype=f), t(5, **ints), 256, t(4096, PAGE, hkv, hd, dtype=f),
+                 t(4096, PAGE, hkv, hd, dtype=f), t(4, blocks, **ints), t(4, **ints))),
             ("rmsnorm", f"{preset} {part} D{d}", lambda d=d, eps=eps: rmsnorm.rmsnorm(t(64, d), t(d), eps,
                                                                                     residual=t(64, d))),
             ("swiglu", f"{preset} {part} F{ffn}", lambda ffn=ffn: swiglu.swiglu(t(64, 2 * ffn))),
