@@ -21,6 +21,8 @@ class LaneDecoder:
     when a request takes it and moves a lane's state when it compacts its lanes.  Decoding runs in
     the engine's thread only; moshi's own per-state CUDA graphs are off (it would capture them in
     whatever thread decodes, with global capture mode: the failure seen on the first GPU run).
+    On CUDA, `capture` records the decode once per batch bucket instead (ours: on a side stream,
+    thread-local capture mode), and `decode` replays it.
     """
 
     def __init__(self, codec: MimiCodec, max_batch: int):
@@ -34,6 +36,8 @@ class LaneDecoder:
         self.states = [(m, m._streaming_state) for m in self.mimi.modules()
                        if isinstance(m, StreamingModule) and m._streaming_state is not None]
         self._views: dict[int, tuple[list, list]] = {}
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # bucket -> (graph, its pcm)
+        self._codes: torch.Tensor | None = None  # the graphs' input [max_batch, num_codebooks]
 
     def _lane_views(self, lanes: int):
         """Per module, a copy of its state whose batch tensors are views of the first `lanes` rows;
@@ -59,9 +63,40 @@ class LaneDecoder:
         return self._views[lanes]
 
     @torch.no_grad()
+    def capture(self, buckets: list[int], num_codebooks: int) -> None:
+        """CUDA: one graph of `decode` per batch size in `buckets`, warmed up first (moshi compiles
+        and cuDNN picks its kernels outside capture); every lane is reset afterwards."""
+        device = next(self.mimi.parameters()).device
+        self._codes = torch.zeros(self.max_batch, num_codebooks, dtype=torch.long, device=device)
+        pool = None
+        for b in sorted(buckets, reverse=True):  # largest first: the smaller ones fit in its pool
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self._decode(self._codes[:b])
+            torch.cuda.current_stream(device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+                pcm = self._decode(self._codes[:b])
+            pool = graph.pool()
+            self._graphs[b] = (graph, pcm)
+        self._reset(torch.ones(self.max_batch, dtype=torch.bool, device=device))
+        torch.cuda.synchronize(device)
+
+    @torch.no_grad()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """codes [b, num_codebooks] of lanes 0..b-1 (special ids >= cardinality play as 0) ->
-        float32 samples [b, frame_size]; every lane's state advances one frame."""
+        float32 samples [b, frame_size]; every lane's state advances one frame.  A captured
+        batch size returns the graph's output tensor: read it before the next decode."""
+        if codes.shape[0] in self._graphs:
+            graph, pcm = self._graphs[codes.shape[0]]
+            self._codes[:codes.shape[0]].copy_(codes)
+            graph.replay()
+            return pcm
+        return self._decode(codes)
+
+    def _decode(self, codes: torch.Tensor) -> torch.Tensor:
         views, watched = self._lane_views(codes.shape[0])
         for module, view in views:
             module._streaming_state = view
@@ -79,7 +114,10 @@ class LaneDecoder:
         device = next(self.mimi.parameters()).device
         mask = torch.zeros(self.max_batch, dtype=torch.bool, device=device)
         mask[lane] = True
-        for _, state in self.states:
+        self._reset(mask)
+
+    def _reset(self, mask: torch.Tensor) -> None:
+        for _, state in self.states:  # in place (moshi's resets are), so captured graphs still see the state
             state.reset(mask)
 
     @torch.no_grad()

@@ -1,0 +1,104 @@
+"""The engine on CUDA (run by the GPU suite; skipped without a GPU).
+
+What the CPU tests cannot show: captured frames replay like eager ones in every batch bucket, the
+Triton op set gives the reference path's codes in fp32 at a real model's shapes, the engine's device
+work runs on its own stream, and batched Mimi decode (captured per bucket) gives every stream its solo
+audio.  fp32 throughout: Triton's fp32 dots are IEEE here (no TF32), so codes must match exactly.
+"""
+import threading
+
+import pytest
+import torch
+
+from misotts.engine import Engine, EngineConfig
+from misotts.runtime.config import PRESETS
+from misotts.runtime.generate import generate_codes
+
+from .conftest import make_model, prompt
+
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+@pytest.fixture(scope="module")
+def tiny_cuda():
+    return make_model().cuda()
+
+
+def test_graph_replay_equals_eager_in_every_bucket(tiny_cuda):
+    graphed = Engine(tiny_cuda, EngineConfig(max_batch=8))
+    eager = Engine(tiny_cuda, EngineConfig(max_batch=8, cuda_graphs=False))
+    assert sorted(graphed.graphs.graphs) == graphed.graphs.buckets == [1, 2, 4, 8] and not eager.graphs.graphs
+    frames, mask = prompt()
+    for count in (1, 2, 3, 5, 8):  # buckets 1, 2, 4, 8, 8
+        for kw in (dict(temperature=0.0), dict(temperature=0.9, topk=50)):
+            streams = [graphed.submit(frames, mask, 12, stop_on_eos=False, seed=s, **kw) for s in range(count)]
+            want = [eager.generate(frames, mask, 12, stop_on_eos=False, seed=s, **kw) for s in range(count)]
+            assert all(torch.equal(s.codes(), w) for s, w in zip(streams, want)), (count, kw)
+    graphed.close()
+    eager.close()
+
+
+def test_cuda_graphs_survive_many_replays(tiny_cuda):
+    engine = Engine(tiny_cuda, EngineConfig(max_batch=2))
+    frames, mask = prompt()
+    first = engine.generate(frames, mask, 200, temperature=0.9, seed=1, stop_on_eos=False)
+    for _ in range(3):
+        assert torch.equal(engine.generate(frames, mask, 200, temperature=0.9, seed=1, stop_on_eos=False), first)
+    assert engine.frames_run >= 800 and engine.wait_idle() and engine.pool.all_free()
+    engine.close()
+
+
+@pytest.mark.parametrize("preset", ["tiny", "csm-1b"])
+def test_engine_equals_reference_in_fp32(preset, tiny_cuda):
+    """Greedy and sampled, with a second request joining mid-way: the reference path's codes."""
+    model = tiny_cuda if preset == "tiny" else make_model(PRESETS[preset], std=0.02).cuda()
+    engine = Engine(model, EngineConfig(max_batch=4, num_blocks=64))
+    frames, mask = prompt()
+    late, late_mask = prompt("a second request, joining later")
+    for kw in (dict(temperature=0.0), dict(temperature=0.9, topk=50, seed=3)):
+        first = engine.submit(frames, mask, 8, stop_on_eos=False, **kw)
+        next(iter(first))
+        second = engine.submit(late, late_mask, 6, stop_on_eos=False, **kw)
+        for stream, (f, m, n) in ((first, (frames, mask, 8)), (second, (late, late_mask, 6))):
+            want = generate_codes(model, f, m, n, stop_on_eos=False, **kw).cpu()
+            assert torch.equal(stream.codes(), want), (preset, kw)
+    engine.close()
+
+
+def test_engine_runs_on_its_own_stream_and_device(tiny_cuda):
+    """Triton launches on the current device and stream: the engine thread makes its own current."""
+    engine = Engine(tiny_cuda, EngineConfig(max_batch=2))
+    seen, prefill = [], engine.runner.prefill
+
+    def recording_prefill(*args):
+        seen.append((torch.cuda.current_device(), torch.cuda.current_stream(), threading.current_thread().name))
+        return prefill(*args)
+
+    engine.runner.prefill = recording_prefill
+    engine.generate(*prompt(), 2, stop_on_eos=False)
+    assert seen and all(s == (tiny_cuda.audio_head.device.index, engine.stream, "misotts-engine") for s in seen)
+    assert engine.stream != torch.cuda.default_stream()
+    engine.close()
+
+
+def test_concurrent_streams_with_batched_audio_equal_solo_runs(tiny_cuda):
+    """8 streams at once, audio decoded in the engine by captured Mimi graphs: each stream's codes are
+    its solo run's, and its audio is its solo run's (batch size changes float rounding only: 1e-4
+    against the ~1e-2 differences that different codes make in the untrained Mimi's audio)."""
+    from misotts.runtime.codec import load_codec
+
+    codec = load_codec(None, device="cuda")
+    engine = Engine(tiny_cuda, EngineConfig(max_batch=8), codec=codec)
+    engine.start_audio()
+    assert sorted(engine.audio._graphs) == engine.graphs.buckets
+    texts = [f"stream number {i} says something" for i in range(8)]
+    prompts = [prompt(t) for t in texts]
+    streams = [engine.submit(f, m, 10, stop_on_eos=False, temperature=0.9, seed=i, audio=True)
+               for i, (f, m) in enumerate(prompts)]
+    together = [list(s) for s in streams]
+    for i, (f, m) in enumerate(prompts):
+        solo = list(engine.submit(f, m, 10, stop_on_eos=False, temperature=0.9, seed=i, audio=True))
+        assert torch.equal(torch.stack([x.codes for x in together[i]]), torch.stack([x.codes for x in solo]))
+        torch.testing.assert_close(torch.cat([x.audio for x in together[i]]), torch.cat([x.audio for x in solo]),
+                                   rtol=0, atol=1e-4)
+    engine.close()
