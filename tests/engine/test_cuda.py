@@ -56,12 +56,13 @@ def test_engine_equals_reference_in_fp32(preset, tiny_cuda):
     frames, mask = prompt()
     late, late_mask = prompt("a second request, joining later")
     for kw in (dict(temperature=0.0), dict(temperature=0.9, topk=50, seed=3)):
-        first = engine.submit(frames, mask, 8, stop_on_eos=False, **kw)
-        next(iter(first))
+        first = iter(engine.submit(frames, mask, 8, stop_on_eos=False, **kw))
+        got_first = [next(first).codes]  # the second request joins once the first has a frame
         second = engine.submit(late, late_mask, 6, stop_on_eos=False, **kw)
-        for stream, (f, m, n) in ((first, (frames, mask, 8)), (second, (late, late_mask, 6))):
+        got_first += [frame.codes for frame in first]
+        for got, (f, m, n) in ((torch.stack(got_first), (frames, mask, 8)), (second.codes(), (late, late_mask, 6))):
             want = generate_codes(model, f, m, n, stop_on_eos=False, **kw).cpu()
-            assert torch.equal(stream.codes(), want), (preset, kw)
+            assert torch.equal(got, want), (preset, kw)
     engine.close()
 
 
