@@ -30,14 +30,14 @@ class LaneDecoder:
         self.mimi = copy.deepcopy(codec.mimi, memo=shared)
         self.cardinality, self.frame_size, self.max_batch = codec.cardinality, codec.frame_size, max_batch
         # Plain tensors even when made under a caller's inference_mode: the engine thread, which
-        # runs outside it, updates this state in place.
+        # runs outside it, updates this state (and the graphs' input) in place.
         with torch.inference_mode(False):
             self._streaming = self.mimi.streaming(max_batch)
+            self._codes = torch.zeros(max_batch, codec.num_codebooks, dtype=torch.long, device=codec.device)
         self.states = [(m, m._streaming_state) for m in self.mimi.modules()
                        if isinstance(m, StreamingModule) and m._streaming_state is not None]
         self._views: dict[int, tuple[list, list]] = {}
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # bucket -> (graph, its pcm)
-        self._codes: torch.Tensor | None = None  # the graphs' input [max_batch, num_codebooks]
 
     def _lane_views(self, lanes: int):
         """Per module, a copy of its state whose batch tensors are views of the first `lanes` rows;
@@ -62,12 +62,13 @@ class LaneDecoder:
             self._views[lanes] = views, watched
         return self._views[lanes]
 
+    @torch.inference_mode(False)
     @torch.no_grad()
-    def capture(self, buckets: list[int], num_codebooks: int) -> None:
+    def capture(self, buckets: list[int]) -> None:
         """CUDA: one graph of `decode` per batch size in `buckets`, warmed up first (moshi compiles
-        and cuDNN picks its kernels outside capture); every lane is reset afterwards."""
-        device = next(self.mimi.parameters()).device
-        self._codes = torch.zeros(self.max_batch, num_codebooks, dtype=torch.long, device=device)
+        and cuDNN picks its kernels outside capture); every lane is reset afterwards.  Outside
+        inference_mode, whatever the caller's: the engine thread writes the graphs' input."""
+        device = self._codes.device
         pool = None
         for b in sorted(buckets, reverse=True):  # largest first: the smaller ones fit in its pool
             side = torch.cuda.Stream(device)

@@ -168,7 +168,7 @@ class Engine:
         decoder = LaneDecoder(self._codec() if callable(self._codec) else self._codec, self.max_batch)
         if self.stream is not None and self.config.cuda_graphs:
             with torch.cuda.device(self.stream.device):
-                decoder.capture(self.graphs.buckets, self.model.config.num_codebooks)
+                decoder.capture(self.graphs.buckets)
         with self._cond:  # every lane of a fresh decoder is reset; lanes that join from now on want it
             if self.audio is None:
                 self.audio, decoder = decoder, None

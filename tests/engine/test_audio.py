@@ -61,11 +61,13 @@ def test_lane_decoder_lanes_join_leave_and_move_like_solo_streams(codec):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_lane_decoder_graphs_replay_like_eager_and_solo_on_cuda():
     """Replayed graphs give the eager decode's audio (the same kernels: 1e-6 covers any reordering
-    within them), and each lane's audio is its own stream's (a one-lane decoder per stream)."""
+    within them; passed on an H200), and each lane's audio is its own stream's (a one-lane decoder
+    per stream)."""
     codec = load_codec(None, device="cuda")
     a, b = random_codes(4, seed=1).cuda(), random_codes(4, seed=2).cuda()
     graphed = LaneDecoder(codec, max_batch=4)
-    graphed.capture([1, 2, 4], 32)
+    with torch.inference_mode():  # as the bench calls it: the graphs' input must stay a plain tensor
+        graphed.capture([1, 2, 4])
     assert sorted(graphed._graphs) == [1, 2, 4]
     got = join_leave_move(graphed, a, b)
     want = join_leave_move(LaneDecoder(codec, max_batch=4), a, b)
@@ -74,5 +76,6 @@ def test_lane_decoder_graphs_replay_like_eager_and_solo_on_cuda():
     for g, codes in zip(got, (a, b)):
         solo = LaneDecoder(codec, max_batch=1)
         solo.reset(0)
-        torch.testing.assert_close(g, torch.cat([solo.decode(c[None])[0] for c in codes]), rtol=0, atol=1e-5)
+        # cuDNN picks conv kernels (tf32 by default) by batch size: 4e-5 measured on an H200
+        torch.testing.assert_close(g, torch.cat([solo.decode(c[None])[0] for c in codes]), rtol=0, atol=1e-4)
     graphed.close()

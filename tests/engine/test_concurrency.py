@@ -214,6 +214,7 @@ def test_engine_decodes_each_streams_audio_like_a_solo_decoder(tiny_model, monke
             want = torch.cat([decoder.decode_frame(mimi_codes(c[None]))[0] for c in codes])
         torch.testing.assert_close(torch.cat([f.audio for f in frames]), want, rtol=0, atol=1e-6)
     assert engine.wait_idle() and engine.pool.all_free()
+    assert not engine.audio._codes.is_inference()  # CUDA graphs read it; the engine thread writes it
     engine.close()
     with pytest.raises(ValueError, match="codec"):
         Engine(tiny_model, EngineConfig(max_batch=1)).submit(*prompt(), 2, audio=True)
