@@ -44,10 +44,10 @@ step() {  # step NAME LIMIT_S COMMAND...
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 # CPU_PYTHONPATH: packages for the interpreted run only (e.g. numpy < 2.4 under triton 3.6, whose
 # interpreter fails on numpy >= 2.4; docs/bench.md)
-step pytest-cpu 140 env PYTHONPATH="${CPU_PYTHONPATH:+$CPU_PYTHONPATH:}${PYTHONPATH:-}" \
-  python -m misotts.bench.pytest_step --run cpu -q
+step pytest-cpu 180 env PYTHONPATH="${CPU_PYTHONPATH:+$CPU_PYTHONPATH:}${PYTHONPATH:-}" \
+  python -m misotts.bench.pytest_step --run cpu -v  # -v: each result printed as it comes, even if killed
 step cuda-kernels 120 python -m misotts.bench.pytest_step --run cuda -q tests/kernels
-step cuda-engine 120 python -m misotts.bench.pytest_step --run cuda -q --ignore=tests/kernels
+step cuda-engine 120 python -m misotts.bench.pytest_step --run cuda -q -s --ignore=tests/kernels  # -s: measured figures printed
 step kernels 70 python -m misotts.bench.kernels --out "$OUT"
 step bench-csm-1b 140 python -m misotts.bench --models csm-1b --systems reference,engine,transformers --out "$OUT" --no-report
 step bench-miso-8b 150 python -m misotts.bench --models miso-8b --systems reference,engine,transformers --out "$OUT" --no-report

@@ -34,7 +34,7 @@ def parallel_args(cuda_run: bool) -> list[str]:
         import xdist  # noqa: F401
     except ImportError:
         return []
-    return [] if cuda_run else ["-n", str(min(8, os.cpu_count() or 1))]
+    return [] if cuda_run else ["-n", str(min(12, os.cpu_count() or 1))]
 
 
 def main(argv: list[str] | None = None, cuda: bool | None = None, cwd: str | None = None) -> int:
