@@ -52,6 +52,16 @@ def check_prompt_text_ids(frames: torch.Tensor, mask: torch.Tensor, text_vocab_s
     check_text_ids(frames[:, -1][mask[:, -1].bool()], text_vocab_size)
 
 
+def check_prompt_audio_codes(frames: torch.Tensor, mask: torch.Tensor, audio_vocab_size: int) -> None:
+    """Refuse an audio code outside the model's audio vocabulary in prompt rows [S, n + 1] (where
+    masked in): the engine's embedding lookup would clamp it to another code."""
+    codes = frames[:, :-1][mask[:, :-1].bool()]
+    bad = codes[(codes < 0) | (codes >= audio_vocab_size)]
+    if bad.numel():
+        raise ValueError(f"audio code {bad[0].item()} is outside the model's audio vocabulary of {audio_vocab_size} "
+                         f"codes (0..{audio_vocab_size - 1})")
+
+
 def audio_rows(codes: torch.Tensor, end_of_audio: bool = True):
     """codes [T, n] -> frames, mask [T (+1), n + 1] on codes' device: the backbone rows of audio
     frames (every path that feeds frames back builds them here); the extra all-zero row marks
@@ -71,9 +81,10 @@ def check_codes(codes: torch.Tensor, num_codebooks: int, vocab: int = 2048) -> t
         raise ValueError(f"segment codes must be [frames, {num_codebooks}], got {tuple(codes.shape)}")
     if codes.dtype.is_floating_point or codes.dtype == torch.bool:
         raise ValueError(f"segment codes must be integers, got {codes.dtype}")
+    codes = codes.long().cpu()  # before comparing: uint8 codes would wrap against 2048
     if codes.numel() and (codes.min() < 0 or codes.max() >= vocab):
         raise ValueError(f"segment codes must lie in 0..{vocab - 1}")
-    return codes.long().cpu()
+    return codes
 
 
 def check_audio_path(audio) -> None:
