@@ -60,7 +60,13 @@ class Scheduler:
                 self.finish(req, "cancelled")
                 continue
             waited = now - req.submitted
-            if len(self.lanes) + len(self.prefilling) < self.max_batch and self._take_blocks(req):
+            try:
+                admitted = len(self.lanes) + len(self.prefilling) < self.max_batch and self._take_blocks(req)
+            except Exception as err:  # noqa: BLE001 -- this request fails, the queue goes on
+                self.waiting.popleft()
+                self.finish(req, "error", err)
+                continue
+            if admitted:
                 self.waiting.popleft()
                 req.stats.wait_s = waited
                 self.prefilling.append(req)
@@ -144,11 +150,14 @@ class Scheduler:
                 req.keys += block_keys(frames, mask, bs, parent=req.keys[-1] if req.keys else b"")
             self.pool.register(req.blocks[i], req.keys[i])
 
-    def finish(self, req: Request, reason: str, error: BaseException | None = None) -> None:
+    def finish(self, req: Request, reason: str, error: BaseException | None = None, device: bool = True) -> None:
         """End a request wherever it is: free its lane and blocks, close its stream (even if the
-        device fails meanwhile: a caller never waits forever)."""
+        device fails meanwhile: a caller never waits forever).  device=False: host bookkeeping
+        only, the lane's device state is left as it is (the caller clears it, or the engine stops)."""
         try:
-            if req in self.lanes:
+            if req in self.lanes and not device:
+                self.lanes.remove(req)
+            elif req in self.lanes:
                 lane, last = self.lanes.index(req), len(self.lanes) - 1
                 self.lanes[lane] = self.lanes[last]
                 self.lanes.pop()
@@ -167,6 +176,13 @@ class Scheduler:
             req.stats.total_s = time.perf_counter() - req.submitted
             req.stream._end(error)
 
-    def finish_all(self, reason: str, error: BaseException | None = None) -> None:
+    def drop_in_flight(self, error: BaseException) -> None:
+        """Fail every request being prefilled or run, touching no device memory (a failed step:
+        the device may be unusable)."""
+        for req in [*self.prefilling, *self.lanes]:
+            self.finish(req, "error", error, device=False)
+
+    def drop_all(self, error: BaseException) -> None:
+        """Fail every request, queued ones too (the loop is ending), touching no device memory."""
         for req in [*self.waiting, *self.prefilling, *self.lanes]:
-            self.finish(req, reason, error)
+            self.finish(req, "error", error, device=False)
