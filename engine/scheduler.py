@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 from collections import deque
 
-from misotts.runtime.frames import Frame
+from misotts.runtime.frames import NONFINITE_CODE, Frame, nonfinite_error
 
 from .kv_cache import BlockPool, PoolFull, block_keys
 from .requests import EngineBusy, Request
@@ -123,6 +123,9 @@ class Scheduler:
         for lane, req in enumerate(self.lanes):
             position = req.prompt_len - 1 + len(req.generated)  # the row this frame ran
             frame = codes[lane]
+            if frame[0] == NONFINITE_CODE:  # its KV is not worth keying either
+                finished.append((lane, nonfinite_error(len(req.generated))))
+                continue
             req.generated.append(frame)
             if (position + 1) % self.pool.block_size == 0:
                 self._register_blocks(req, position, position + 1)
@@ -139,7 +142,10 @@ class Scheduler:
             if req.stats.frames == req.max_frames:
                 finished.append((lane, "max_frames"))
         for lane, reason in reversed(finished):  # highest lane first, so moves never touch a finished lane
-            self.finish(self.lanes[lane], reason)
+            if isinstance(reason, Exception):
+                self.finish(self.lanes[lane], "error", reason)
+            else:
+                self.finish(self.lanes[lane], reason)
 
     def _register_blocks(self, req: Request, start: int, end: int) -> None:
         """Key the blocks completed by writing positions start..end-1 (keys chain from block 0)."""

@@ -13,7 +13,7 @@ from typing import Callable, Iterator
 import torch
 
 from .audio import FRAME_MS
-from .frames import Frame, RequestStats, stack_codes
+from .frames import NONFINITE_CODE, Frame, RequestStats, nonfinite_error, stack_codes
 from .model import CSMModel
 from .prompt import audio_rows, check_prompt_audio_codes, check_prompt_text_ids, mimi_codes
 from .sampling import check_sampling_args, is_integer, is_real
@@ -74,6 +74,8 @@ def iter_frames(model: CSMModel, frames: torch.Tensor, mask: torch.Tensor, max_f
     for t in range(max_frames):
         counter = torch.tensor([t * n], dtype=torch.long, device=device)
         codes = model.generate_frame(cur_frames, cur_mask, positions, temperature, topk, seed_t, counter)
+        if codes[0, 0] == NONFINITE_CODE:
+            raise nonfinite_error(t)
         if stop_on_eos and not codes.any():
             return
         yield codes[0]

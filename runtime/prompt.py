@@ -179,9 +179,10 @@ def check_prompt_size(text: str, speaker: int, context: list, tokenizer, max_pos
 
 
 def mimi_codes(codes: torch.Tensor, cardinality: int = 2048) -> torch.Tensor:
-    """Codes Mimi can decode: the vocabulary's special ids (2048..2050) become 0.
+    """Codes Mimi can decode: the vocabulary's special ids (2048..2050) become 0, and so does the
+    mark of a frame with non-finite logits (negative; that request fails, its neighbours decode on).
 
     A trained model does not emit them as audio codes; untrained weights can.  `Audio.codes`
     keeps what the model sampled.
     """
-    return codes.masked_fill(codes >= cardinality, 0)
+    return codes.masked_fill((codes >= cardinality) | (codes < 0), 0)
