@@ -22,6 +22,12 @@ device side is `model_runner.py` (prefill and the batched frame), `graphs.py` (o
 batch-size bucket), `kv_cache.py` (the paged pool) and `audio.py` (the lanes' Mimi decode); this
 file is the thread, `submit`, and `step()`.
 
+Nothing a request carries stops the loop: a bad request is refused by `submit`, a failing step
+fails the requests it served (by host bookkeeping alone: after a device fault the device may not
+answer) and the lanes are cleared before the next step.  Only a device that cannot be used any
+more stops the engine; then every stream, `submit` and `health()` say why (docs/engine.md,
+"Failing cleanly").
+
 Each lane keeps its own seed and RNG counter, so a request's codes do not depend on its
 neighbours (up to batch-size-dependent float rounding, which the tests check does not flip codes).
 """
