@@ -39,11 +39,12 @@ import math
 import threading
 import time
 import weakref
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 
 from misotts.runtime.generate import check_request
+from misotts.runtime.sampling import is_integer, is_real
 from misotts.runtime.model import CSMModel
 
 from .graphs import FrameGraphs
@@ -79,9 +80,9 @@ class EngineConfig:
         if self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         fraction = self.kv_memory_fraction
-        if not _is_real(fraction) or not 0 < fraction <= 1:
+        if not is_real(fraction) or not 0 < fraction <= 1:
             raise ValueError(f"kv_memory_fraction must be in (0, 1], got {fraction!r}")
-        if not _is_real(self.wait_timeout_s) or not 0 <= self.wait_timeout_s < math.inf:
+        if not is_real(self.wait_timeout_s) or not 0 <= self.wait_timeout_s < math.inf:
             raise ValueError(f"wait_timeout_s must be a finite number of seconds >= 0, got {self.wait_timeout_s!r}")
         if self.ops not in ("auto", "torch", "triton"):
             raise ValueError(f"unknown ops {self.ops!r}: expected 'auto', 'torch' or 'triton'")
@@ -90,12 +91,8 @@ class EngineConfig:
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
 
-def _is_real(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _check_int(name: str, value, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+    if not is_integer(value) or value < low:
         raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
 
 
@@ -358,8 +355,8 @@ class Engine:
             stopped.__cause__ = err
             _report(f"the engine has stopped: {_describe(err)}")
         with self._cond:
-            self._stopped = err
             self.scheduler.drop_all(stopped)
+            self._stopped = err  # after the streams have the error: a reader that sees it finds it there
             self._cond.notify_all()
 
     def step(self) -> None:
