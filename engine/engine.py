@@ -275,9 +275,12 @@ class Engine:
         if thread is None:  # never started: nothing runs, nothing queued
             self._stopped = self._stopped or EngineStopped("the engine was closed")
         _open_engines.discard(self)
-        if self.audio is not None:
-            self.audio.close()
-            self.audio = None
+        audio, self.audio = self.audio, None
+        if audio is not None:
+            try:
+                audio.close()
+            except Exception as err:  # noqa: BLE001 -- after a device fault; closing must not raise (nor at exit)
+                _report(f"closing the lanes' decoder failed: {_describe(err)}")
 
     def __enter__(self) -> "Engine":
         return self

@@ -44,11 +44,12 @@ def tts():
     (dict(seed=2**63), ValueError, "seed"),
     (dict(temperature=1e39), ValueError, "temperature"),
     (dict(temperature=1e-41), ValueError, "temperature"),
+    (dict(chunk_frames=2.5), ValueError, "chunk_frames"),
 ])
 def test_bad_inputs_are_refused_with_the_right_error(tts, kwargs, error, match):
     kwargs = {"text": "Hello.", "max_audio_ms": 160} | kwargs
     with pytest.raises(error, match=match):
-        tts.generate_codes(**kwargs)
+        list(tts.stream(**kwargs))
     assert tts.engine.wait_idle() and tts.engine.pool.all_free() and tts.engine.health()["ok"]
 
 
