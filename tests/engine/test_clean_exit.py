@@ -4,6 +4,7 @@ back on close, when dropped and at exit, and Ctrl-C reaching the caller."""
 import asyncio
 import gc
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -120,7 +121,7 @@ def _frames_wait_for_ticks(monkeypatch, engine, ticks: list, timeout: float = 30
 
 
 async def _heartbeat(ticks: list):
-    while True:
+    for _ in range(100_000):  # >= 200 s: cancelled long before
         await asyncio.sleep(0.002)
         ticks.append(1)
 
@@ -271,7 +272,8 @@ def _run_script(tmp_path, mode: str, interrupt: bool):
     proc = subprocess.Popen([sys.executable, str(script), mode], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env)
     try:
-        assert proc.stdout.readline().strip() == "started", proc.stderr.read()
+        ready, _, _ = select.select([proc.stdout], [], [], 120)  # loading takes seconds; never wait forever
+        assert ready and proc.stdout.readline().strip() == "started", "the script did not start its request"
         if interrupt:
             proc.send_signal(signal.SIGINT)
         _, stderr = proc.communicate(timeout=120)
