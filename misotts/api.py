@@ -68,7 +68,7 @@ class TTS:
 
     def close(self) -> None:
         """Stop the engine (its thread ends, queued and running requests get EngineStopped) and
-        drop the codec.  Closing twice does nothing more; a TTS is also closed at exit."""
+        drop the codec.  Closing twice does nothing more; open engines are also closed at exit."""
         self.backend.close()
         self._codec = None
 
@@ -82,7 +82,8 @@ class TTS:
     def last_stats(self) -> GenerationStats:
         """Timings of the last `stream` / `generate` started in this thread or asyncio task (each
         stream's own; concurrent requests elsewhere do not touch them)."""
-        return _last_stats.get({}).get(id(self), (None, GenerationStats()))[1]
+        ref, stats = _last_stats.get({}).get(id(self), (None, None))
+        return stats if ref is not None and ref() is self else GenerationStats()  # not a dead TTS's with our id
 
     def _new_stats(self) -> GenerationStats:
         stats = GenerationStats()
