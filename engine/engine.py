@@ -22,20 +22,30 @@ device side is `model_runner.py` (prefill and the batched frame), `graphs.py` (o
 batch-size bucket), `kv_cache.py` (the paged pool) and `audio.py` (the lanes' Mimi decode); this
 file is the thread, `submit`, and `step()`.
 
+Nothing a request carries stops the loop: a bad request is refused by `submit`, a failing step
+fails the requests it served (by host bookkeeping alone: after a device fault the device may not
+answer) and the lanes are cleared before the next step.  Only a device that cannot be used any
+more stops the engine; then every stream, `submit` and `health()` say why (docs/engine.md,
+"Failing cleanly").
+
 Each lane keeps its own seed and RNG counter, so a request's codes do not depend on its
 neighbours (up to batch-size-dependent float rounding, which the tests check does not flip codes).
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
-import sys
+import logging
+import math
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 
 import torch
 
 from misotts.runtime.generate import check_request
+from misotts.runtime.sampling import is_integer, is_real
 from misotts.runtime.model import CSMModel
 
 from .graphs import FrameGraphs
@@ -43,6 +53,11 @@ from .kv_cache import BlockPool, PagedKV, block_keys
 from .model_runner import ModelRunner, make_ops
 from .requests import EngineStopped, Request, Stream
 from .scheduler import Scheduler
+
+_log = logging.getLogger("misotts.engine")
+
+IDLE_WAIT_S = 0.5  # an idle loop looks again this often (and lets go of its engine meanwhile)
+CLOSE_JOIN_S = 10.0  # how long close() (and exit) waits for the engine thread to end its turn
 
 
 @dataclass
@@ -57,6 +72,90 @@ class EngineConfig:
     ops: str = "auto"  # "auto" (Triton on CUDA, torch elsewhere), "torch" or "triton"
     cuda_graphs: bool = True  # capture frames on CUDA
     compile: bool = False  # CPU: Inductor-compile the depth steps (faster frames, slower load: docs/bench.md)
+
+    def __post_init__(self):
+        """Refuse a bad setting here, with its name, not deep inside torch or as a spinning loop."""
+        for name, low in (("max_batch", 0), ("block_size", 1), ("num_blocks", 0), ("prefill_chunk", 1),
+                          ("max_waiting", 1)):
+            _check_int(name, getattr(self, name), low)
+        if self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        fraction = self.kv_memory_fraction
+        if not is_real(fraction) or not 0 < fraction <= 1:
+            raise ValueError(f"kv_memory_fraction must be in (0, 1], got {fraction!r}")
+        if not is_real(self.wait_timeout_s) or not 0 <= self.wait_timeout_s < math.inf:
+            raise ValueError(f"wait_timeout_s must be a finite number of seconds >= 0, got {self.wait_timeout_s!r}")
+        if self.ops not in ("auto", "torch", "triton"):
+            raise ValueError(f"unknown ops {self.ops!r}: expected 'auto', 'torch' or 'triton'")
+        for name in ("cuda_graphs", "compile"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+
+
+def _check_int(name: str, value, low: int) -> None:
+    if not is_integer(value) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+# Engines whose thread may be running: closed at exit, so that no thread runs torch ops while the
+# interpreter tears down (that aborted the process: "terminate called without an active exception").
+_open_engines: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_engines() -> None:
+    for engine in list(_open_engines):
+        engine.close()
+
+
+class _Wakeup:
+    """The engine's lock and the flag that tells its idle thread there is news (a request, a
+    cancel, close): the thread waits on it without holding the engine, so a dropped engine can be
+    collected."""
+
+    def __init__(self):
+        self.cond = threading.Condition()
+        self.news = False
+
+    def notify(self) -> None:  # with cond held
+        self.news = True
+        self.cond.notify_all()
+
+    def wait(self, timeout: float) -> None:
+        with self.cond:
+            if not self.news:
+                self.cond.wait(timeout)
+            self.news = False
+
+
+@contextlib.contextmanager
+def _on_stream(stream):
+    if stream is None:
+        yield
+        return
+    with torch.cuda.device(stream.device), torch.cuda.stream(stream):
+        yield
+
+
+def _serve(engine_ref: weakref.ref, wakeup: _Wakeup) -> None:
+    """The engine thread: turns of the loop while the engine exists and is open.  It holds the
+    engine only during a turn, so an engine nobody uses any more is freed and its thread ends."""
+    engine = engine_ref()
+    if engine is None:
+        return
+    on_device = engine.on_device()  # the model's device and the engine's stream, for the thread's life
+    del engine
+    with on_device:
+        while True:
+            engine = engine_ref()
+            if engine is None:
+                return
+            wait = engine._turn()
+            del engine
+            if wait is None:
+                return
+            if wait > 0:
+                wakeup.wait(wait)
 
 
 class Engine:
@@ -86,19 +185,18 @@ class Engine:
         self._codec, self.audio = codec, None
         self.scheduler = Scheduler(self.pool, self, self.max_batch, config.max_waiting, config.wait_timeout_s,
                                    config.prefill_chunk)
-        self._cond = threading.Condition()
+        self._wakeup = _Wakeup()
+        self._cond = self._wakeup.cond  # guards the scheduler's queues
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._stopped: BaseException | None = None  # why the loop ended, once it has
+        self._lanes_dirty = False  # a step failed: the lanes' device state must be cleared before the next
         self.frames_run = 0
+        _open_engines.add(self)
 
     def on_device(self):
         """The model's device and the engine's stream made current (a no-op off CUDA)."""
-        if self.stream is None:
-            return contextlib.nullcontext()
-        stack = contextlib.ExitStack()
-        stack.enter_context(torch.cuda.device(self.stream.device))
-        stack.enter_context(torch.cuda.stream(self.stream))
-        return stack
+        return _on_stream(self.stream)
 
     def _warm_up(self, progress: bool) -> None:
         """Every kernel a request can launch is compiled (and cuBLAS has picked its kernels) before
@@ -133,8 +231,9 @@ class Engine:
         Raises ValueError for a request that can never run (bad settings, a prompt that leaves
         no room in the context, more KV than the whole pool) and EngineBusy when the queue is full.
         """
+        self._check_open()
+        check_request(self.model.config, frames, mask, max_frames, temperature, topk, seed)  # the embedding would clamp ids
         frames, mask = frames.long().cpu(), mask.bool().cpu()
-        check_request(self.model.config, frames, mask, max_frames, temperature, topk)  # the embedding would clamp ids
         if audio and self.audio is None:
             self.start_audio()
         bs, needed = self.pool.block_size, self.scheduler.blocks_needed(frames.shape[0], max_frames)
@@ -144,17 +243,27 @@ class Engine:
         keys = block_keys(frames[:-1], mask[:-1], bs)  # the last row always runs in the first frame
         req = Request(frames, mask, max_frames, float(temperature), int(topk), int(seed), stop_on_eos, bool(audio),
                       keys)
-        req.stream = Stream(req, self._wake)
+        req.stream = Stream(req, self._wake, self._serving)
         req.stats.prompt_positions = frames.shape[0]
         with self._cond:
-            if self._closed:
-                raise EngineStopped("the engine is closed")
+            self._check_open()
             self.scheduler.enqueue(req)
             if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name="misotts-engine", daemon=True)
+                self._thread = threading.Thread(target=_serve, args=(weakref.ref(self), self._wakeup),
+                                                name="misotts-engine", daemon=True)
                 self._thread.start()
-            self._cond.notify_all()
+            self._wakeup.notify()
         return req.stream
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise EngineStopped("the engine is closed")
+        if self._stopped is not None:
+            raise EngineStopped(f"the engine has stopped: {_describe(self._stopped)}") from self._stopped
+
+    def _serving(self) -> bool:
+        """Whether a stream of this engine can still get news (its thread is starting or running)."""
+        return self._stopped is None and (self._thread is None or self._thread.is_alive())
 
     def start_audio(self) -> None:
         """Make the lanes' Mimi decoder now; otherwise the first request for audio does (a codec
@@ -184,19 +293,49 @@ class Engine:
         deadline = time.monotonic() + timeout
         with self._cond:
             while self.scheduler.busy():
-                if not self._cond.wait(max(0.0, deadline - time.monotonic())) and time.monotonic() >= deadline:
+                left = deadline - time.monotonic()
+                if left <= 0:
                     return False
+                self._cond.wait(min(left, IDLE_WAIT_S))  # timed: a loop that died cannot keep us here
         return True
 
-    def close(self) -> None:
-        """Stop the loop; requests still queued or running end with EngineStopped."""
+    def close(self, timeout: float = CLOSE_JOIN_S) -> None:
+        """Stop the loop; requests still queued or running end with EngineStopped.  Waits up to
+        `timeout` seconds for the thread to end its turn.  Closing twice does nothing more."""
         with self._cond:
             self._closed = True
-            self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join()
-        if self.audio is not None:
-            self.audio.close()
+            self._wakeup.notify()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+            if thread.is_alive():
+                _report(f"the engine thread did not stop within {timeout} s (a frame still running)")
+                return
+        if thread is None:  # never started: nothing runs, nothing queued
+            self._stopped = self._stopped or EngineStopped("the engine was closed")
+        _open_engines.discard(self)
+        audio, self.audio = self.audio, None
+        if audio is not None:
+            try:
+                audio.close()
+            except Exception as err:  # noqa: BLE001 -- after a device fault; closing must not raise (nor at exit)
+                _report(f"closing the lanes' decoder failed: {_describe(err)}")
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def health(self) -> dict:
+        """Whether the engine serves: {"ok": bool, "state": "serving" | "closed" | "failed",
+        "error": why it stopped (None while ok or when closed by close())}."""
+        stopped = self._stopped
+        if stopped is None and not self._closed:
+            return {"ok": True, "state": "serving", "error": None}
+        failed = stopped is not None and not (self._closed and isinstance(stopped, EngineStopped))
+        return {"ok": False, "state": "failed" if failed else "closed",
+                "error": _describe(stopped) if failed else None}
 
     def stats(self) -> dict:
         s = self.scheduler
@@ -208,31 +347,58 @@ class Engine:
 
     def _wake(self) -> None:
         with self._cond:
-            self._cond.notify_all()
+            self._wakeup.notify()
 
     # ---- the loop (engine thread only) --------------------------------------------------------
-    def _loop(self) -> None:
-        with self.on_device():
-            self._run()
-
-    def _run(self) -> None:
-        while True:
+    def _turn(self) -> float | None:
+        """One turn of the loop.  Returns how long to wait for news before the next turn (0: go
+        on at once), or None when the loop has ended.  Nothing a request carries ends the loop:
+        a failing step fails the requests it served; only a fault that leaves the device unusable
+        (or an exception that is not an Exception) stops the engine, and then every stream gets
+        the error."""
+        try:
+            if self._lanes_dirty:  # at once, not at the next request: health() then tells a dead device
+                self._clear_lanes()
             with self._cond:
                 if self._closed:
-                    break
+                    self._stop(EngineStopped("the engine was closed"))
+                    return None
                 self.scheduler.admit()
                 if not self.scheduler.working():
                     self._cond.notify_all()  # wake wait_idle()
-                    self._cond.wait(timeout=0.05 if self.scheduler.waiting else None)
-                    continue
+                    return 0.05 if self.scheduler.waiting else IDLE_WAIT_S
             try:
                 self.step()
             except Exception as err:  # noqa: BLE001 -- the requests in flight get the error; the loop goes on
-                print(f"misotts engine: {type(err).__name__}: {err}", file=sys.stderr)
-                for req in [*self.scheduler.prefilling, *self.scheduler.lanes]:
-                    self.scheduler.finish(req, "error", err)
+                self._fail_in_flight(err)
+            return 0.0
+        except BaseException as err:  # noqa: BLE001 -- the device is unusable, or the thread is being torn down
+            self._stop(err)
+            return None
+
+    def _fail_in_flight(self, err: Exception) -> None:
+        """A step failed: its requests get the error.  Host bookkeeping only -- after a sticky
+        device fault (illegal address, device-side assert) any device op raises again -- and the
+        lanes are cleared on the device before the next step, where a failure stops the engine."""
+        _report(f"a step failed, its requests get the error: {_describe(err)}")
+        self._lanes_dirty = True
         with self._cond:
-            self.scheduler.finish_all("error", EngineStopped("the engine was closed"))
+            self.scheduler.drop_in_flight(err)
+
+    def _clear_lanes(self) -> None:
+        for lane in range(self.max_batch):
+            self.runner.state.clear_lane(lane)
+        self._lanes_dirty = False
+
+    def _stop(self, err: BaseException) -> None:
+        """The loop ends: every request still queued or running gets EngineStopped (host only)."""
+        stopped = err if isinstance(err, EngineStopped) else EngineStopped(f"the engine has stopped: {_describe(err)}")
+        if stopped is not err:
+            stopped.__cause__ = err
+            _report(f"the engine has stopped: {_describe(err)}")
+        with self._cond:
+            self.scheduler.drop_all(stopped)
+            self._stopped = err  # after the streams have the error: a reader that sees it finds it there
             self._cond.notify_all()
 
     def step(self) -> None:
@@ -266,3 +432,15 @@ class Engine:
 
     def clear(self, lane: int) -> None:
         self.runner.state.clear_lane(lane)
+
+
+def _describe(err: BaseException) -> str:
+    return f"{type(err).__name__}: {err}"
+
+
+def _report(message: str) -> None:
+    """Log, whatever stderr is: a closed pipe must not turn an engine error into a dead engine."""
+    try:
+        _log.error("misotts engine: %s", message)
+    except Exception:  # noqa: BLE001
+        pass

@@ -24,6 +24,7 @@ from misotts.kernels import reference as ref
 
 from misotts.runtime.config import TransformerConfig
 from .kv_cache import PagedKV
+from misotts.runtime.frames import NONFINITE_CODE
 from misotts.runtime.model import CSMModel, rope_inv_freq
 
 
@@ -321,9 +322,10 @@ class ModelRunner:
 
     def _depth_sample(self, x, pos, n: int, head, greedy, divisor, kth, noise):
         """Depth position pos (1..) for x [n, D'] -> its codebook's tokens [n] (logits h @ head,
-        race noise [n, V]) and the next input."""
-        token = ref.topk_race(self._depth_step(x, pos, n) @ head, greedy, divisor, kth, noise)
-        return token, self.proj_table[token + pos * self.vocab]
+        race noise [n, V]), the next input, and the logits' sum [n] (finite unless a logit is not)."""
+        logits = self._depth_step(x, pos, n) @ head
+        token = ref.topk_race(logits, greedy, divisor, kth, noise)
+        return token, self.proj_table[token + pos * self.vocab], logits.sum(-1)
 
     # ---- one frame for lanes 0..n-1 ------------------------------------------------------------
     @torch.inference_mode()
@@ -340,12 +342,16 @@ class ModelRunner:
         codes, (greedy, divisor, kth) = st.codes[:n], ref.lane_sampling(st.temperature[:n], st.topk[:n], self.vocab)
         # The race's noise for all codebooks at once: codebook i draws with counter + i.
         noise = ref.race_noise(st.seed[:n, None], st.counter[:n, None] + self.codebook_index, self.vocab_index)
-        codes[:, 0] = ref.topk_race(F.linear(h, self.c0_head), greedy, divisor, kth, noise[:, 0])
+        logits = F.linear(h, self.c0_head)
+        codes[:, 0], checksum = ref.topk_race(logits, greedy, divisor, kth, noise[:, 0]), logits.sum(-1)
         self._depth_step(F.linear(h, self.projection), self.depth_pos[0], n)
         x = self.proj_table[codes[:, 0]]
         for i in range(1, self.n):
-            codes[:, i], x = self._depth_sample(x, self.depth_pos[i], n, self.audio_head[i - 1], greedy, divisor,
-                                                kth, noise[:, i])
+            codes[:, i], x, logits_sum = self._depth_sample(x, self.depth_pos[i], n, self.audio_head[i - 1], greedy,
+                                                            divisor, kth, noise[:, i])
+            checksum = checksum + logits_sum
+        # A lane that met a NaN or infinite logit says so in its codes, read with them (no extra sync).
+        codes[:, 0].masked_fill_(~torch.isfinite(checksum), NONFINITE_CODE)
         # The frame becomes each lane's next backbone row.
         st.rows[:n, :self.n] = codes
         st.rows[:n, self.n].zero_()

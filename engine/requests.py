@@ -29,6 +29,7 @@ class EngineStopped(RuntimeError):
 
 
 _END = object()
+WAIT_POLL_S = 0.1  # a reader waiting for a frame looks this often whether the engine still runs
 
 
 @dataclass(eq=False)
@@ -69,10 +70,12 @@ class Stream:
     """The caller's end of a request: a `Frame` per frame, then the end.
 
     Errors met by the engine for this request are raised here.  `stats` fills in as it runs.
+    Every wait is timed: Ctrl-C reaches a reader, and a reader whose engine thread is gone gets
+    EngineStopped instead of waiting forever.
     """
 
-    def __init__(self, request: Request, wake):
-        self.request, self._wake = request, wake
+    def __init__(self, request: Request, wake, serving=lambda: True):
+        self.request, self._wake, self._serving = request, wake, serving
         self._items: deque = deque()
         self._cond = threading.Condition()
         self._waiter = None  # (loop, future) of an async consumer waiting for an item
@@ -115,12 +118,16 @@ class Stream:
             raise item
         return item
 
+    def _engine_gone(self) -> EngineStopped:
+        return EngineStopped("the engine stopped without finishing this request")
+
     def __iter__(self):
         try:
             while True:
                 with self._cond:
                     while not self._items:
-                        self._cond.wait()
+                        if not self._cond.wait(WAIT_POLL_S) and not self._items and not self._serving():
+                            self._items.append(self._engine_gone())
                     item = self._items.popleft()
                 try:
                     codes = self._unpack(item)
@@ -139,8 +146,12 @@ class Stream:
                     if item is None:
                         fut = loop.create_future()
                         self._waiter = (loop, fut)
-                if item is None:
-                    await fut
+                if item is None:  # the loop runs on meanwhile; cancelling the task stops here
+                    done, _ = await asyncio.wait({fut}, timeout=WAIT_POLL_S)
+                    if not done and not self._serving():
+                        with self._cond:
+                            if not self._items:
+                                self._items.append(self._engine_gone())
                     continue
                 try:
                     codes = self._unpack(item)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 from collections import deque
 
-from misotts.runtime.frames import Frame
+from misotts.runtime.frames import NONFINITE_CODE, Frame, nonfinite_error
 
 from .kv_cache import BlockPool, PoolFull, block_keys
 from .requests import EngineBusy, Request
@@ -60,7 +60,13 @@ class Scheduler:
                 self.finish(req, "cancelled")
                 continue
             waited = now - req.submitted
-            if len(self.lanes) + len(self.prefilling) < self.max_batch and self._take_blocks(req):
+            try:
+                admitted = len(self.lanes) + len(self.prefilling) < self.max_batch and self._take_blocks(req)
+            except Exception as err:  # noqa: BLE001 -- this request fails, the queue goes on
+                self.waiting.popleft()
+                self.finish(req, "error", err)
+                continue
+            if admitted:
                 self.waiting.popleft()
                 req.stats.wait_s = waited
                 self.prefilling.append(req)
@@ -117,6 +123,9 @@ class Scheduler:
         for lane, req in enumerate(self.lanes):
             position = req.prompt_len - 1 + len(req.generated)  # the row this frame ran
             frame = codes[lane]
+            if frame[0] == NONFINITE_CODE:  # its KV is not worth keying either
+                finished.append((lane, nonfinite_error(len(req.generated))))
+                continue
             req.generated.append(frame)
             if (position + 1) % self.pool.block_size == 0:
                 self._register_blocks(req, position, position + 1)
@@ -133,7 +142,10 @@ class Scheduler:
             if req.stats.frames == req.max_frames:
                 finished.append((lane, "max_frames"))
         for lane, reason in reversed(finished):  # highest lane first, so moves never touch a finished lane
-            self.finish(self.lanes[lane], reason)
+            if isinstance(reason, Exception):
+                self.finish(self.lanes[lane], "error", reason)
+            else:
+                self.finish(self.lanes[lane], reason)
 
     def _register_blocks(self, req: Request, start: int, end: int) -> None:
         """Key the blocks completed by writing positions start..end-1 (keys chain from block 0)."""
@@ -144,11 +156,14 @@ class Scheduler:
                 req.keys += block_keys(frames, mask, bs, parent=req.keys[-1] if req.keys else b"")
             self.pool.register(req.blocks[i], req.keys[i])
 
-    def finish(self, req: Request, reason: str, error: BaseException | None = None) -> None:
+    def finish(self, req: Request, reason: str, error: BaseException | None = None, device: bool = True) -> None:
         """End a request wherever it is: free its lane and blocks, close its stream (even if the
-        device fails meanwhile: a caller never waits forever)."""
+        device fails meanwhile: a caller never waits forever).  device=False: host bookkeeping
+        only, the lane's device state is left as it is (the caller clears it, or the engine stops)."""
         try:
-            if req in self.lanes:
+            if req in self.lanes and not device:
+                self.lanes.remove(req)
+            elif req in self.lanes:
                 lane, last = self.lanes.index(req), len(self.lanes) - 1
                 self.lanes[lane] = self.lanes[last]
                 self.lanes.pop()
@@ -167,6 +182,13 @@ class Scheduler:
             req.stats.total_s = time.perf_counter() - req.submitted
             req.stream._end(error)
 
-    def finish_all(self, reason: str, error: BaseException | None = None) -> None:
+    def drop_in_flight(self, error: BaseException) -> None:
+        """Fail every request being prefilled or run, touching no device memory (a failed step:
+        the device may be unusable)."""
+        for req in [*self.prefilling, *self.lanes]:
+            self.finish(req, "error", error, device=False)
+
+    def drop_all(self, error: BaseException) -> None:
+        """Fail every request, queued ones too (the loop is ending), touching no device memory."""
         for req in [*self.waiting, *self.prefilling, *self.lanes]:
-            self.finish(req, reason, error)
+            self.finish(req, "error", error, device=False)

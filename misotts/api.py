@@ -1,7 +1,10 @@
 """The public face: `load` a model, `TTS.generate` / `TTS.stream` speech, `Audio` results."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import asyncio
+import weakref
+from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator, Iterator
 
@@ -18,6 +21,9 @@ from misotts.runtime.prompt import build_prompt
 from misotts.runtime.tokenizer import ByteTokenizer, Llama3Tokenizer, load_tokenizer
 from misotts.weights import load_model, random_model
 from misotts.weights.load import default_dtype
+
+# {id(tts): (weakref to it, its GenerationStats)} of the last generation in this thread / task.
+_last_stats: ContextVar[dict] = ContextVar("misotts_last_stats")
 
 # Presets that name a public checkpoint; others need a local path or random_init=True.
 PRESET_HUB_IDS = {"csm-1b": "sesame/csm-1b"}
@@ -36,7 +42,6 @@ class TTS:
     codec_source: str | None = None  # None: the untrained Mimi
     untrained: bool = False
     source: str = ""
-    last_stats: GenerationStats = field(default_factory=GenerationStats)
     backend: object = None  # None: the reference backend, made on construction
     _codec: object = None
 
@@ -62,7 +67,30 @@ class TTS:
         return self.backend if isinstance(self.backend, Engine) else None
 
     def close(self) -> None:
+        """Stop the engine (its thread ends, queued and running requests get EngineStopped) and
+        drop the codec.  Closing twice does nothing more; open engines are also closed at exit."""
         self.backend.close()
+        self._codec = None
+
+    def __enter__(self) -> "TTS":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def last_stats(self) -> GenerationStats:
+        """Timings of the last `stream` / `generate` started in this thread or asyncio task (each
+        stream's own; concurrent requests elsewhere do not touch them)."""
+        ref, stats = _last_stats.get({}).get(id(self), (None, None))
+        return stats if ref is not None and ref() is self else GenerationStats()  # not a dead TTS's with our id
+
+    def _new_stats(self) -> GenerationStats:
+        stats = GenerationStats()
+        mine = {key: (ref, s) for key, (ref, s) in _last_stats.get({}).items() if ref() is not None}
+        mine[id(self)] = (weakref.ref(self), stats)  # a fresh dict: other contexts keep theirs
+        _last_stats.set(mine)
+        return stats
 
     @property
     def config(self) -> ModelConfig:
@@ -82,10 +110,13 @@ class TTS:
 
     def prompt(self, text: str, speaker: int = 0, context=()):
         """The prompt rows (frames, mask [S, 33]) for a turn after `context`."""
-        if not isinstance(text, str) or not text.strip():
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a string, got {type(text).__name__}")
+        if not text.strip():
             raise ValueError("text must be a non-empty string")
+        # Each generated frame takes a position too: the prompt must leave room for one.
         return build_prompt(text, speaker, context, self.tokenizer, self.config.num_codebooks, self._encode_audio,
-                            text_vocab_size=self.config.text_vocab_size)
+                            text_vocab_size=self.config.text_vocab_size, max_positions=self.config.max_seq_len - 1)
 
     def _encode_audio(self, audio) -> torch.Tensor:
         return self.codec.encode(load_audio(audio, SAMPLE_RATE).to(self.device)).cpu()
@@ -132,7 +163,8 @@ class TTS:
         """`stream` for asyncio: `async for chunk in tts.astream(...)`; cancelling the task
         cancels the generation."""
         chunker = self._chunker(first_chunk_frames, chunk_frames)
-        frames = self.submit(text, speaker, context, max_audio_ms, temperature, topk, seed, stop_on_eos, audio=True)
+        frames = await self._submit_off_loop(text, speaker, context, max_audio_ms, temperature, topk, seed,
+                                             stop_on_eos, audio=True)
         try:
             async for frame in frames:
                 if (chunk := chunker.add(frame.codes, frame.audio, frames.stats)) is not None:
@@ -142,9 +174,18 @@ class TTS:
         finally:
             frames.cancel()
 
+    async def _submit_off_loop(self, *args, **kwargs):
+        """`submit` in a worker thread: building the prompt encodes context audio, which must
+        not stall the event loop.  A task cancelled meanwhile cancels the request it made."""
+        pending = asyncio.get_running_loop().run_in_executor(None, lambda: self.submit(*args, **kwargs))
+        try:
+            return await asyncio.shield(pending)
+        except asyncio.CancelledError:
+            pending.add_done_callback(lambda done: done.cancelled() or done.exception() or done.result().cancel())
+            raise
+
     def _chunker(self, first_chunk_frames: int, chunk_frames: int) -> Chunker:
-        self.last_stats = GenerationStats()
-        return Chunker(self.last_stats, first_chunk_frames, chunk_frames)
+        return Chunker(self._new_stats(), first_chunk_frames, chunk_frames)
 
     def generate(self, text: str, speaker: int = 0, context=(), max_audio_ms: float = 10_000,
                  temperature: float = 0.9, topk: int = 50, seed: int = 0, stop_on_eos: bool = True) -> Audio:

@@ -5,6 +5,7 @@ codes plus decoded samples -- into chunks here, so chunking, timing and concaten
 """
 from __future__ import annotations
 
+import numbers
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,8 +60,10 @@ class GenerationStats:
 
 
 def check_chunking(first_chunk_frames: int, chunk_frames: int) -> None:
-    if first_chunk_frames < 1 or chunk_frames < 1:
-        raise ValueError(f"first_chunk_frames and chunk_frames must be >= 1, got {first_chunk_frames}, {chunk_frames}")
+    for value in (first_chunk_frames, chunk_frames):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"first_chunk_frames and chunk_frames must be integers >= 1, got "
+                             f"{first_chunk_frames!r}, {chunk_frames!r}")
 
 
 class Chunker:

@@ -22,6 +22,7 @@ _ZERO_CROSSINGS = 32
 _ROLLOFF = 0.93
 _KAISER_BETA = 10.0
 _MAX_FILTER_TAPS = 1 << 24  # a ratio of large coprime rates (e.g. 44101 -> 24000) needs a huge bank
+MIN_SAMPLE_RATE = 8_000  # below telephone audio a rate is a mistake (say a (samples, 1) tuple), not speech
 
 
 def load_audio(source, sample_rate: int = SAMPLE_RATE) -> torch.Tensor:
@@ -33,15 +34,40 @@ def load_audio(source, sample_rate: int = SAMPLE_RATE) -> torch.Tensor:
 
     Samples are floats in [-1, 1], shaped [N] or [1, N]. Other rates are resampled.
     """
+    samples, rate = _samples_and_rate(source, sample_rate)
+    return resample(_as_mono(samples), rate, sample_rate).contiguous()
+
+
+def audio_seconds(source, sample_rate: int = SAMPLE_RATE) -> float:
+    """How long `source` (as `load_audio` takes it) lasts, from its length and rate alone:
+    nothing is resampled, so a size can be refused before any work."""
+    if isinstance(source, (str, os.PathLike)) and Path(source).is_file():
+        try:
+            with wave.open(str(source), "rb") as f:  # the header only
+                return f.getnframes() / _checked_rate(f.getframerate())
+        except wave.Error:  # float WAVs take the RIFF walk
+            pass
+    samples, rate = _samples_and_rate(source, sample_rate)
+    return np.shape(samples)[-1] / rate if np.ndim(samples) else 0.0
+
+
+def _samples_and_rate(source, sample_rate: int):
     if isinstance(source, (str, os.PathLike)):
         samples, rate = _read_wav(Path(source))
     elif isinstance(source, tuple) and len(source) == 2:
         samples, rate = source
     else:
         samples, rate = source, sample_rate
-    if int(rate) != rate or rate <= 0:
-        raise ValueError(f"sample rate must be a positive integer, got {rate!r}")
-    return resample(_as_mono(samples), int(rate), sample_rate).contiguous()
+    return samples, _checked_rate(rate)
+
+
+def _checked_rate(rate) -> int:
+    if isinstance(rate, bool) or not isinstance(rate, (int, float, np.integer, np.floating)) or int(rate) != rate:
+        raise ValueError(f"sample rate must be an integer number of Hz, got {rate!r}")
+    if rate < MIN_SAMPLE_RATE:
+        raise ValueError(f"sample rate {rate} Hz is below {MIN_SAMPLE_RATE} Hz: audio is given as samples at "
+                         f"24 kHz, a (samples, rate) tuple or a WAV file")
+    return int(rate)
 
 
 def save_wav(path, samples, sample_rate: int = SAMPLE_RATE) -> None:

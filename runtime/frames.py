@@ -29,3 +29,13 @@ class RequestStats:
 def stack_codes(codes: list[torch.Tensor], num_codebooks: int) -> torch.Tensor:
     """Frames' codes [num_codebooks] each -> [T, num_codebooks] (T = 0 when there are none)."""
     return torch.stack(codes) if codes else torch.zeros(0, num_codebooks, dtype=torch.long)
+
+
+# Codebook 0 of a frame whose logits held a NaN or an infinity (broken weights or inputs): both
+# backends mark the frame with it where the codes are made, and fail the request on reading it.
+NONFINITE_CODE = -1
+
+
+def nonfinite_error(frame: int) -> FloatingPointError:
+    return FloatingPointError(f"the model's logits were NaN or infinite at frame {frame}: its weights or "
+                              f"inputs are broken (no codes can be sampled)")

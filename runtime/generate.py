@@ -4,6 +4,7 @@ and `ReferenceBackend`, which offers it behind the engine's interface (`submit` 
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 import time
 from contextlib import nullcontext
@@ -12,16 +13,16 @@ from typing import Callable, Iterator
 import torch
 
 from .audio import FRAME_MS
-from .frames import Frame, RequestStats, stack_codes
+from .frames import NONFINITE_CODE, Frame, RequestStats, nonfinite_error, stack_codes
 from .model import CSMModel
-from .prompt import audio_rows, check_prompt_text_ids, mimi_codes
-from .sampling import check_sampling_args
+from .prompt import audio_rows, check_prompt_audio_codes, check_prompt_text_ids, mimi_codes
+from .sampling import check_sampling_args, is_integer, is_real
 
 
 
 def max_frames_for(max_audio_ms: float) -> int:
-    if not max_audio_ms > 0:
-        raise ValueError(f"max_audio_ms must be > 0, got {max_audio_ms}")
+    if not is_real(max_audio_ms) or not 0 < max_audio_ms < math.inf:
+        raise ValueError(f"max_audio_ms must be a finite number > 0, got {max_audio_ms!r}")
     return max(1, int(max_audio_ms // FRAME_MS))
 
 
@@ -34,16 +35,23 @@ def check_context_window(prompt_len: int, max_frames: int, max_seq_len: int) -> 
         )
 
 
-def check_request(cfg, frames, mask, max_frames: int, temperature: float, topk: int) -> None:
-    """Everything about a request that can be refused before any work (both backends)."""
-    check_sampling_args(temperature, topk, cfg.audio_vocab_size)
+def check_request(cfg, frames, mask, max_frames: int, temperature: float, topk: int, seed: int = 0) -> None:
+    """Everything about a request that can be refused before any work (both backends): nothing
+    that passes here can fail in the engine's thread for being malformed."""
+    check_sampling_args(temperature, topk, cfg.audio_vocab_size, seed)
+    if not isinstance(frames, torch.Tensor) or not isinstance(mask, torch.Tensor):
+        raise TypeError(f"prompt frames and mask must be tensors, got {type(frames).__name__} and {type(mask).__name__}")
+    if frames.dtype.is_floating_point or frames.dtype.is_complex:
+        raise TypeError(f"prompt frames must be integer ids, got {frames.dtype}")
     if frames.ndim != 2 or frames.shape != mask.shape or frames.shape[1] != cfg.num_codebooks + 1 or not len(frames):
         raise ValueError(f"prompt frames and mask must both be [S >= 1, {cfg.num_codebooks + 1}], "
                          f"got {tuple(frames.shape)} and {tuple(mask.shape)}")
-    if max_frames < 1:
-        raise ValueError(f"max_frames must be >= 1, got {max_frames}")
+    if not is_integer(max_frames) or max_frames < 1:
+        raise ValueError(f"max_frames must be an integer >= 1, got {max_frames!r}")
     check_context_window(frames.shape[0], max_frames, cfg.max_seq_len)
+    frames, mask = frames.long().cpu(), mask.bool().cpu()
     check_prompt_text_ids(frames, mask, cfg.text_vocab_size)
+    check_prompt_audio_codes(frames, mask, cfg.audio_vocab_size)
 
 
 def iter_frames(model: CSMModel, frames: torch.Tensor, mask: torch.Tensor, max_frames: int,
@@ -56,7 +64,7 @@ def iter_frames(model: CSMModel, frames: torch.Tensor, mask: torch.Tensor, max_f
     Sesame's reference.  Frame t draws its random numbers from counters t*n .. t*n + n - 1.
     """
     cfg = model.config
-    check_request(cfg, frames, mask, max_frames, temperature, topk)
+    check_request(cfg, frames, mask, max_frames, temperature, topk, seed)
     device = model.audio_head.device
     n = cfg.num_codebooks
     model.setup_caches(1, frames.shape[0] + max_frames)
@@ -66,6 +74,8 @@ def iter_frames(model: CSMModel, frames: torch.Tensor, mask: torch.Tensor, max_f
     for t in range(max_frames):
         counter = torch.tensor([t * n], dtype=torch.long, device=device)
         codes = model.generate_frame(cur_frames, cur_mask, positions, temperature, topk, seed_t, counter)
+        if codes[0, 0] == NONFINITE_CODE:
+            raise nonfinite_error(t)
         if stop_on_eos and not codes.any():
             return
         yield codes[0]
@@ -93,7 +103,7 @@ class ReferenceBackend:
 
     def submit(self, frames: torch.Tensor, mask: torch.Tensor, max_frames: int, temperature: float = 0.9,
                topk: int = 50, seed: int = 0, stop_on_eos: bool = True, audio: bool = False) -> ReferenceStream:
-        check_request(self.model.config, frames, mask, max_frames, temperature, topk)
+        check_request(self.model.config, frames, mask, max_frames, temperature, topk, seed)
         if audio and self._codec is None:
             raise ValueError("this backend has no codec to decode audio")
         return ReferenceStream(self, frames, mask, max_frames, dict(temperature=temperature, topk=topk, seed=seed,

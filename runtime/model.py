@@ -31,6 +31,7 @@ from misotts.kernels import reference as ref
 from misotts.kernels.reference import apply_rope, attention_ref, rmsnorm_ref, rvq_embed_ref, swiglu_ref
 
 from .config import ModelConfig, TransformerConfig
+from .frames import NONFINITE_CODE
 from .sampling import sample_topk
 
 
@@ -192,18 +193,24 @@ class CSMModel(nn.Module):
         """One audio frame: backbone over the new positions, then 31 depth steps.
 
         seed, counter: int64 [B]; sampling event i of this frame uses counter + i.
-        Returns codes [B, num_codebooks].
+        Returns codes [B, num_codebooks]; codebook 0 is NONFINITE_CODE where a logit was NaN or infinite.
         """
         n = self.config.num_codebooks
         h = self.backbone_forward(frames, mask, positions)[:, -1]
-        c0 = sample_topk(self.codebook0_head(h), temperature, topk, seed, counter)
+        logits = self.codebook0_head(h)
+        c0, checksum = sample_topk(logits, temperature, topk, seed, counter), logits.sum(-1)
         codes = [c0]
         step_input = torch.stack([h, self.embed_audio(0, c0)], dim=1)  # positions 0 and 1
         pos = torch.arange(2, device=h.device)
         for i in range(1, n):
             dec_h = self.decoder(self.projection(step_input), pos)[:, -1]
-            ci = sample_topk(dec_h @ self.audio_head[i - 1], temperature, topk, seed, counter + i)
+            logits = dec_h @ self.audio_head[i - 1]
+            ci = sample_topk(logits, temperature, topk, seed, counter + i)
+            checksum = checksum + logits.sum(-1)
             codes.append(ci)
             step_input = self.embed_audio(i, ci)[:, None]
             pos = pos[-1:] + 1
-        return torch.stack(codes, dim=1)
+        codes = torch.stack(codes, dim=1)
+        # A NaN or infinite logit marks the frame (codebook 0 = NONFINITE_CODE) as the engine does.
+        codes[:, 0].masked_fill_(~torch.isfinite(checksum), NONFINITE_CODE)
+        return codes

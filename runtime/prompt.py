@@ -8,6 +8,8 @@ target's text rows.
 """
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -27,6 +29,25 @@ class Segment:
     text: str
     audio: object = None
     codes: torch.Tensor | None = None
+
+
+MAX_SPEAKER = 65_535  # speaker ids are small integers written into the text ("[0]Hello")
+
+
+def check_segment(segment: Segment) -> None:
+    """A turn's speaker and text, checked before any tokenizing or encoding."""
+    if not isinstance(segment, Segment):
+        raise TypeError(f"context items must be misotts.Segment, got {type(segment).__name__}")
+    check_speaker(segment.speaker)
+    if not isinstance(segment.text, str):
+        raise TypeError(f"segment text must be a string, got {type(segment.text).__name__}")
+
+
+def check_speaker(speaker) -> None:
+    if isinstance(speaker, bool) or not isinstance(speaker, numbers.Integral):
+        raise TypeError(f"speaker must be an integer id, got {type(speaker).__name__} {str(speaker)[:40]!r}")
+    if not 0 <= speaker <= MAX_SPEAKER:
+        raise ValueError(f"speaker must be in 0..{MAX_SPEAKER}, got {str(speaker)[:40]}")
 
 
 def text_rows(tokens: list[int], num_codebooks: int = 32):
@@ -52,6 +73,16 @@ def check_prompt_text_ids(frames: torch.Tensor, mask: torch.Tensor, text_vocab_s
     check_text_ids(frames[:, -1][mask[:, -1].bool()], text_vocab_size)
 
 
+def check_prompt_audio_codes(frames: torch.Tensor, mask: torch.Tensor, audio_vocab_size: int) -> None:
+    """Refuse an audio code outside the model's audio vocabulary in prompt rows [S, n + 1] (where
+    masked in): the engine's embedding lookup would clamp it to another code."""
+    codes = frames[:, :-1][mask[:, :-1].bool()]
+    bad = codes[(codes < 0) | (codes >= audio_vocab_size)]
+    if bad.numel():
+        raise ValueError(f"audio code {bad[0].item()} is outside the model's audio vocabulary of {audio_vocab_size} "
+                         f"codes (0..{audio_vocab_size - 1})")
+
+
 def audio_rows(codes: torch.Tensor, end_of_audio: bool = True):
     """codes [T, n] -> frames, mask [T (+1), n + 1] on codes' device: the backbone rows of audio
     frames (every path that feeds frames back builds them here); the extra all-zero row marks
@@ -71,9 +102,10 @@ def check_codes(codes: torch.Tensor, num_codebooks: int, vocab: int = 2048) -> t
         raise ValueError(f"segment codes must be [frames, {num_codebooks}], got {tuple(codes.shape)}")
     if codes.dtype.is_floating_point or codes.dtype == torch.bool:
         raise ValueError(f"segment codes must be integers, got {codes.dtype}")
+    codes = codes.long().cpu()  # before comparing: uint8 codes would wrap against 2048
     if codes.numel() and (codes.min() < 0 or codes.max() >= vocab):
         raise ValueError(f"segment codes must lie in 0..{vocab - 1}")
-    return codes.long().cpu()
+    return codes
 
 
 def check_audio_path(audio) -> None:
@@ -85,8 +117,7 @@ def check_audio_path(audio) -> None:
 def segment_rows(segment: Segment, tokenizer, num_codebooks: int,
                  encode_audio: Callable[[object], torch.Tensor] | None, with_audio: bool = True,
                  text_vocab_size: int | None = None):
-    if not isinstance(segment, Segment):
-        raise TypeError(f"context items must be misotts.Segment, got {type(segment).__name__}")
+    check_segment(segment)
     tokens = tokenizer.encode(f"[{segment.speaker}]{segment.text}")
     if text_vocab_size is not None:  # before its audio is encoded
         check_text_ids(tokens, text_vocab_size)
@@ -108,10 +139,18 @@ def segment_rows(segment: Segment, tokenizer, num_codebooks: int,
 
 
 def build_prompt(text: str, speaker: int, context, tokenizer, num_codebooks: int = 32,
-                 encode_audio: Callable[[object], torch.Tensor] | None = None, text_vocab_size: int | None = None):
+                 encode_audio: Callable[[object], torch.Tensor] | None = None, text_vocab_size: int | None = None,
+                 max_positions: int | None = None):
     """Context segments, then the target turn's text rows -> frames, mask [S, n + 1].
 
-    text_vocab_size: refuse text ids outside the model's vocabulary (ValueError)."""
+    text_vocab_size: refuse text ids outside the model's vocabulary (ValueError).
+    max_positions: refuse a prompt longer than this (ValueError), measured before any audio is
+    loaded or encoded (from its length and rate), so a huge context fails at once."""
+    context = list(context or ())
+    for segment in [*context, Segment(speaker, text)]:
+        check_segment(segment)
+    if max_positions is not None:
+        check_prompt_size(text, speaker, context, tokenizer, max_positions)
     parts = [segment_rows(s, tokenizer, num_codebooks, encode_audio, text_vocab_size=text_vocab_size)
              for s in context or ()]
     parts.append(segment_rows(Segment(speaker, text), tokenizer, num_codebooks, None, with_audio=False,
@@ -120,10 +159,30 @@ def build_prompt(text: str, speaker: int, context, tokenizer, num_codebooks: int
     return torch.cat(frames), torch.cat(mask)
 
 
+def check_prompt_size(text: str, speaker: int, context: list, tokenizer, max_positions: int) -> None:
+    """Refuse a prompt of more than max_positions rows, counted without encoding any audio."""
+    from .audio import FRAME_SAMPLES, SAMPLE_RATE, audio_seconds  # audio imports numpy; prompt stays light
+
+    positions, audio_s = len(tokenizer.encode(f"[{speaker}]{text}")), 0.0
+    for segment in context:
+        positions += len(tokenizer.encode(f"[{segment.speaker}]{segment.text}"))
+        if segment.codes is not None:
+            positions += len(segment.codes) + 1
+        elif segment.audio is not None:
+            check_audio_path(segment.audio)
+            seconds = audio_seconds(segment.audio)
+            audio_s += seconds
+            positions += math.ceil(seconds * SAMPLE_RATE / FRAME_SAMPLES) + 1
+    if positions > max_positions:
+        raise ValueError(f"the prompt needs {positions} positions ({audio_s:.1f} s of context audio) but the "
+                         f"context window holds {max_positions}: shorten the context")
+
+
 def mimi_codes(codes: torch.Tensor, cardinality: int = 2048) -> torch.Tensor:
-    """Codes Mimi can decode: the vocabulary's special ids (2048..2050) become 0.
+    """Codes Mimi can decode: the vocabulary's special ids (2048..2050) become 0, and so does the
+    mark of a frame with non-finite logits (negative; that request fails, its neighbours decode on).
 
     A trained model does not emit them as audio codes; untrained weights can.  `Audio.codes`
     keeps what the model sampled.
     """
-    return codes.masked_fill(codes >= cardinality, 0)
+    return codes.masked_fill((codes >= cardinality) | (codes < 0), 0)

@@ -7,14 +7,34 @@ samples from probs exactly and needs no multinomial (hence no sync and no data-d
 """
 from __future__ import annotations
 
+import numbers
+
 from misotts.kernels.reference import sample_topk_ref
 
 
-def check_sampling_args(temperature: float, topk: int, vocab_size: int) -> None:
-    if not temperature >= 0 or temperature == float("inf"):
-        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
-    if not 1 <= topk <= vocab_size:
-        raise ValueError(f"topk must be in 1..{vocab_size}, got {topk}")
+# Temperatures outside this range break the float math, not just taste: a subnormal one makes
+# logits / temperature overflow (no frames, or backends that disagree); one past the fp32 range is inf.
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-4, 1e4
+MAX_SEED = 2**63 - 1  # seeds are int64 on the device
+
+
+def is_integer(value) -> bool:
+    """An int (or numpy / torch integer scalar), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_sampling_args(temperature: float, topk: int, vocab_size: int, seed: int = 0) -> None:
+    if not is_real(temperature) or not (temperature == 0 or MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE):
+        raise ValueError(f"temperature must be 0 (greedy) or a number in [{MIN_TEMPERATURE:g}, "
+                         f"{MAX_TEMPERATURE:g}], got {temperature!r}")
+    if not is_integer(topk) or not 1 <= topk <= vocab_size:
+        raise ValueError(f"topk must be an integer in 1..{vocab_size}, got {topk!r}")
+    if not is_integer(seed) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed must be an integer in 0..2**63 - 1, got {seed!r}")
 
 
 # One definition of the draw, shared with the kernels' tests: Triton's sampler must match it.
