@@ -17,6 +17,7 @@ from misotts.runtime.model import CSMModel
 from misotts.runtime.prompt import build_prompt
 from misotts.runtime.tokenizer import ByteTokenizer, Llama3Tokenizer, load_tokenizer
 from misotts.weights import load_model, random_model
+from misotts.weights.checkpoint import bundled_codec
 from misotts.weights.load import default_dtype
 
 # Presets that name a public checkpoint; others need a local path or random_init=True.
@@ -212,4 +213,6 @@ def _load(source, device, dtype, random_init, seed, codec, tokenizer, progress) 
     model, config, checkpoint_dir = load_model(PRESET_HUB_IDS.get(name, name), device=device, dtype=dtype,
                                                progress=progress)
     tok = Llama3Tokenizer(tokenizer, config.bos_id, config.eos_id) if tokenizer else load_tokenizer(config, checkpoint_dir)
-    return TTS(model.eval(), tok, codec_source=codec or DEFAULT_CODEC, source=name)
+    # transformers' CSM checkpoints bundle their Mimi; kyutai's is fetched only for those that do not.
+    bundled = str(checkpoint_dir) if bundled_codec(checkpoint_dir) else None
+    return TTS(model.eval(), tok, codec_source=codec or bundled or DEFAULT_CODEC, source=name)

@@ -90,6 +90,17 @@ def open_weight_files(path: Path) -> dict[str, SafetensorsFile | TorchFile]:
     return {name: shards[shard] for name, shard in weight_map.items()}
 
 
+def bundled_codec(path: str | Path) -> dict:
+    """The Mimi tensors a transformers CSM checkpoint folder bundles (``codec_model.*``), by
+    transformers' MimiModel names, each as a function that reads it; {} when it has none."""
+    path = Path(path)
+    if weight_file(path) in (None, TORCH_FILE):
+        return {}
+    prefix = "codec_model."
+    return {name[len(prefix):]: (lambda f=f, name=name: f.read(name))
+            for name, f in open_weight_files(path).items() if name.startswith(prefix)}
+
+
 class Checkpoint:
     """A checkpoint folder: format, config, and its tensors by canonical name."""
 
