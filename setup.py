@@ -26,6 +26,8 @@ setup(
         "tokenizers>=0.15",
         "huggingface_hub>=0.20",
         "tqdm",
+        "soundfile>=0.12.1",  # audio files (libsndfile >= 1.1 in its wheels: WAV, FLAC, MP3, OGG)
+        "soxr>=0.3",  # resampling
         # moshi is installed separately with --no-deps (it pins torch<2.10; its Mimi runs on newer
         # torch); these are the packages its Mimi code imports.
         "einops",
