@@ -11,6 +11,8 @@ from misotts.chunks import Audio, Chunker, GenerationStats
 from misotts.conversation import Conversation
 from misotts.runtime.audio import SAMPLE_RATE, load_audio
 from misotts.runtime.config import PRESETS, ModelConfig
+from misotts.runtime.devices import resolve_device
+from misotts.runtime.hub import DEFAULT_CODEC, PRESET_HUB_IDS
 from misotts.engine import Engine, EngineConfig
 from misotts.runtime.generate import ReferenceBackend, max_frames_for
 from misotts.runtime.model import CSMModel
@@ -19,10 +21,6 @@ from misotts.runtime.tokenizer import ByteTokenizer, Llama3Tokenizer, load_token
 from misotts.weights import load_model, random_model
 from misotts.weights.checkpoint import bundled_codec
 from misotts.weights.load import default_dtype
-
-# Presets that name a public checkpoint; others need a local path or random_init=True.
-PRESET_HUB_IDS = {"csm-1b": "sesame/csm-1b"}
-DEFAULT_CODEC = "kyutai/moshiko-pytorch-bf16"
 
 
 @dataclass
@@ -169,10 +167,6 @@ class TTS:
                 "backend": self.backend.name if self.engine is None else f"engine ({self.engine.stats()['ops']} ops)"}
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def load(source: str | Path = "tiny", device=None, dtype: torch.dtype | None = None, *,
          random_init: bool = False, seed: int = 0, codec: str | None = None,
          tokenizer: str | Path | None = None, progress: bool = True, backend: str = "auto",
@@ -198,12 +192,12 @@ def load(source: str | Path = "tiny", device=None, dtype: torch.dtype | None = N
 
 
 def _load(source, device, dtype, random_init, seed, codec, tokenizer, progress) -> TTS:
-    device = torch.device(device) if device is not None else default_device()
+    device = resolve_device(device)
     dtype = dtype or default_dtype(device)
     name = str(source)
     if name in PRESETS and (random_init or name == "tiny"):
         config = PRESETS[name]
-        model = random_model(config, seed=seed, device=device, dtype=dtype)
+        model = random_model(config, seed=seed, device=device, dtype=dtype, progress=progress)
         # Random weights make noise whatever the text; bytes stand in when no tokenizer.json is given.
         tok = Llama3Tokenizer(tokenizer, config.bos_id, config.eos_id) if tokenizer else ByteTokenizer(config.bos_id, config.eos_id)
         return TTS(model.eval(), tok, codec_source=codec, untrained=True, source=f"{name} (random weights, seed {seed})")

@@ -3,6 +3,7 @@
 Decoding is libsndfile's (soundfile), resampling soxr's."""
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 import warnings
@@ -68,7 +69,10 @@ def save_wav(path, samples, sample_rate: int = SAMPLE_RATE) -> Path | None:
     if int(sample_rate) != sample_rate or sample_rate <= 0:
         raise ValueError(f"sample rate must be a positive integer, got {sample_rate!r}")
     if not isinstance(path, (str, os.PathLike)):
-        soundfile.write(path, pcm, int(sample_rate), subtype="PCM_16", format="WAV")
+        # Made whole in memory first: a pipe cannot seek back to fill in the header's sizes.
+        buffer = io.BytesIO()
+        soundfile.write(buffer, pcm, int(sample_rate), subtype="PCM_16", format="WAV")
+        path.write(buffer.getvalue())
         return None
     path = Path(path).expanduser()
     if path.is_dir():

@@ -8,6 +8,7 @@ target's text rows.
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -78,7 +79,7 @@ def check_codes(codes: torch.Tensor, num_codebooks: int, vocab: int = 2048) -> t
 
 def check_audio_path(audio) -> None:
     """A path given as segment audio must name a file (checked before any encoding)."""
-    if isinstance(audio, (str, Path)) and not Path(audio).is_file():
+    if isinstance(audio, (str, Path)) and not Path(audio).expanduser().is_file():
         raise FileNotFoundError(f"segment audio file not found: {audio}")
 
 
@@ -87,6 +88,8 @@ def segment_rows(segment: Segment, tokenizer, num_codebooks: int,
                  text_vocab_size: int | None = None):
     if not isinstance(segment, Segment):
         raise TypeError(f"context items must be misotts.Segment, got {type(segment).__name__}")
+    if isinstance(segment.speaker, bool) or not isinstance(segment.speaker, numbers.Integral) or segment.speaker < 0:
+        raise ValueError(f"speaker must be an integer >= 0, got {segment.speaker!r}")
     tokens = tokenizer.encode(f"[{segment.speaker}]{segment.text}")
     if text_vocab_size is not None:  # before its audio is encoded
         check_text_ids(tokens, text_vocab_size)

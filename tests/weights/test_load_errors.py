@@ -128,5 +128,5 @@ def test_hub_id_offline(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no local folder called sesame/csm-1b
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
-    with pytest.raises(FileNotFoundError, match=r"'sesame/csm-1b' is not a local directory.*Pass a local checkpoint directory path"):
+    with pytest.raises(FileNotFoundError, match=r"'sesame/csm-1b' is not a local directory.*Pass a local checkpoint directory instead \(--model DIR / source=DIR\)"):
         load_model("sesame/csm-1b", progress=False)
