@@ -17,7 +17,7 @@ from misotts.engine import Engine, EngineConfig
 from misotts.runtime.generate import ReferenceBackend, max_frames_for
 from misotts.runtime.model import CSMModel
 from misotts.runtime.prompt import build_prompt
-from misotts.runtime.tokenizer import ByteTokenizer, Llama3Tokenizer, load_tokenizer
+from misotts.runtime.tokenizer import ByteTokenizer, Llama3Tokenizer, check_special_ids, load_tokenizer
 from misotts.weights import load_model, random_model
 from misotts.weights.checkpoint import bundled_codec
 from misotts.weights.load import default_dtype
@@ -200,6 +200,7 @@ def _load(source, device, dtype, random_init, seed, codec, tokenizer, progress) 
         model = random_model(config, seed=seed, device=device, dtype=dtype, progress=progress)
         # Random weights make noise whatever the text; bytes stand in when no tokenizer.json is given.
         tok = Llama3Tokenizer(tokenizer, config.bos_id, config.eos_id) if tokenizer else ByteTokenizer(config.bos_id, config.eos_id)
+        check_special_ids(tok, config.text_vocab_size, name)
         return TTS(model.eval(), tok, codec_source=codec, untrained=True, source=f"{name} (random weights, seed {seed})")
     if name in PRESETS and name not in PRESET_HUB_IDS:
         raise ValueError(f"no public checkpoint is known for {name!r}: pass a local checkpoint path, "
@@ -207,6 +208,7 @@ def _load(source, device, dtype, random_init, seed, codec, tokenizer, progress) 
     model, config, checkpoint_dir = load_model(PRESET_HUB_IDS.get(name, name), device=device, dtype=dtype,
                                                progress=progress)
     tok = Llama3Tokenizer(tokenizer, config.bos_id, config.eos_id) if tokenizer else load_tokenizer(config, checkpoint_dir)
+    check_special_ids(tok, config.text_vocab_size, str(checkpoint_dir))
     # transformers' CSM checkpoints bundle their Mimi; kyutai's is fetched only for those that do not.
     bundled = str(checkpoint_dir) if bundled_codec(checkpoint_dir) else None
     return TTS(model.eval(), tok, codec_source=codec or bundled or DEFAULT_CODEC, source=name)

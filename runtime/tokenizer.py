@@ -99,3 +99,12 @@ def load_tokenizer(config, checkpoint_dir: str | Path | None):
             "or pass one with --tokenizer PATH / tokenizer=PATH"
         )
     return Llama3Tokenizer(path, config.bos_id, config.eos_id)
+
+
+def check_special_ids(tokenizer, text_vocab_size: int, where: str) -> None:
+    """The BOS/EOS a tokenizer wraps every text in must have embedding rows, or every prompt fails."""
+    for name in ("bos_id", "eos_id"):
+        value = getattr(tokenizer, name)
+        if not 0 <= value < text_vocab_size:
+            raise ValueError(f"{where}: {name} {value} is outside the model's text vocabulary of {text_vocab_size} "
+                             f"ids (fix config.json's {name}, or pass a matching tokenizer with --tokenizer / tokenizer=)")
