@@ -15,6 +15,8 @@ setup(
     description="Fast runtime for RVQ text-to-dialogue speech models (MisoTTS, Sesame CSM)",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    license_files=["LICENSE"],
     python_requires=">=3.10",
     packages=["misotts"] + [f"misotts.{name}" for name in SUBPACKAGES],
     package_dir={"misotts": "misotts", **{f"misotts.{name}": name for name in SUBPACKAGES}},

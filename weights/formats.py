@@ -54,7 +54,7 @@ def detect_format(path: str | Path) -> str:
     release) by a ckpt.pt with no config."""
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"checkpoint directory not found: {path}")
+        raise FileNotFoundError(f"checkpoint directory not found: {path} (--model / source=)")
     config = read_config_json(path) or {}
     weights = weight_file(path)
     if weights and config.get("format") == "misotts":
@@ -68,7 +68,7 @@ def detect_format(path: str | Path) -> str:
     found = sorted(p.name for p in path.iterdir())
     listed = ", ".join(found[:20]) + (f", ... ({len(found) - 20} more)" if len(found) > 20 else "")
     raise ValueError(
-        f"{path} holds no checkpoint in a format we read (found: {listed or 'nothing'}). "
+        f"{path} (--model / source=) holds no checkpoint in a format we read (found: {listed or 'nothing'}). "
         f"Supported: ours (config.json with \"format\": \"misotts\"), transformers CSM (config.json "
         f"with \"model_type\": \"csm\"), Sesame's original (config.json with backbone_flavor, or "
         f"ckpt.pt); each with {SINGLE_FILE}, a sharded {INDEX_FILE}, or (Sesame) {TORCH_FILE}"

@@ -31,7 +31,7 @@ def resolve_source(source: str | Path) -> Path:
     if path.is_dir():
         return path
     if path.exists():
-        raise ValueError(f"{path} is a file: pass the checkpoint directory that holds it")
+        raise ValueError(f"{path} is a file: pass the checkpoint directory that holds it (--model DIR / source=DIR)")
     if not HUB_ID.fullmatch(str(source)):
         raise FileNotFoundError(not_found_message(str(source)))
     return download(str(source))
