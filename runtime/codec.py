@@ -62,7 +62,7 @@ def _untrained_init(mimi) -> None:
 
     moshi's own random initialisation shrinks the codes' contribution at each convolution until the
     biases alone set the output: every code sequence decodes to nearly the same waveform (a DC
-    offset of 0.14 with differences of 4e-4).  Here weights are normal(0, 1/fan_in), biases zero
+    offset of 0.14 with differences of 4e-4).  Here weights are normal with variance 1/fan_in, biases zero
     and codebooks at the encoder latents' scale: decoded audio has std ~0.04 and other codes
     change it by as much (tests/runtime/test_codec.py measures it).
     """

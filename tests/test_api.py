@@ -12,6 +12,7 @@ import misotts
 from misotts.cli import main
 from misotts.runtime.generate import generate_codes
 from misotts.runtime.prompt import build_prompt, mimi_codes
+from misotts.runtime.tokenizer import Llama3Tokenizer
 
 from .tokenizer_files import write_templated_tokenizer
 
@@ -200,7 +201,10 @@ def test_the_tokenizer_json_bos_eos_reach_the_prompt(tmp_path):
 
 def test_reference_refuses_text_ids_outside_the_vocabulary(tmp_path):
     path = write_templated_tokenizer(tmp_path / "tokenizer.json", bos=300, eos=301)
-    tts = misotts.load("tiny", device="cpu", backend="reference", tokenizer=path)
+    with pytest.raises(ValueError, match=r"bos_id 300 is outside the model's text vocabulary of 258"):
+        misotts.load("tiny", device="cpu", backend="reference", tokenizer=path)  # refused at load now
+    tts = misotts.load("tiny", device="cpu", backend="reference")
+    tts.tokenizer = Llama3Tokenizer(path)  # the mismatched tokenizer put in by hand: the loop still refuses
     with pytest.raises(ValueError, match="text id 300 .* 258"):
         tts.generate_codes("hello world", max_audio_ms=160)
     frames, mask = build_prompt("hello world", 0, [], tts.tokenizer)  # rows given to the loop directly
