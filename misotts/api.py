@@ -203,8 +203,9 @@ def _load(source, device, dtype, random_init, seed, codec, tokenizer, progress) 
         check_special_ids(tok, config.text_vocab_size, name)
         return TTS(model.eval(), tok, codec_source=codec, untrained=True, source=f"{name} (random weights, seed {seed})")
     if name in PRESETS and name not in PRESET_HUB_IDS:
-        raise ValueError(f"no public checkpoint is known for {name!r}: pass a local checkpoint path, "
-                         f"or random_init=True for seeded random weights of this shape")
+        raise ValueError(f"no public checkpoint is known for {name!r}: pass a local checkpoint folder "
+                         f"(--model DIR / source=DIR), or --random-init / random_init=True for seeded random "
+                         f"weights of this shape")
     model, config, checkpoint_dir = load_model(PRESET_HUB_IDS.get(name, name), device=device, dtype=dtype,
                                                progress=progress)
     tok = Llama3Tokenizer(tokenizer, config.bos_id, config.eos_id) if tokenizer else load_tokenizer(config, checkpoint_dir)
