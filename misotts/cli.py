@@ -23,6 +23,15 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "float16": torch.float16, "fp16": torch.float16}
 
 
+class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default where it has one worth showing (not None or False)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="tiny", help="preset (tiny, csm-1b, miso-8b), checkpoint folder or hub id")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
@@ -122,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="misotts", description="MisoTTS runtime: text to speech with CSM-style models")
     parser.add_argument("--version", action="version", version=f"misotts {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    defaults = argparse.ArgumentDefaultsHelpFormatter
+    defaults = _HelpWithDefaults
 
     p = sub.add_parser("speak", help="synthesize speech to a WAV file", formatter_class=defaults,
                        description="Synthesize TEXT as SPEAKER's next turn after the --context turns, to a 16-bit "
@@ -131,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-file", metavar="PATH", help="read the text to speak from a file")
     p.add_argument("-o", "--output", default="out.wav", help="WAV file to write; '-' writes the WAV to stdout")
     p.add_argument("--speaker", type=int, default=0, help="speaker id of the new turn (0, 1, ...)")
-    p.add_argument("--context", action="append", nargs="+", metavar="SPEAKER TEXT [AUDIO]",
+    p.add_argument("--context", action="append", nargs="+", metavar=("SPEAKER", "TEXT [AUDIO]"),
                    help="an earlier turn: speaker id, its text (one argument, any characters) and optionally its "
                         "audio file (WAV, FLAC, MP3, OGG); repeat in order")
     p.add_argument("--context-file", metavar="PATH",
