@@ -27,7 +27,7 @@ class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
     """Shows an option's default where it has one worth showing (not None or False)."""
 
     def _get_help_string(self, action):
-        if action.default in (None, False):
+        if action.default is None or action.default is False:  # "in" would drop 0 (0 == False)
             return action.help
         return super()._get_help_string(action)
 
