@@ -113,8 +113,12 @@ def _weights_file(weights: str | os.PathLike) -> str:
     if name != "hub" and (name.endswith(_WEIGHT_SUFFIXES) or not HUB_ID.fullmatch(name)):
         raise FileNotFoundError(f"Mimi weights not found: {name} ({CODEC_ARG})")
     repo = loaders.DEFAULT_REPO if name == "hub" else name
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
+    # A cached copy is used as is: asking the hub whether it changed costs retries when offline.
+    cached = try_to_load_from_cache(repo, loaders.MIMI_NAME)
+    if isinstance(cached, str):
+        return cached
     try:
         return hf_hub_download(repo, loaders.MIMI_NAME)
     except OSError as err:  # offline, missing repo, HTTP errors: all subclass OSError

@@ -161,3 +161,26 @@ def test_load_codec_from_local_safetensors(codec, tmp_path):
     assert loaded.keys() == weights.keys()
     assert all(torch.equal(loaded[name], weights[name].to(loaded[name].dtype)) for name in weights)
 
+
+
+def test_a_cached_hub_codec_is_used_without_asking_the_hub(codec, tmp_path, monkeypatch):
+    """Offline with the Mimi in the hub cache: loaded from there, with no network call (whose
+    retries cost half a minute when the network is down)."""
+    import huggingface_hub
+    from moshi.models import loaders
+
+    cache = tmp_path / "hf-cache"
+    repo = "kyutai/moshiko-pytorch-bf16"
+    snapshot = cache / f"models--{repo.replace('/', '--')}" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (cache / f"models--{repo.replace('/', '--')}" / "refs").mkdir()
+    (cache / f"models--{repo.replace('/', '--')}" / "refs" / "main").write_text("0" * 40)
+    save_file({k: v.contiguous() for k, v in codec.mimi.state_dict().items()}, str(snapshot / loaders.MIMI_NAME))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the hub was asked")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_network)
+    loaded = load_codec(repo).mimi.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in codec.mimi.state_dict().items())
