@@ -15,6 +15,8 @@ setup(
     description="Fast runtime for RVQ text-to-dialogue speech models (MisoTTS, Sesame CSM)",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    license_files=["LICENSE"],
     python_requires=">=3.10",
     packages=["misotts"] + [f"misotts.{name}" for name in SUBPACKAGES],
     package_dir={"misotts": "misotts", **{f"misotts.{name}": name for name in SUBPACKAGES}},
@@ -26,6 +28,8 @@ setup(
         "tokenizers>=0.15",
         "huggingface_hub>=0.20",
         "tqdm",
+        "soundfile>=0.12.1",  # audio files (libsndfile >= 1.1 in its wheels: WAV, FLAC, MP3, OGG)
+        "soxr>=0.3",  # resampling
         # moshi is installed separately with --no-deps (it pins torch<2.10; its Mimi runs on newer
         # torch); these are the packages its Mimi code imports.
         "einops",

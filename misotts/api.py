@@ -14,20 +14,20 @@ from misotts.chunks import Audio, Chunker, GenerationStats
 from misotts.conversation import Conversation
 from misotts.runtime.audio import SAMPLE_RATE, load_audio
 from misotts.runtime.config import PRESETS, ModelConfig
+from misotts.runtime.devices import resolve_device
+from misotts.runtime.hub import DEFAULT_CODEC, PRESET_HUB_IDS
 from misotts.engine import Engine, EngineConfig
 from misotts.runtime.generate import ReferenceBackend, max_frames_for
 from misotts.runtime.model import CSMModel
 from misotts.runtime.prompt import build_prompt
-from misotts.runtime.tokenizer import ByteTokenizer, Llama3Tokenizer, load_tokenizer
+from misotts.runtime.tokenizer import ByteTokenizer, Llama3Tokenizer, check_special_ids, load_tokenizer
 from misotts.weights import load_model, random_model
+from misotts.weights.checkpoint import bundled_codec
 from misotts.weights.load import default_dtype
 
 # {id(tts): (weakref to it, its GenerationStats)} of the last generation in this thread / task.
 _last_stats: ContextVar[dict] = ContextVar("misotts_last_stats")
 
-# Presets that name a public checkpoint; others need a local path or random_init=True.
-PRESET_HUB_IDS = {"csm-1b": "sesame/csm-1b"}
-DEFAULT_CODEC = "kyutai/moshiko-pytorch-bf16"
 
 
 @dataclass
@@ -209,10 +209,6 @@ class TTS:
                 "backend": self.backend.name if self.engine is None else f"engine ({self.engine.stats()['ops']} ops)"}
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def load(source: str | Path = "tiny", device=None, dtype: torch.dtype | None = None, *,
          random_init: bool = False, seed: int = 0, codec: str | None = None,
          tokenizer: str | Path | None = None, progress: bool = True, backend: str = "auto",
@@ -238,19 +234,24 @@ def load(source: str | Path = "tiny", device=None, dtype: torch.dtype | None = N
 
 
 def _load(source, device, dtype, random_init, seed, codec, tokenizer, progress) -> TTS:
-    device = torch.device(device) if device is not None else default_device()
+    device = resolve_device(device)
     dtype = dtype or default_dtype(device)
     name = str(source)
     if name in PRESETS and (random_init or name == "tiny"):
         config = PRESETS[name]
-        model = random_model(config, seed=seed, device=device, dtype=dtype)
+        model = random_model(config, seed=seed, device=device, dtype=dtype, progress=progress)
         # Random weights make noise whatever the text; bytes stand in when no tokenizer.json is given.
         tok = Llama3Tokenizer(tokenizer, config.bos_id, config.eos_id) if tokenizer else ByteTokenizer(config.bos_id, config.eos_id)
+        check_special_ids(tok, config.text_vocab_size, name)
         return TTS(model.eval(), tok, codec_source=codec, untrained=True, source=f"{name} (random weights, seed {seed})")
     if name in PRESETS and name not in PRESET_HUB_IDS:
-        raise ValueError(f"no public checkpoint is known for {name!r}: pass a local checkpoint path, "
-                         f"or random_init=True for seeded random weights of this shape")
+        raise ValueError(f"no public checkpoint is known for {name!r}: pass a local checkpoint folder "
+                         f"(--model DIR / source=DIR), or --random-init / random_init=True for seeded random "
+                         f"weights of this shape")
     model, config, checkpoint_dir = load_model(PRESET_HUB_IDS.get(name, name), device=device, dtype=dtype,
                                                progress=progress)
     tok = Llama3Tokenizer(tokenizer, config.bos_id, config.eos_id) if tokenizer else load_tokenizer(config, checkpoint_dir)
-    return TTS(model.eval(), tok, codec_source=codec or DEFAULT_CODEC, source=name)
+    check_special_ids(tok, config.text_vocab_size, str(checkpoint_dir))
+    # transformers' CSM checkpoints bundle their Mimi; kyutai's is fetched only for those that do not.
+    bundled = str(checkpoint_dir) if bundled_codec(checkpoint_dir) else None
+    return TTS(model.eval(), tok, codec_source=codec or bundled or DEFAULT_CODEC, source=name)

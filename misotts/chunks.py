@@ -28,8 +28,9 @@ class Audio:
         return self.samples.numel() / self.sample_rate
 
     def save(self, path: str | Path) -> Path:
-        save_wav(path, self.samples, self.sample_rate)
-        return Path(path)
+        """Write a 16-bit WAV atomically (a failed write leaves an old file as it was); returns
+        the path written, ``~`` expanded."""
+        return save_wav(path, self.samples, self.sample_rate)
 
     @staticmethod
     def concat(chunks: list[Audio], num_codebooks: int) -> Audio:

@@ -1,4 +1,8 @@
-"""`misotts` command line: speak, info, convert."""
+"""`misotts` command line: speak, info, convert (and bench).
+
+Exit status: 0 done, 2 any error (bad arguments, files, models, devices: the message says which
+flag), 1 when the model ended the utterance before its first frame and nothing was written.
+"""
 from __future__ import annotations
 
 import argparse
@@ -6,20 +10,36 @@ import json
 import sys
 
 import torch
+from tqdm.auto import tqdm
 
+from misotts import MOSHI_MISSING, __version__
+from misotts import cli_checks as checks
 from misotts.chunks import Audio
 
-UNTRAINED_NOTE = "note: the model is {}: untrained, so the audio is noise, not speech."
+EXIT_ERROR, EXIT_NOTHING_MADE = 2, 1
+UNTRAINED_NOTE = ("note: the model is {}: untrained, so the audio is noise, not speech; untrained weights never "
+                  "end a turn, so it runs to --max-audio-ms ({:.1f} s).")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
 
+class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default where it has one worth showing (not None or False)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:  # "in" would drop 0 (0 == False)
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="tiny", help="preset (tiny, csm-1b, miso-8b), local path or hub id")
+    p.add_argument("--model", default="tiny", help="preset (tiny, csm-1b, miso-8b), checkpoint folder or hub id")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--random-init", action="store_true", help="seeded random weights of the preset's shape")
-    p.add_argument("--codec", default=None, help="Mimi weights (.safetensors path or hub id)")
+    p.add_argument("--codec", default=None,
+                   help="Mimi weights: a .safetensors file, a CSM checkpoint folder or a hub id (default: the "
+                        "checkpoint's own, else kyutai/moshiko-pytorch-bf16; the untrained Mimi for random weights)")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json to use instead of the checkpoint's")
 
 
@@ -30,55 +50,72 @@ def _load(args):
                         random_init=args.random_init, codec=args.codec, tokenizer=args.tokenizer)
 
 
-def _parse_context(items: list[str]):
-    """--context SPEAKER:TEXT[:WAV] -> Segments, in order."""
-    import misotts
-
-    segments = []
-    for item in items or ():
-        parts = item.split(":", 2)
-        if len(parts) < 2 or not parts[0].strip().isdigit():
-            raise SystemExit(f"error: --context takes SPEAKER:TEXT[:WAV], got {item!r}")
-        segments.append(misotts.Segment(int(parts[0]), parts[1], parts[2] if len(parts) == 3 else None))
-    return segments
-
-
 def cmd_speak(args) -> int:
+    # Everything is checked before the model loads (csm-1b takes half a minute to).
+    text = checks.read_text(args)
+    checks.check_generation_args(args)
+    context = checks.read_context_file(args.context_file) + checks.parse_context(args.context)
+    checks.check_output(args.output)
+    checks.check_model_args(args)
+    to_stdout = args.output == "-"
+    report = sys.stderr if to_stdout else sys.stdout  # stdout carries the WAV then
+
     tts = _load(args)
     if tts.untrained:
-        print(UNTRAINED_NOTE.format(tts.source), file=sys.stderr)
-    chunks = list(tts.stream(args.text, speaker=args.speaker, context=_parse_context(args.context),
-                             max_audio_ms=args.max_audio_ms, temperature=args.temperature, topk=args.topk,
-                             seed=args.seed))
+        print(UNTRAINED_NOTE.format(tts.source, args.max_audio_ms / 1000), file=sys.stderr)
+    chunks = _generate_with_progress(tts, text, context, args)
     if not chunks:
         print("the model ended the utterance before the first frame; nothing written", file=sys.stderr)
-        return 1
+        return EXIT_NOTHING_MADE
     audio = Audio.concat(chunks, tts.config.num_codebooks)
-    path = audio.save(args.output)
+    where = "stdout" if to_stdout else audio.save(args.output)
+    if to_stdout:
+        audio.save(sys.stdout.buffer)
+        sys.stdout.buffer.flush()
     s = tts.last_stats
-    print(f"wrote {path} ({audio.duration_s:.2f} s, {audio.codes.shape[0]} frames, {audio.sample_rate} Hz)")
+    print(f"wrote {where} ({audio.duration_s:.2f} s, {audio.codes.shape[0]} frames, {audio.sample_rate} Hz)", file=report)
     print(f"time to first audio {s.first_audio_s * 1000:.1f} ms | {s.frames_per_s:.1f} frames/s | "
-          f"real-time factor {s.real_time_factor:.3f} (device {tts.device})")
+          f"real-time factor {s.real_time_factor:.3f} (device {tts.device})", file=report)
     return 0
 
 
+def _generate_with_progress(tts, text, context, args) -> list[Audio]:
+    """The chunks of one generation, with a bar of frames, audio seconds and real-time factor on a
+    terminal (tqdm's disable=None: nothing when stderr is piped)."""
+    from misotts.runtime.generate import max_frames_for
+
+    chunks = []
+    stream = tts.stream(text, speaker=args.speaker, context=context, max_audio_ms=args.max_audio_ms,
+                        temperature=args.temperature, topk=args.topk, seed=args.seed, chunk_frames=4)
+    with tqdm(total=max_frames_for(args.max_audio_ms), unit="frame", desc="speaking", disable=None, leave=False) as bar:
+        for chunk in stream:
+            chunks.append(chunk)
+            s = tts.last_stats
+            bar.update(len(chunk.codes))
+            bar.set_postfix_str(f"{s.audio_s:.1f} s audio, real-time factor {s.real_time_factor:.2f}")
+    return chunks
+
+
 def cmd_info(args) -> int:
-    tts = _load(args)
-    info = tts.info()
+    from misotts.model_info import describe
+
+    checks.check_model_args(args)
+    info = describe(args.model, args.device, DTYPES[args.dtype] if args.dtype else None, args.random_init, args.codec)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    cfg = tts.config
-    print(f"model      {info['source']}" + ("  [untrained: random weights]" if tts.untrained else ""))
-    for name, t in (("backbone", cfg.backbone), ("decoder", cfg.decoder)):
-        print(f"{name:<10} dim {t.dim}, {t.n_layers} layers, {t.n_heads} heads / {t.n_kv_heads} kv, "
-              f"head_dim {t.head_dim}, ffn {t.ffn_dim}")
-    print(f"vocab      text {cfg.text_vocab_size}, audio {cfg.audio_vocab_size} x {cfg.num_codebooks} codebooks; "
-          f"context {cfg.max_seq_len}")
+    cfg = info["config"]
+    print(f"model      {info['source']}" + ("  [untrained: random weights]" if info["untrained"] else ""))
+    for name in ("backbone", "decoder"):
+        t = cfg[name]
+        print(f"{name:<10} dim {t['dim']}, {t['n_layers']} layers, {t['n_heads']} heads / {t['n_kv_heads']} kv, "
+              f"head_dim {t['head_dim']}, ffn {t['ffn_dim']}")
+    print(f"vocab      text {cfg['text_vocab_size']}, audio {cfg['audio_vocab_size']} x {cfg['num_codebooks']} "
+          f"codebooks; context {cfg['backbone']['max_seq_len']}")
     print(f"parameters {info['parameters'] / 1e6:,.1f} M ({info['weight_bytes'] / 2**30:.2f} GiB as {info['dtype']})")
-    print(f"device     {info['device']}; codec {info['codec']}")
-    if tts.device.type == "cuda":
-        print(f"GPU memory allocated {torch.cuda.memory_allocated(tts.device) / 2**30:.2f} GiB")
+    free = info["free_bytes"]
+    room = "" if free is None else f" ({free / 2**30:.1f} GiB free{'' if free >= info['weight_bytes'] else ': the weights do not fit'})"
+    print(f"device     {info['device']}{room}; codec {info['codec']}")
     return 0
 
 
@@ -91,32 +128,43 @@ def cmd_convert(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="misotts", description="MisoTTS runtime")
+    parser = argparse.ArgumentParser(prog="misotts", description="MisoTTS runtime: text to speech with CSM-style models")
+    parser.add_argument("--version", action="version", version=f"misotts {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    defaults = _HelpWithDefaults
 
-    p = sub.add_parser("speak", help="synthesize speech to a WAV file")
-    p.add_argument("text")
-    p.add_argument("-o", "--output", default="out.wav")
-    p.add_argument("--speaker", type=int, default=0)
-    p.add_argument("--context", action="append", metavar="SPEAKER:TEXT[:WAV]",
-                   help="an earlier turn (repeatable, in order); WAV is its audio")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--temperature", type=float, default=0.9)
-    p.add_argument("--topk", type=int, default=50)
-    p.add_argument("--max-audio-ms", type=float, default=10_000)
+    p = sub.add_parser("speak", help="synthesize speech to a WAV file", formatter_class=defaults,
+                       description="Synthesize TEXT as SPEAKER's next turn after the --context turns, to a 16-bit "
+                                   "24 kHz WAV. Shows progress on a terminal.")
+    p.add_argument("text", nargs="?", help="the text to speak; '-' reads it from stdin")
+    p.add_argument("--text-file", metavar="PATH", help="read the text to speak from a file")
+    p.add_argument("-o", "--output", default="out.wav", help="WAV file to write; '-' writes the WAV to stdout")
+    p.add_argument("--speaker", type=int, default=0, help="speaker id of the new turn (0, 1, ...)")
+    p.add_argument("--context", action="append", nargs="+", metavar=("SPEAKER", "TEXT [AUDIO]"),
+                   help="an earlier turn: speaker id, its text (one argument, any characters) and optionally its "
+                        "audio file (WAV, FLAC, MP3, OGG); repeat in order")
+    p.add_argument("--context-file", metavar="PATH",
+                   help='earlier turns as JSON Lines, one per line: {"speaker": 1, "text": "...", "audio": "a.wav"} '
+                        "(audio optional, relative to the file); they come before any --context")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed: the same seed gives the same audio")
+    p.add_argument("--temperature", type=float, default=0.9, help="sampling temperature; 0 is greedy")
+    p.add_argument("--topk", type=int, default=50, help="sample among the k most likely codes; 1 is greedy")
+    p.add_argument("--max-audio-ms", type=float, default=10_000,
+                   help="stop after this much audio (the model may end its turn sooner)")
     _add_model_args(p)
     p.set_defaults(func=cmd_speak)
 
-    p = sub.add_parser("info", help="show a model's config, parameter count and memory")
-    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("info", help="show a model's config, parameter count and memory", formatter_class=defaults,
+                       description="Describe a model from its config alone (no weights are loaded or built).")
+    p.add_argument("--json", action="store_true", help="print JSON")
     _add_model_args(p)
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("convert", help="convert a checkpoint to MisoTTS's canonical format")
+    p = sub.add_parser("convert", help="convert a checkpoint to MisoTTS's canonical format", formatter_class=defaults)
     p.add_argument("src", help="checkpoint directory or hub id (transformers, Sesame or ours)")
     p.add_argument("dst", help="output directory")
-    p.add_argument("--shard-size", default="2GB")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--shard-size", default="2GB", help="largest shard, e.g. 2GB, 500MB, 1GiB")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty dst")
     p.set_defaults(func=cmd_convert)
 
     from misotts.bench.cli import add_parser as add_bench_parser
@@ -129,9 +177,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] != "moshi":
+            raise
+        print(f"misotts {args.command}: error: {MOSHI_MISSING}", file=sys.stderr)
+        return EXIT_ERROR
+    except (ValueError, OSError, RuntimeError) as e:  # OSError: missing files, folders, full disks
+        print(f"misotts {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

@@ -11,11 +11,19 @@ from pathlib import Path
 import torch
 from moshi.models import loaders
 from moshi.quantization.core_vq import EuclideanCodebook
-
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from .hub import HUB_ID
+from .mimi_names import moshi_state_dict
 
 UNTRAINED_SEED = 0
+# Where the Mimi weights come from, in both spellings, for error messages.
+CODEC_ARG = "--codec on the command line, codec= in misotts.load / load_codec"
+# The untrained codebooks' entries are drawn at the scale of the untrained encoder's latents
+# (std 0.19 measured on 0.1-std noise), so that encoding picks codes that follow the input.
+_UNTRAINED_CODEBOOK_STD = 0.2
+BUNDLED_PREFIX = "codec_model."  # transformers' CSM keeps its Mimi under this prefix
 _WEIGHT_SUFFIXES = (".safetensors", ".sft", ".pt", ".pth", ".bin")
 
 
@@ -23,28 +31,77 @@ def load_codec(weights: str | os.PathLike | None = None, device="cpu", num_codeb
     """Build a Mimi codec.
 
     ``weights`` is one of:
-      * ``None``: an UNTRAINED Mimi (random weights from a fixed seed). Deterministic and offline,
-        for tests and benchmarks only: its audio is noise, not speech. The caller's RNG state is
-        left untouched.
-      * a local ``.safetensors`` file of Mimi weights (e.g. ``loaders.MIMI_NAME`` from
-        ``kyutai/moshiko-pytorch-bf16``).
+      * ``None``: an UNTRAINED Mimi (seeded random weights; see `_untrained_init`). Deterministic
+        and offline, for tests and benchmarks: its audio depends on the codes but is not speech.
+        The caller's RNG state is left untouched.
+      * a transformers CSM checkpoint folder (e.g. sesame/csm-1b): its bundled ``codec_model.*``.
+      * a local ``.safetensors`` file of Mimi weights, named as moshi names them (e.g.
+        ``loaders.MIMI_NAME`` from ``kyutai/moshiko-pytorch-bf16``) or as transformers' MimiModel does.
       * ``"hub"`` or a Hugging Face repo id such as ``"kyutai/moshiko-pytorch-bf16"``: downloads
         ``loaders.MIMI_NAME`` from that repo (``"hub"`` means ``loaders.DEFAULT_REPO``).
     """
-    if weights is None:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(UNTRAINED_SEED)
-            # Built on the CPU so the same seed gives the same weights on every device.
-            mimi = loaders.get_mimi(None, device="cpu", num_codebooks=num_codebooks)
-            for codebook in mimi.modules():
-                if isinstance(codebook, EuclideanCodebook):
-                    # Fresh codebooks are all zeros (every frame would encode to code 0); entries
-                    # about as large as the untrained encoder's latents (~0.01) make codes follow the input.
-                    codebook.embedding_sum.normal_(std=0.01)
-        mimi = mimi.to(device)
-    else:
-        mimi = loaders.get_mimi(_weights_file(weights), device=device, num_codebooks=num_codebooks)
-    return MimiCodec(mimi)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(UNTRAINED_SEED)
+        # Built on the CPU so the same seed gives the same weights on every device.
+        mimi = loaders.get_mimi(None, device="cpu", num_codebooks=num_codebooks)
+        if weights is None:
+            _untrained_init(mimi)
+    if weights is not None:
+        state, where = _read_weights(weights, mimi)
+        try:
+            mimi.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+        except RuntimeError as e:  # shapes of another Mimi configuration
+            raise ValueError(f"{where} does not fit moshi's Mimi: {str(e).splitlines()[-1].strip()}") from None
+    mimi.set_num_codebooks(num_codebooks)
+    return MimiCodec(mimi.to(device))
+
+
+@torch.no_grad()
+def _untrained_init(mimi) -> None:
+    """Weights that keep the signal's scale through every layer, so decoded audio depends on the codes.
+
+    moshi's own random initialisation shrinks the codes' contribution at each convolution until the
+    biases alone set the output: every code sequence decodes to nearly the same waveform (a DC
+    offset of 0.14 with differences of 4e-4).  Here weights are normal with variance 1/fan_in, biases zero
+    and codebooks at the encoder latents' scale: decoded audio has std ~0.04 and other codes
+    change it by as much (tests/runtime/test_codec.py measures it).
+    """
+    for module in mimi.modules():
+        if isinstance(module, (torch.nn.Conv1d, torch.nn.ConvTranspose1d, torch.nn.Linear)):
+            w = module.weight
+            # A transposed conv's weight is [in, out / groups, k]: each output sums in / groups * k inputs.
+            fan_in = w.shape[0] * w.shape[2] // module.groups if isinstance(module, torch.nn.ConvTranspose1d) else w[0].numel()
+            w.normal_(0.0, fan_in ** -0.5)
+            if module.bias is not None:
+                module.bias.zero_()
+        elif isinstance(module, EuclideanCodebook):
+            module.embedding_sum.normal_(0.0, _UNTRAINED_CODEBOOK_STD)
+
+
+def _read_weights(weights: str | os.PathLike, mimi) -> tuple[dict, str]:
+    """moshi's state dict from a checkpoint folder, a weights file or a hub id; and a description."""
+    path = Path(weights).expanduser()
+    n_heads = mimi.decoder_transformer.transformer.layers[0].self_attn.num_heads
+    if path.is_dir():
+        from misotts.weights.checkpoint import bundled_codec  # the checkpoint reader knows shards and formats
+
+        tensors = bundled_codec(path)
+        if not tensors:
+            raise ValueError(f"{path} holds no Mimi codec (no {BUNDLED_PREFIX}* tensors): pass Mimi weights "
+                             f"with {CODEC_ARG}")
+        where = f"the Mimi codec bundled in {path}"
+        return moshi_state_dict(tensors, mimi.state_dict(), n_heads, where), where
+    file = _weights_file(weights)
+    try:
+        tensors = load_file(file)
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"cannot read Mimi weights {file} ({e}): {CODEC_ARG} takes a .safetensors file of "
+                         f"Mimi weights, a CSM checkpoint folder or a hub id") from None
+    if set(tensors) == set(mimi.state_dict()):
+        return tensors, file
+    tensors = {k.removeprefix(BUNDLED_PREFIX): v for k, v in tensors.items()
+               if k.startswith(BUNDLED_PREFIX) or not any(t.startswith(BUNDLED_PREFIX) for t in tensors)}
+    return moshi_state_dict(tensors, mimi.state_dict(), n_heads, file), file
 
 
 def _weights_file(weights: str | os.PathLike) -> str:
@@ -54,16 +111,21 @@ def _weights_file(weights: str | os.PathLike) -> str:
         return str(path)
     name = str(weights)
     if name != "hub" and (name.endswith(_WEIGHT_SUFFIXES) or not HUB_ID.fullmatch(name)):
-        raise FileNotFoundError(f"Mimi weights file not found: {name}")
+        raise FileNotFoundError(f"Mimi weights not found: {name} ({CODEC_ARG})")
     repo = loaders.DEFAULT_REPO if name == "hub" else name
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
+    # A cached copy is used as is: asking the hub whether it changed costs retries when offline.
+    cached = try_to_load_from_cache(repo, loaders.MIMI_NAME)
+    if isinstance(cached, str):
+        return cached
     try:
         return hf_hub_download(repo, loaders.MIMI_NAME)
     except OSError as err:  # offline, missing repo, HTTP errors: all subclass OSError
         raise FileNotFoundError(
             f"could not get {loaders.MIMI_NAME} from Hugging Face hub repo {repo!r} ({err.__class__.__name__}). "
-            f"Without network access, pass a local path instead: load_codec('/path/to/{loaders.MIMI_NAME}')"
+            f"Without network access, pass a local file instead ({CODEC_ARG}), "
+            f"e.g. --codec /path/to/{loaders.MIMI_NAME}"
         ) from err
 
 

@@ -39,6 +39,13 @@ class TransformerConfig:
     max_seq_len: int = 2048
 
     def __post_init__(self):
+        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
+            _check_int(name, getattr(self, name), minimum=1)
+        _check_int("head_dim", self.head_dim, minimum=0)
+        for name in ("norm_eps", "rope_base"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
         if self.head_dim == 0:
             object.__setattr__(self, "head_dim", self.dim // self.n_heads)
         if self.n_heads % self.n_kv_heads:
@@ -64,6 +71,16 @@ class ModelConfig:
     tokenizer: str = "llama3"  # "llama3" (tokenizer.json beside the weights) or "bytes"
     name: str = "custom"
 
+    def __post_init__(self):
+        for name in ("text_vocab_size", "audio_vocab_size", "num_codebooks"):
+            _check_int(name, getattr(self, name), minimum=1)
+        for name in ("bos_id", "eos_id"):  # whether they fit the vocabulary is the format's to say (weights/formats.py)
+            _check_int(name, getattr(self, name), minimum=0)
+        if self.tokenizer not in ("llama3", "bytes"):
+            raise ValueError(f"tokenizer must be 'llama3' or 'bytes', got {self.tokenizer!r}")
+        if not isinstance(self.backbone, TransformerConfig) or not isinstance(self.decoder, TransformerConfig):
+            raise ValueError("backbone and decoder must be TransformerConfigs")
+
     @property
     def max_seq_len(self) -> int:
         return self.backbone.max_seq_len
@@ -83,12 +100,29 @@ class ModelConfig:
     def from_dict(cls, d: dict) -> "ModelConfig":
         d = {k: v for k, v in d.items() if k != "format"}
 
-        def transformer(t: dict) -> TransformerConfig:
-            t = dict(t)
+        def transformer(key: str) -> TransformerConfig:
+            if key not in d:
+                raise ValueError(f"lacks {key!r}")
+            if not isinstance(d[key], dict):
+                raise ValueError(f"{key} must be an object, got {d[key]!r}")
+            t = dict(d[key])
             scaling = t.pop("rope_scaling", None)
-            return TransformerConfig(**t, rope_scaling=RopeScaling(**scaling) if scaling else None)
+            try:
+                return TransformerConfig(**t, rope_scaling=RopeScaling(**scaling) if scaling else None)
+            except (TypeError, ValueError) as e:  # TypeError: an unknown or missing field
+                raise ValueError(f"{key}: {e}") from None
 
-        return cls(**{**d, "backbone": transformer(d["backbone"]), "decoder": transformer(d["decoder"])})
+        backbone, decoder = transformer("backbone"), transformer("decoder")
+        try:
+            return cls(**{**d, "backbone": backbone, "decoder": decoder})
+        except TypeError as e:
+            raise ValueError(str(e).replace("ModelConfig.__init__() ", "")) from None
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    # bool is an int to Python, and "64" from a hand-edited config.json is not one.
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
 # The shapes a preset builds; weights/formats.py maps Sesame's flavour names onto them.

@@ -27,10 +27,13 @@ def max_frames_for(max_audio_ms: float) -> int:
 
 
 def check_context_window(prompt_len: int, max_frames: int, max_seq_len: int) -> None:
+    if prompt_len >= max_seq_len:  # the text (and context, if any) alone: no max_audio_ms helps
+        raise ValueError(f"the prompt ({prompt_len} positions: the text, and context turns if any) fills the "
+                         f"model's context window of {max_seq_len} positions: shorten the text or drop context turns")
     if prompt_len + max_frames > max_seq_len:
         raise ValueError(
             f"prompt ({prompt_len} positions) + generation ({max_frames} frames) exceeds the model's "
-            f"context window of {max_seq_len} positions: shorten the context or lower max_audio_ms "
+            f"context window of {max_seq_len} positions: lower max_audio_ms, or shorten the prompt "
             f"(at most {max(0, max_seq_len - prompt_len) * FRAME_MS} ms fit after this prompt)"
         )
 

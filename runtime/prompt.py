@@ -110,7 +110,7 @@ def check_codes(codes: torch.Tensor, num_codebooks: int, vocab: int = 2048) -> t
 
 def check_audio_path(audio) -> None:
     """A path given as segment audio must name a file (checked before any encoding)."""
-    if isinstance(audio, (str, Path)) and not Path(audio).is_file():
+    if isinstance(audio, (str, Path)) and not Path(audio).expanduser().is_file():
         raise FileNotFoundError(f"segment audio file not found: {audio}")
 
 

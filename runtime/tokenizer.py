@@ -30,8 +30,16 @@ class Llama3Tokenizer:
     def __init__(self, path: str | Path, bos_id: int = 128000, eos_id: int = 128001):
         from tokenizers import Tokenizer
 
-        self._tok = Tokenizer.from_file(str(path))
-        bos, eos = special_ids(json.loads(Path(path).read_text(encoding="utf-8")))
+        path = Path(path).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer file not found: {path} (--tokenizer / tokenizer=): "
+                                    "pass a tokenizer.json file")
+        try:
+            self._tok = Tokenizer.from_file(str(path))
+            spec = json.loads(path.read_text(encoding="utf-8"))
+        except Exception as e:  # tokenizers raises its own Exception type for a bad file
+            raise ValueError(f"cannot read tokenizer {path} (--tokenizer / tokenizer=): {e}") from None
+        bos, eos = special_ids(spec)
         # A file without them (a bare vocabulary) keeps the ids the model config names.
         self.bos_id = bos_id if bos is None else bos
         self.eos_id = eos_id if eos is None else eos
@@ -88,6 +96,15 @@ def load_tokenizer(config, checkpoint_dir: str | Path | None):
         raise FileNotFoundError(
             f"no tokenizer.json {where}: this model uses the Llama-3 tokenizer. Copy tokenizer.json "
             "(from meta-llama/Llama-3.2-1B or the model's hub repo) into the checkpoint folder, "
-            "or pass tokenizer=PATH to misotts.load"
+            "or pass one with --tokenizer PATH / tokenizer=PATH"
         )
     return Llama3Tokenizer(path, config.bos_id, config.eos_id)
+
+
+def check_special_ids(tokenizer, text_vocab_size: int, where: str) -> None:
+    """The BOS/EOS a tokenizer wraps every text in must have embedding rows, or every prompt fails."""
+    for name in ("bos_id", "eos_id"):
+        value = getattr(tokenizer, name)
+        if not 0 <= value < text_vocab_size:
+            raise ValueError(f"{where}: {name} {value} is outside the model's text vocabulary of {text_vocab_size} "
+                             f"ids (fix config.json's {name}, or pass a matching tokenizer with --tokenizer / tokenizer=)")

@@ -12,6 +12,7 @@ import misotts
 from misotts.cli import main
 from misotts.runtime.generate import generate_codes
 from misotts.runtime.prompt import build_prompt, mimi_codes
+from misotts.runtime.tokenizer import Llama3Tokenizer
 
 from .tokenizer_files import write_templated_tokenizer
 
@@ -200,7 +201,10 @@ def test_the_tokenizer_json_bos_eos_reach_the_prompt(tmp_path):
 
 def test_reference_refuses_text_ids_outside_the_vocabulary(tmp_path):
     path = write_templated_tokenizer(tmp_path / "tokenizer.json", bos=300, eos=301)
-    tts = misotts.load("tiny", device="cpu", backend="reference", tokenizer=path)
+    with pytest.raises(ValueError, match=r"bos_id 300 is outside the model's text vocabulary of 258"):
+        misotts.load("tiny", device="cpu", backend="reference", tokenizer=path)  # refused at load now
+    tts = misotts.load("tiny", device="cpu", backend="reference")
+    tts.tokenizer = Llama3Tokenizer(path)  # the mismatched tokenizer put in by hand: the loop still refuses
     with pytest.raises(ValueError, match="text id 300 .* 258"):
         tts.generate_codes("hello world", max_audio_ms=160)
     frames, mask = build_prompt("hello world", 0, [], tts.tokenizer)  # rows given to the loop directly
@@ -256,3 +260,23 @@ def test_reference_astream_leaves_the_event_loop_running(monkeypatch):
     # ~90 ticks in the 0.9 s of frames when the loop runs (>= 10 even at 90 ms a tick on a loaded
     # machine); about one per frame, 3 or 4 in all, if the frames blocked it.
     assert ticks >= 10
+
+
+def test_negative_speaker_and_too_long_text_are_refused_plainly(tts):
+    for speaker in (-1, 1.5, True):
+        with pytest.raises(ValueError, match=r"speaker must be an integer >= 0"):
+            tts.generate("hi", speaker=speaker, max_audio_ms=80)
+        with pytest.raises(ValueError, match=r"speaker must be an integer >= 0"):
+            tts.generate("hi", context=[misotts.Segment(speaker, "earlier")], max_audio_ms=80)
+    # No context: the message must not send the user to shorten one.
+    with pytest.raises(ValueError, match=r"the prompt \(\d+ positions: the text, and context turns if any\) fills "
+                                         r"the model's context window of 2048 positions: shorten the text"):
+        tts.generate("x" * 3000, max_audio_ms=80)
+    with pytest.raises(ValueError, match=r"lower max_audio_ms, or shorten the prompt \(at most \d+ ms fit"):
+        tts.generate("x" * 1900, max_audio_ms=20_000)
+
+
+def test_typo_in_a_model_name_suggests_the_preset(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"csm1b .*Did you mean 'csm-1b'\? A model is a preset \(miso-8b, csm-1b, tiny\)"):
+        misotts.load("csm1b", device="cpu")

@@ -8,6 +8,7 @@ error that names the tensor and the file.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -35,6 +36,12 @@ class SafetensorsFile:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._f.get_slice(name).get_shape())
 
+    def is_float(self, name: str) -> bool:
+        return self._f.get_slice(name).get_dtype().startswith(("F", "BF"))  # F16, BF16, F32, F8_E4M3, ...
+
+    def dtype_name(self, name: str) -> str:
+        return self._f.get_slice(name).get_dtype()
+
     def read(self, name: str) -> torch.Tensor:
         try:
             return self._f.get_tensor(name)
@@ -61,6 +68,12 @@ class TorchFile:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._sd[name].shape)
 
+    def is_float(self, name: str) -> bool:
+        return self._sd[name].is_floating_point()
+
+    def dtype_name(self, name: str) -> str:
+        return str(self._sd[name].dtype).removeprefix("torch.")
+
     def read(self, name: str) -> torch.Tensor:
         return self._sd[name]
 
@@ -79,7 +92,14 @@ def open_weight_files(path: Path) -> dict[str, SafetensorsFile | TorchFile]:
         weight_map = json.loads(index_path.read_text())["weight_map"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise ValueError(f"{index_path} is not a safetensors index (no valid weight_map): {e}") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ValueError(f"{index_path}: weight_map must map tensor names to shard file names")
     for shard in sorted(set(weight_map.values())):
+        # Judged on the name, not on the resolved path: the hub cache's files are symlinks into a
+        # blobs/ folder outside the snapshot, and they are fine; "../x" or "/x" are not.
+        if os.path.isabs(shard) or os.path.normpath(shard).split(os.sep)[0] == "..":
+            raise ValueError(f"{index_path} names shard {shard!r}, outside the checkpoint folder: refused "
+                             "(shards must be files inside the folder)")
         if not (path / shard).is_file():
             raise FileNotFoundError(f"shard {shard} named by {index_path} is missing")
     shards = {shard: SafetensorsFile(path / shard) for shard in sorted(set(weight_map.values()))}
@@ -88,6 +108,17 @@ def open_weight_files(path: Path) -> dict[str, SafetensorsFile | TorchFile]:
         if name not in held[shard]:
             raise ValueError(f"{index_path} puts tensor {name!r} in {shard}, which does not hold it")
     return {name: shards[shard] for name, shard in weight_map.items()}
+
+
+def bundled_codec(path: str | Path) -> dict:
+    """The Mimi tensors a transformers CSM checkpoint folder bundles (``codec_model.*``), by
+    transformers' MimiModel names, each as a function that reads it; {} when it has none."""
+    path = Path(path)
+    if weight_file(path) in (None, TORCH_FILE):
+        return {}
+    prefix = "codec_model."
+    return {name[len(prefix):]: (lambda f=f, name=name: f.read(name))
+            for name, f in open_weight_files(path).items() if name.startswith(prefix)}
 
 
 class Checkpoint:
@@ -130,6 +161,14 @@ class Checkpoint:
                  for n, want in expected.items() if self.shape(n) != tuple(want)]
         if wrong:
             raise ValueError(f"{where}: {len(wrong)} tensor(s) do not fit the config: {_few(wrong, sep='; ')}")
+        # Every weight is a float: integers would be cast to nonsense without a word.
+        not_float = [f"{self._where(n)} is {self._file(n).dtype_name(self.sources[n][0])}" for n in expected
+                     if not self._file(n).is_float(self.sources[n][0])]
+        if not_float:
+            raise ValueError(f"{where}: {len(not_float)} tensor(s) are not floating point: {_few(not_float, sep='; ')}")
+
+    def _file(self, ours: str):
+        return self.sources[ours][1]
 
     def shape(self, ours: str) -> tuple[int, ...]:
         name, f = self.sources[ours]

@@ -50,7 +50,7 @@ def convert(src: str | Path, dst: str | Path, shard_size: int | str = "2GB", pro
     if dst.exists() and not dst.is_dir():
         raise FileExistsError(f"{dst} exists and is not a directory")
     if dst.is_dir() and any(dst.iterdir()) and not overwrite:
-        raise FileExistsError(f"{dst} is not empty: pass overwrite=True to write into it")
+        raise FileExistsError(f"{dst} is not empty: pass --overwrite (overwrite=True) to write into it")
     ckpt = Checkpoint(src_dir)
     expected = expected_shapes(ckpt.config)
     ckpt.check(expected)
@@ -69,7 +69,8 @@ def convert(src: str | Path, dst: str | Path, shard_size: int | str = "2GB", pro
         shard.clear()
 
     total = shard_bytes = 0
-    for name in tqdm(expected, desc=f"converting {src_dir.name}", unit="tensor", disable=not progress):
+    for name in tqdm(expected, desc=f"converting {src_dir.name}", unit="tensor",
+                     disable=None if progress else True):  # None: shown on a terminal only
         t = ckpt.read(name)
         t = (t if dtype is None else t.to(dtype)).contiguous()
         if shard and shard_bytes + t.nbytes > limit:

@@ -39,9 +39,12 @@ def read_config_json(path: Path) -> dict | None:
     if not file.is_file():
         return None
     try:
-        return json.loads(file.read_text())
-    except json.JSONDecodeError as e:
+        config = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{file} is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{file} must hold a JSON object (the model's config), got a {type(config).__name__}")
+    return config
 
 
 def detect_format(path: str | Path) -> str:
@@ -51,7 +54,7 @@ def detect_format(path: str | Path) -> str:
     release) by a ckpt.pt with no config."""
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"checkpoint directory not found: {path}")
+        raise FileNotFoundError(f"checkpoint directory not found: {path} (--model / source=)")
     config = read_config_json(path) or {}
     weights = weight_file(path)
     if weights and config.get("format") == "misotts":
@@ -65,7 +68,7 @@ def detect_format(path: str | Path) -> str:
     found = sorted(p.name for p in path.iterdir())
     listed = ", ".join(found[:20]) + (f", ... ({len(found) - 20} more)" if len(found) > 20 else "")
     raise ValueError(
-        f"{path} holds no checkpoint in a format we read (found: {listed or 'nothing'}). "
+        f"{path} (--model / source=) holds no checkpoint in a format we read (found: {listed or 'nothing'}). "
         f"Supported: ours (config.json with \"format\": \"misotts\"), transformers CSM (config.json "
         f"with \"model_type\": \"csm\"), Sesame's original (config.json with backbone_flavor, or "
         f"ckpt.pt); each with {SINGLE_FILE}, a sharded {INDEX_FILE}, or (Sesame) {TORCH_FILE}"
@@ -80,9 +83,21 @@ def weight_file(path: Path) -> str | None:
     return None
 
 
+FORMAT_NAMES = {"misotts": "MisoTTS", "hf": "transformers CSM", "sesame": "Sesame"}
+
+
 def read_config(path: Path, fmt: str) -> ModelConfig:
-    """The config of the checkpoint folder `path`, whose format `detect_format` found to be `fmt`."""
-    return CONFIG_READERS[fmt](read_config_json(path) or SESAME_DEFAULT_CONFIG)
+    """The config of the checkpoint folder `path`, whose format `detect_format` found to be `fmt`:
+    its fields checked (types, ranges), so that a bad config.json is a ValueError naming the file
+    and the field, not an error from deep inside torch.  (Whether BOS/EOS fit the vocabulary is
+    checked on the tokenizer: a tokenizer.json's template may name other ids than the config.)"""
+    d = read_config_json(path) or SESAME_DEFAULT_CONFIG
+    try:
+        config = CONFIG_READERS[fmt](d)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        what = f"lacks {e}" if isinstance(e, KeyError) else str(e)
+        raise ValueError(f"{path / 'config.json'} is not a valid {FORMAT_NAMES[fmt]} config: {what}") from None
+    return config
 
 
 # ---- configs --------------------------------------------------------------------------------
@@ -90,10 +105,20 @@ def read_config(path: Path, fmt: str) -> ModelConfig:
 def config_from_hf(d: dict) -> ModelConfig:
     """Our config from the fields of transformers' ``CsmConfig``."""
     dec = d.get("depth_decoder_config") or {}
+    if not isinstance(dec, dict):
+        raise ValueError(f"depth_decoder_config must be an object, got {dec!r}")
     bos = d.get("bos_token_id")
+    try:
+        backbone = _transformer_from_hf(d, default_max_len=2048)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"backbone: {'lacks ' if isinstance(e, KeyError) else ''}{e}") from None
+    try:
+        decoder = _transformer_from_hf(dec, default_max_len=33)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"depth_decoder_config: {'lacks ' if isinstance(e, KeyError) else ''}{e}") from None
     return ModelConfig(
-        backbone=_transformer_from_hf(d, default_max_len=2048),
-        decoder=_transformer_from_hf(dec, default_max_len=33),
+        backbone=backbone,
+        decoder=decoder,
         text_vocab_size=d.get("text_vocab_size", 128_256),
         audio_vocab_size=d.get("vocab_size", AUDIO_VOCAB_SIZE),
         num_codebooks=d.get("num_codebooks", NUM_CODEBOOKS),

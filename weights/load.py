@@ -5,18 +5,20 @@ to its target dtype and device, so an 8B model never exists in fp32 (or twice) o
 """
 from __future__ import annotations
 
+import difflib
 import math
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from misotts.runtime.config import ModelConfig
+from misotts.runtime.config import PRESETS, ModelConfig
 from misotts.runtime.hub import HUB_ID
 from misotts.runtime.model import CSMModel
 
 from .checkpoint import Checkpoint
 from .formats import weight_file
+from .memory import check_fits
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -29,10 +31,19 @@ def resolve_source(source: str | Path) -> Path:
     if path.is_dir():
         return path
     if path.exists():
-        raise ValueError(f"{path} is a file: pass the checkpoint directory that holds it")
+        raise ValueError(f"{path} is a file: pass the checkpoint directory that holds it (--model DIR / source=DIR)")
     if not HUB_ID.fullmatch(str(source)):
-        raise FileNotFoundError(f"checkpoint directory not found: {path}")
+        raise FileNotFoundError(not_found_message(str(source)))
     return download(str(source))
+
+
+def not_found_message(name: str) -> str:
+    """What a model name that is neither a preset, a folder nor a hub id may have meant."""
+    presets = ", ".join(PRESETS)
+    close = difflib.get_close_matches(name.lower(), PRESETS, n=1, cutoff=0.6)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return (f"checkpoint directory not found: {name} (--model / source=).{hint} A model is a preset ({presets}), "
+            f"a checkpoint directory, or a Hugging Face hub id (owner/name)")
 
 
 def download(repo_id: str) -> Path:
@@ -46,8 +57,9 @@ def download(repo_id: str) -> Path:
     except (OSError, HFValidationError) as e:  # offline, unreachable, not found, gated: all OSErrors
         raise FileNotFoundError(
             f"{repo_id!r} is not a local directory and could not be fetched from the Hugging Face Hub "
-            f"({type(e).__name__}: {e}). Pass a local checkpoint directory path instead (download it "
-            f"where the hub is reachable, e.g. `hf download {repo_id} --local-dir DIR`)"
+            f"({type(e).__name__}: {e}). Pass a local checkpoint directory instead (--model DIR / source=DIR), "
+            f"downloaded where the hub is reachable, e.g. `hf download {repo_id} --local-dir DIR` (a gated "
+            f"repo needs its licence accepted on its hub page and `hf auth login` first)"
         ) from e
     return path
 
@@ -72,12 +84,13 @@ def load_model(source: str | Path, device="cpu", dtype: torch.dtype | None = Non
     dtype = dtype or default_dtype(device)
     expected = expected_shapes(ckpt.config)
     ckpt.check(expected)
+    check_fits(ckpt.config, dtype, device)
     with torch.device("meta"):
         model = CSMModel(ckpt.config)
     state = {}
     total = sum(math.prod(s) for s in expected.values()) * dtype.itemsize
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {checkpoint_dir.name}",
-              disable=not progress) as bar:
+              disable=None if progress else True) as bar:  # None: shown on a terminal only
         for name, shape in expected.items():
             state[name] = ckpt.read(name).to(device=device, dtype=dtype)
             bar.update(math.prod(shape) * dtype.itemsize)

@@ -61,7 +61,7 @@ def test_hf_to_sharded_canonical_round_trip(hf_dir, tmp_path):
 
 def test_overwrite_and_single_file(hf_dir, tmp_path):
     out = convert(hf_dir, tmp_path / "out", shard_size="300KB", progress=False)
-    with pytest.raises(FileExistsError, match="not empty: pass overwrite=True"):
+    with pytest.raises(FileExistsError, match=r"not empty: pass --overwrite \(overwrite=True\)"):
         convert(hf_dir, out, progress=False)
     convert(hf_dir, out, shard_size="1GB", overwrite=True, progress=False)
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]

@@ -127,3 +127,20 @@ def test_greedy_codes_with_the_tokenizers_own_bos_eos(hf_checkpoint, tmp_path):
         if tts.engine is not None:
             tts.engine.close()
         assert torch.equal(got, want), backend
+
+
+@pytest.mark.parametrize("hf_checkpoint", ["gqa2-hd64"], indirect=True)  # the codec, not the shape, is tested
+def test_the_bundled_mimi_is_the_codec(hf_checkpoint, small_hf_dir, tmp_path):
+    """A transformers checkpoint's own codec_model.* decodes; kyutai's Mimi is only the fallback.
+    (tests/runtime/test_mimi_names.py checks the name map on weights whose audio depends on the codes.)"""
+    path, hf = hf_checkpoint
+    tokenizer = write_templated_tokenizer(tmp_path / "tokenizer.json", bos=BOS, eos=EOS)
+    tts = misotts.load(path, device="cpu", dtype=torch.float32, progress=False, backend="reference", tokenizer=tokenizer)
+    assert tts.codec_source == str(path)
+    codes = torch.randint(0, 2048, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = hf.codec_model.decode(codes.T[None]).audio_values[0, 0]
+    torch.testing.assert_close(tts.codec.decode(codes), want, rtol=0, atol=1e-5)
+    without = misotts.load(small_hf_dir, device="cpu", dtype=torch.float32, progress=False, backend="reference",
+                           tokenizer=tokenizer)
+    assert without.codec_source == "kyutai/moshiko-pytorch-bf16"

@@ -1,0 +1,136 @@
+"""Every command-line argument checked before a model is loaded (loading csm-1b takes half a
+minute; a typo should not wait for it).  Each check raises ValueError / FileNotFoundError with
+the flag's name; the CLI prints it and exits 2."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from misotts.runtime.config import PRESETS
+from misotts.runtime.devices import resolve_device
+from misotts.runtime.hub import HUB_ID, PRESET_HUB_IDS
+from misotts.runtime.prompt import Segment
+
+CONTEXT_SYNTAX = "--context SPEAKER TEXT [AUDIO]"
+
+
+def check_model(name: str, random_init: bool) -> None:
+    """--model is a preset, a checkpoint folder or a hub id (fetched later), as --random-init allows."""
+    from misotts.weights.load import not_found_message
+
+    if name in PRESETS:
+        if not random_init and name != "tiny" and name not in PRESET_HUB_IDS:
+            raise ValueError(f"no public checkpoint is known for {name!r}: pass a checkpoint folder with --model, "
+                             f"or --random-init for seeded random weights of this shape")
+        return
+    if random_init:
+        raise ValueError(f"--random-init builds a preset ({', '.join(PRESETS)}), not {name!r}")
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return
+    if path.exists():
+        raise ValueError(f"--model {name} is a file: pass the checkpoint folder that holds it")
+    if not HUB_ID.fullmatch(name):
+        raise FileNotFoundError(not_found_message(name))
+
+
+def check_file(path: str | None, flag: str) -> None:
+    if path is not None and not Path(path).expanduser().is_file():
+        raise FileNotFoundError(f"{flag} {path}: no such file")
+
+
+def check_codec(codec: str | None) -> None:
+    """--codec: an existing file or folder, or a hub id (fetched later)."""
+    if codec is None or codec == "hub" or Path(codec).expanduser().exists():
+        return
+    if not HUB_ID.fullmatch(codec) or codec.endswith((".safetensors", ".sft")):
+        raise FileNotFoundError(f"--codec {codec}: no such file or folder (a Mimi .safetensors file, a CSM "
+                                f"checkpoint folder with its codec, or a hub id)")
+
+
+def check_model_args(args) -> None:
+    check_model(args.model, args.random_init)
+    resolve_device(args.device)
+    check_codec(args.codec)
+    check_file(args.tokenizer, "--tokenizer")
+
+
+def read_text(args) -> str:
+    """The text to speak: the argument, stdin for "-", or --text-file."""
+    if (args.text is None) == (args.text_file is None):
+        raise ValueError("give the text to speak as an argument, '-' to read it from stdin, or --text-file PATH "
+                         "(one of them)")
+    if args.text_file is not None:
+        check_file(args.text_file, "--text-file")
+        text = Path(args.text_file).expanduser().read_text(encoding="utf-8")
+    elif args.text == "-":
+        text = sys.stdin.read()
+    else:
+        text = args.text
+    if not text.strip():
+        raise ValueError("the text to speak is empty")
+    return text.strip()
+
+
+def parse_context(items: list[list[str]] | None) -> list[Segment]:
+    """--context SPEAKER TEXT [AUDIO], repeated, in order: TEXT is one argument and may hold anything."""
+    segments = []
+    for item in items or ():
+        if len(item) not in (2, 3) or not item[0].isdigit():
+            hint = " (the SPEAKER:TEXT form is gone: TEXT may contain colons now)" if len(item) == 1 and ":" in item[0] else ""
+            raise ValueError(f"{CONTEXT_SYNTAX} takes a speaker number, the text and optionally an audio file, "
+                             f"got {item}{hint}")
+        audio = item[2] if len(item) == 3 else None
+        check_file(audio, "--context audio")
+        segments.append(Segment(int(item[0]), item[1], audio))
+    return segments
+
+
+def read_context_file(path: str | None) -> list[Segment]:
+    """--context-file: JSON Lines, one turn per line: {"speaker": 1, "text": "...", "audio": "a.wav"}
+    (audio optional, relative to the file's folder)."""
+    if path is None:
+        return []
+    check_file(path, "--context-file")
+    file = Path(path).expanduser()
+    segments = []
+    for n, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"--context-file {path}, line {n}"
+        try:
+            turn = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: not JSON ({e})") from None
+        if (not isinstance(turn, dict) or not isinstance(turn.get("speaker"), int) or turn["speaker"] < 0
+                or not isinstance(turn.get("text"), str) or set(turn) - {"speaker", "text", "audio"}):
+            raise ValueError(f'{where}: expected {{"speaker": 0, "text": "...", "audio": "optional.wav"}}, got {line.strip()}')
+        audio = turn.get("audio")
+        if audio is not None:
+            audio = str(file.parent / Path(audio).expanduser())
+            check_file(audio, f"{where}: audio")
+        segments.append(Segment(turn["speaker"], turn["text"], audio))
+    return segments
+
+
+def check_output(output: str) -> None:
+    if output == "-":
+        return
+    path = Path(output).expanduser()
+    if path.is_dir():
+        raise IsADirectoryError(f"-o {output} is a folder: name the WAV file to write")
+    parent = next((p for p in path.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise NotADirectoryError(f"-o {output}: {parent} is a file, not a folder")
+
+
+def check_generation_args(args) -> None:
+    if args.speaker < 0:
+        raise ValueError(f"--speaker must be >= 0, got {args.speaker}")
+    if not args.temperature >= 0:
+        raise ValueError(f"--temperature must be >= 0 (0 is greedy), got {args.temperature}")
+    if args.topk < 1:
+        raise ValueError(f"--topk must be >= 1 (1 is greedy), got {args.topk}")
+    if not args.max_audio_ms > 0:
+        raise ValueError(f"--max-audio-ms must be > 0, got {args.max_audio_ms}")

@@ -1,0 +1,153 @@
+"""The command line: arguments checked before any model loads, errors in one line with exit 2,
+speech to stdout, text from stdin or a file, contexts that carry any text, info from the config."""
+import io
+import json
+import subprocess
+import sys
+import wave
+
+import pytest
+import torch
+
+import misotts
+from misotts import cli
+from misotts.cli import main
+from misotts.runtime.audio import save_wav
+from misotts.runtime.config import PRESETS
+
+FRAME = 1920
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Fails a test that reaches model loading: argument errors must come before it."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(cli, "_load", refuse)
+    from misotts.runtime.model import CSMModel
+
+    monkeypatch.setattr(CSMModel, "__init__", refuse)  # info must not build one
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["speak", "hi", "--context", "1:Hi:x.wav"], r"--context SPEAKER TEXT \[AUDIO\] takes .*SPEAKER:TEXT form is gone"),
+    (["speak", "hi", "--context", "one", "Hi"], r"takes a speaker number"),
+    (["speak", "hi", "--context", "1", "Hi", "missing.wav"], r"--context audio missing\.wav: no such file"),
+    (["speak", "hi", "--speaker", "-1"], r"--speaker must be >= 0, got -1"),
+    (["speak", "hi", "--temperature", "-0.5"], r"--temperature must be >= 0"),
+    (["speak", "hi", "--topk", "0"], r"--topk must be >= 1"),
+    (["speak", "hi", "--max-audio-ms", "0"], r"--max-audio-ms must be > 0"),
+    (["speak", "   "], r"the text to speak is empty"),
+    (["speak"], r"give the text to speak"),
+    (["speak", "hi", "--model", "csm1b"], r"checkpoint directory not found: csm1b .*Did you mean 'csm-1b'\? .*miso-8b, csm-1b, tiny"),
+    (["speak", "hi", "--model", "miso-8b"], r"no public checkpoint is known for 'miso-8b'.*--random-init"),
+    (["speak", "hi", "--model", "./ckpt", "--random-init"], r"--random-init builds a preset"),
+    (["speak", "hi", "--device", "gpu"], r"unknown device 'gpu' .*available here: cpu"),
+    (["speak", "hi", "--tokenizer", "nope.json"], r"--tokenizer nope\.json: no such file"),
+    (["speak", "hi", "--codec", "nope.safetensors"], r"--codec nope\.safetensors: no such file"),
+    (["speak", "hi", "--text-file", "nope.txt"], r"give the text .*one of them"),
+    (["speak", "--text-file", "nope.txt"], r"--text-file nope\.txt: no such file"),
+    (["info", "--model", "csm1b"], r"Did you mean 'csm-1b'"),
+])
+def test_bad_arguments_fail_before_loading_with_exit_2(argv, message, no_loading, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"misotts {argv[0]}: error: "), err
+    import re
+    assert re.search(message, err), err
+
+
+def test_output_folder_is_refused_before_loading(tmp_path, no_loading, capsys):
+    assert main(["speak", "hi", "-o", str(tmp_path)]) == 2
+    assert "is a folder: name the WAV file" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+def test_cuda_without_cuda(no_loading, capsys):
+    assert main(["speak", "hi", "--device", "cuda"]) == 2
+    assert "is not available" in capsys.readouterr().err
+
+
+def test_speak_to_stdout_with_text_from_stdin_and_colons_in_context(monkeypatch, capsys, tmp_path):
+    stdout = io.TextIOWrapper(io.BytesIO(), encoding="utf-8")
+    monkeypatch.setattr(sys, "stdout", stdout)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello: from stdin\n"))
+    seen = {}
+    real_stream = misotts.TTS.stream
+
+    def spy(self, text, **kwargs):
+        seen.update(text=text, context=[(s.speaker, s.text, s.audio) for s in kwargs["context"]])
+        return real_stream(self, text, **kwargs)
+
+    monkeypatch.setattr(misotts.TTS, "stream", spy)
+    turns = tmp_path / "turns.jsonl"
+    save_wav(tmp_path / "a.wav", torch.zeros(FRAME))
+    turns.write_text('{"speaker": 0, "text": "First: with a colon"}\n\n{"speaker": 1, "text": "Second", "audio": "a.wav"}\n')
+    assert main(["speak", "-", "-o", "-", "--max-audio-ms", "160", "--device", "cpu", "--context-file", str(turns),
+                 "--context", "1", "Hi: there, 10:30"]) == 0
+    assert seen["text"] == "Hello: from stdin"
+    assert seen["context"] == [(0, "First: with a colon", None), (1, "Second", str(tmp_path / "a.wav")),
+                               (1, "Hi: there, 10:30", None)]
+    stdout.flush()
+    with wave.open(io.BytesIO(stdout.buffer.getvalue())) as f:
+        assert (f.getframerate(), f.getnchannels(), f.getnframes()) == (24000, 1, 2 * FRAME)
+    err = capsys.readouterr().err
+    assert "wrote stdout" in err and "real-time factor" in err
+    assert "never end a turn, so it runs to --max-audio-ms" in err
+
+
+def test_text_file(tmp_path, capsys):
+    (tmp_path / "t.txt").write_text("From a file.\n")
+    out = tmp_path / "t.wav"
+    assert main(["speak", "--text-file", str(tmp_path / "t.txt"), "-o", str(out), "--max-audio-ms", "80",
+                 "--device", "cpu"]) == 0
+    with wave.open(str(out)) as f:
+        assert f.getnframes() == FRAME
+
+
+def test_piped_speak_shows_no_progress_bar(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "misotts", "speak", "Hi", "-o", str(tmp_path / "p.wav"),
+                          "--max-audio-ms", "160", "--device", "cpu"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "speaking" not in run.stderr and "frame/s" not in run.stderr and "\r" not in run.stderr
+
+
+def test_version_and_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"misotts {misotts.__version__}"
+    with pytest.raises(SystemExit):
+        main(["speak", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    for flag, default in (("--speaker", "0"), ("--seed", "0"), ("--temperature", "0.9"), ("--topk", "50"),
+                          ("--max-audio-ms", "10000")):
+        assert f"{flag} " in help_text and f"(default: {default}" in help_text.split(flag, 2)[-1].split("--", 1)[0], flag
+
+
+def test_info_from_the_config_alone(no_loading, capsys):
+    """info describes csm-1b without building it; its parameter count is the config's, and that
+    count is the model's (checked on tiny, whose model is cheap to build)."""
+    assert main(["info", "--model", "csm-1b", "--random-init", "--device", "cpu", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["parameters"] == PRESETS["csm-1b"].num_parameters()
+    assert info["weight_bytes"] == 4 * info["parameters"] and info["untrained"]
+    assert 1.5e9 < info["parameters"] < 1.6e9
+
+
+def test_config_parameter_count_is_the_models():
+    from misotts.weights import random_model
+
+    for name in ("tiny",):
+        model = random_model(PRESETS[name])
+        assert sum(p.numel() for p in model.parameters()) == PRESETS[name].num_parameters()
+
+
+def test_moshi_missing_is_one_line(tmp_path):
+    code = ("import sys; sys.modules['moshi'] = None; from misotts.cli import main; "
+            f"sys.exit(main(['speak', 'hi', '-o', {str(tmp_path / 'x.wav')!r}, '--device', 'cpu']))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2
+    assert run.stderr.strip().count("\n") == 0, run.stderr
+    assert "pip install --no-deps moshi==0.2.13" in run.stderr
