@@ -263,10 +263,12 @@ def test_reference_astream_leaves_the_event_loop_running(monkeypatch):
 
 
 def test_negative_speaker_and_too_long_text_are_refused_plainly(tts):
-    for speaker in (-1, 1.5, True):
-        with pytest.raises(ValueError, match=r"speaker must be an integer >= 0"):
+    for speaker, error, message in ((-1, ValueError, r"speaker must be in 0\.\.65535, got -1"),
+                                    (1.5, TypeError, r"speaker must be an integer id"),
+                                    (True, TypeError, r"speaker must be an integer id")):
+        with pytest.raises(error, match=message):
             tts.generate("hi", speaker=speaker, max_audio_ms=80)
-        with pytest.raises(ValueError, match=r"speaker must be an integer >= 0"):
+        with pytest.raises(error, match=message):
             tts.generate("hi", context=[misotts.Segment(speaker, "earlier")], max_audio_ms=80)
     # No context: the message must not send the user to shorten one.
     with pytest.raises(ValueError, match=r"the prompt \(\d+ positions: the text, and context turns if any\) fills "
