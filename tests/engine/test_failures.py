@@ -143,10 +143,11 @@ def test_a_sticky_device_fault_stops_the_engine_cleanly(tiny_model, monkeypatch)
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
     frames, mask = prompt()
-    running = [engine.submit(frames, mask, 6, **GEN, seed=s) for s in (1, 2)]
-    queued = engine.submit(frames, mask, 6, **GEN, seed=3)  # no lane for it: it waits
-    monkeypatch.setattr(engine.graphs, "run", faulting)
+    monkeypatch.setattr(engine.graphs, "run", faulting)  # before submitting: the first frame faults, however fast
     del run
+    with engine._cond:  # (re-entrant) the loop admits nothing until all three are queued: two share the fault
+        running = [engine.submit(frames, mask, 6, **GEN, seed=s) for s in (1, 2)]
+        queued = engine.submit(frames, mask, 6, **GEN, seed=3)  # no lane for it: it waits
     for stream in running:
         with pytest.raises(RuntimeError, match="illegal memory access"):
             stream.codes()
