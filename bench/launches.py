@@ -115,7 +115,7 @@ def label_parts(runner, counter):
         setattr(obj, name, labelled)
 
     for obj, name, part in ((runner, "_backbone", "backbone"), (runner.ops, "embed", "backbone"),
-                            (runner, "_depth_step", "depth steps"), (runner, "_depth_head", "depth steps"),
+                            (runner, "_depth_step", "depth steps"), (runner, "_depth_sample", "depth steps"),
                             (runner.ops, "frame_sampling", "sampling"), (runner.ops, "sample", "sampling"),
                             (ref, "lane_sampling", "sampling"), (ref, "race_noise", "sampling"),
                             (ref, "topk_race", "sampling")):

@@ -181,6 +181,14 @@ def depth_attention_ref(qkv, n_heads, n_kv_heads, k_cache, v_cache, pos, cos, si
     return attention_ref(apply_rope(q, c, s)[:, :, None], k_cache, v_cache, allowed[pos], scale)[:, :, 0]
 
 
+def depth_attention_out_ref(qkv, n_heads, n_kv_heads, k_cache, v_cache, pos, cos, sin, wo, residual, allowed=None,
+                            scale=None):
+    """`depth_attention_ref` followed by the output projection wo [D, H d] and the residual add
+    (`linear_residual_ref`) -> the new residual [N, D] (what the depth_attention kernel fuses)."""
+    out = depth_attention_ref(qkv, n_heads, n_kv_heads, k_cache, v_cache, pos, cos, sin, allowed, scale)
+    return linear_residual_ref(out.flatten(1), wo, residual)
+
+
 def lane_sampling(temperature, topk, vocab: int):
     """What each lane's temperature [N] (fp32) and topk [N] (int) mean to `topk_race`:
     greedy [N] (temperature == 0 or topk == 1), divisor [N, 1] (the temperature; 1 on greedy lanes)

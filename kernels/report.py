@@ -84,12 +84,13 @@ def _cases(preset):
     dc = cfg.decoder
     for batch in (1, 8):
         cases.append(("depth_attention", f"{preset} decoder Hq{dc.n_heads}/Hkv{dc.n_kv_heads}/d{dc.head_dim} "
-                                         f"P{n_cb} B{batch}",
+                                         f"P{n_cb} +wo D{dc.dim} B{batch}",
                       lambda batch=batch: depth_attention.depth_attention(
                           t(batch, (dc.n_heads + 2 * dc.n_kv_heads) * dc.head_dim), dc.n_heads, dc.n_kv_heads,
                           t(dc.n_layers, batch, dc.n_kv_heads, n_cb, dc.head_dim)[0],
                           t(dc.n_layers, batch, dc.n_kv_heads, n_cb, dc.head_dim)[0], t(1, **longs),
-                          t(n_cb, dc.head_dim // 2, dtype=torch.float32), t(n_cb, dc.head_dim // 2, dtype=torch.float32))))
+                          t(n_cb, dc.head_dim // 2, dtype=torch.float32), t(n_cb, dc.head_dim // 2, dtype=torch.float32),
+                          t(dc.dim, dc.n_heads * dc.head_dim), t(batch, dc.dim))))
     cases.append(("sample_next_input", f"{preset} V{vocab} B8 per-lane params",
                   lambda: sampling.sample_next_input(
                       t(8, vocab), t(8, dtype=torch.float32), t(8, **longs), t(8, **longs), t(8, **longs),
