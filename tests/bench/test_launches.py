@@ -23,3 +23,11 @@ def test_frame_counts_are_labelled_and_do_not_grow_with_batch():
     assert one.total() == four.total() > 0
     assert {"backbone", "depth steps", "sampling"} <= set(one.aten) | set(one.triton)
     assert sum(one.triton.values()) > 0  # the CUDA op set's kernels are counted, not run
+
+
+def test_the_targets_of_the_fused_depth_loop():
+    """The CUDA op set's frame: miso-8b <= 1,500 device ops (7,137 before the fused depth loop),
+    csm-1b <= 800 (3,905 before), and batch 8 no more than batch 1."""
+    for preset, target in (("miso-8b", 1500), ("csm-1b", 800)):
+        one, eight = count_frame(preset, 1).total(), count_frame(preset, 8).total()
+        assert one <= target and eight <= one, (preset, one, eight)
