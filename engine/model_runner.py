@@ -47,14 +47,6 @@ class TorchOps:
         return ref.rvq_embed_ref(frames, mask, text_table, audio_table, offsets)
 
     @staticmethod
-    def rmsnorm(x, weight, eps, residual=None):
-        return ref.rmsnorm_ref(x, weight, eps, residual)
-
-    @staticmethod
-    def swiglu(gate_up):
-        return ref.swiglu_ref(gate_up)
-
-    @staticmethod
     def norm_linear(x, norm_weight, eps, weight):
         return ref.rmsnorm_linear_ref(x, norm_weight, eps, weight)
 
@@ -127,13 +119,6 @@ class TritonOps:
     def embed(self, frames, mask, text_table, audio_table):
         return self.k_embed.rvq_embed(frames[None].contiguous(), mask[None].contiguous(), text_table, audio_table)[0]
 
-    def rmsnorm(self, x, weight, eps, residual=None):
-        out, res = self.k_norm.rmsnorm(x, weight, eps, residual)  # adds into `residual` in place
-        return out, (x if residual is None else res)
-
-    def swiglu(self, gate_up):
-        return self.k_swiglu.swiglu(gate_up)
-
     def norm_linear(self, x, norm_weight, eps, weight):
         if x.shape[0] <= self.FUSED_ROWS:
             return self.k_norm_linear.norm_linear(x, norm_weight, eps, weight)
@@ -142,7 +127,7 @@ class TritonOps:
     def norm_swiglu(self, x, norm_weight, eps, gate_up):
         if x.shape[0] <= self.FUSED_ROWS:
             return self.k_norm_linear.norm_linear(x, norm_weight, eps, gate_up, swiglu=True)
-        return self.swiglu(F.linear(self.k_norm.rmsnorm(x, norm_weight, eps)[0], gate_up))
+        return self.k_swiglu.swiglu(F.linear(self.k_norm.rmsnorm(x, norm_weight, eps)[0], gate_up))
 
     @staticmethod
     def linear_add(a, weight, residual):
