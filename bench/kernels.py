@@ -44,7 +44,9 @@ def _cases(preset, device, dtype=torch.bfloat16, small=False):
     from misotts.kernels.paged_attention import decode_workspace, paged_decode, paged_prefill
     from misotts.kernels.rmsnorm import rmsnorm
     from misotts.kernels.rope import llama3_inv_freq, rope_kv_write
-    from misotts.kernels.sampling import depth_step, sample_topk
+    from misotts.kernels.depth_attention import depth_attention
+    from misotts.kernels.norm_linear import norm_linear
+    from misotts.kernels.sampling import depth_step, sample_next_input, sample_topk
     from misotts.kernels.swiglu import swiglu
 
     g = torch.Generator(device=device).manual_seed(0)
@@ -140,6 +142,30 @@ def _cases(preset, device, dtype=torch.bfloat16, small=False):
             cases.append(Case("swiglu", f"{part} {rows}x F{ffn}", lambda a=gate_up: swiglu(a),
                               lambda a=gate_up: ref.swiglu_ref(a), 3 * rows * ffn * size))
 
+    # The fused depth loop's kernels (the torch column: the unfused reference ops they replace).
+    for part, tc in (("backbone", cfg.backbone), ("decoder", cfg.decoder)):
+        d, hq, hkv, ffn, hd = tc.dim, tc.n_heads, tc.n_kv_heads, tc.ffn_dim, tc.head_dim
+        if small:
+            d, hq, hkv, ffn, hd = 64, 4, 2, 96, 16
+        x, nw = randn(decode_batch, d), randn(d)
+        for name, w, glu in (("qkv", randn((hq + 2 * hkv) * hd, d), False), ("gate_up+swiglu", randn(2 * ffn, d), True)):
+            reference = ref.rmsnorm_swiglu_ref if glu else ref.rmsnorm_linear_ref
+            cases.append(Case("norm_linear", f"{part} {name} B{decode_batch} D{d}->{w.shape[0]}",
+                              lambda x=x, nw=nw, w=w, glu=glu: norm_linear(x, nw, 1e-5, w, swiglu=glu),
+                              lambda x=x, nw=nw, w=w, r=reference: r(x, nw, 1e-5, w),
+                              w.numel() * size + decode_batch * (d + w.shape[0] // (2 if glu else 1)) * size))
+    dc = cfg.decoder
+    d, hq, hkv, hd = (dc.dim, dc.n_heads, dc.n_kv_heads, dc.head_dim) if not small else (64, 4, 2, 16)
+    qkv, wo, res = randn(decode_batch, (hq + 2 * hkv) * hd), randn(d, hq * hd), randn(decode_batch, d)
+    kc, vc = randn(decode_batch, hkv, n_cb, hd), randn(decode_batch, hkv, n_cb, hd)
+    angle = torch.arange(n_cb, device=device, dtype=torch.float32)[:, None] * torch.rand(hd // 2, device=device)
+    pos = torch.tensor([n_cb - 1], device=device)
+    args = (qkv, hq, hkv, kc, vc, pos, angle.cos(), angle.sin(), wo, res)
+    cases.append(Case("depth_attention", f"decoder Hq{hq}/Hkv{hkv}/d{hd} P{n_cb} +wo B{decode_batch}",
+                      lambda a=args: depth_attention(*a), lambda a=args: ref.depth_attention_out_ref(*a),
+                      wo.numel() * size + 2 * kc.numel() * size + decode_batch * (qkv.shape[1] + 2 * d) * size,
+                      note="attention recomputed per column block"))
+
     dec = cfg.decoder.dim if not small else 64
     batch = decode_batch
     seed, counter = ints(2**40, batch), ints(2**20, batch)
@@ -154,6 +180,14 @@ def _cases(preset, device, dtype=torch.bfloat16, small=False):
                               depth_step(*a, logits=lg),
                           lambda a=(h, head, codebook, embed, seed, counter, 0.9, 50): ref.depth_step_ref(*a),
                           h_dim * vocab * size + batch * (h_dim + 2 * dec) * size))
+    table, nxt, codes = randn(n_cb * vocab, dec), randn(batch, dec), torch.zeros(batch, n_cb, dtype=torch.int64,
+                                                                                 device=device)
+    lg, temp, topk = randn(batch, vocab), torch.full((batch,), 0.9, device=device), torch.full((batch,), 50, device=device)
+    cb = torch.tensor([5], device=device)
+    cases.append(Case("sample_next_input", f"B{batch} V{vocab} top50 per-lane",
+                      lambda: sample_next_input(lg, temp, topk, seed, counter, cb, table, codes[:, 5], nxt),
+                      lambda: table[ref.sample_topk_ref(lg, temp, topk, seed, counter + 5) + 5 * vocab],
+                      lg.numel() * size + batch * dec * 2 * size))
     logits = randn(batch, vocab, dt=torch.float32)
     cases.append(Case("sample_topk", f"B{batch} V{vocab} top50",
                       lambda: sample_topk(logits, 0.9, 50, seed, counter),

@@ -48,12 +48,38 @@ class TorchOps:
         return ref.rvq_embed_ref(frames, mask, text_table, audio_table, offsets)
 
     @staticmethod
-    def rmsnorm(x, weight, eps, residual=None):
-        return ref.rmsnorm_ref(x, weight, eps, residual)
+    def norm_linear(x, norm_weight, eps, weight):
+        return ref.rmsnorm_linear_ref(x, norm_weight, eps, weight)
 
     @staticmethod
-    def swiglu(gate_up):
-        return ref.swiglu_ref(gate_up)
+    def norm_swiglu(x, norm_weight, eps, gate_up):
+        return ref.rmsnorm_swiglu_ref(x, norm_weight, eps, gate_up)
+
+    @staticmethod
+    def linear_add(a, weight, residual):
+        return ref.linear_residual_ref(a, weight, residual)
+
+    @staticmethod
+    def depth_attention(qkv, cfg, k_cache, v_cache, pos, cos, sin, allowed, wo, residual):
+        return ref.depth_attention_out_ref(qkv, cfg.n_heads, cfg.n_kv_heads, k_cache, v_cache, pos, cos, sin, wo,
+                                           residual, allowed)
+
+    def frame_sampling(self, temperature, topk, seed, counter, num_codebooks: int, vocab: int):
+        """Once per frame: `lane_sampling`, and the race's noise for every codebook (codebook i
+        draws with counter + i) -> [n, num_codebooks, V]."""
+        device = seed.device
+        noise = ref.race_noise(seed[:, None], counter[:, None] + self._arange(num_codebooks, device),
+                               self._arange(vocab, device))
+        return (*ref.lane_sampling(temperature, topk, vocab), noise)
+
+    @staticmethod
+    def sample(logits, codebook, frame, table, tokens, next_input):
+        """Draw codebook c's tokens (c: int64 [1]) into tokens [n] -> the next input table[token + c V]
+        (a new tensor; next_input is the Triton op set's buffer)."""
+        greedy, divisor, kth, noise = frame
+        token = ref.topk_race(logits, greedy, divisor, kth, noise.index_select(1, codebook)[:, 0])
+        tokens.copy_(token)
+        return table[token + codebook * logits.shape[1]]
 
     @staticmethod
     def rope_kv_write(q, k, v, positions, inv_freq, k_cache, v_cache, slots):
@@ -82,22 +108,45 @@ class TorchOps:
 
 class TritonOps:
     name = "triton"
+    FUSED_ROWS = 16  # norm + GEMM in one launch up to this many rows (decode); cuBLAS above (prefill)
 
     def __init__(self):
-        from misotts.kernels import embedding, paged_attention, rmsnorm, rope, swiglu
+        from misotts.kernels import (depth_attention, embedding, norm_linear, paged_attention, rmsnorm, rope,
+                                     sampling, swiglu)
 
         self.k_embed, self.k_attn, self.k_norm, self.k_rope, self.k_swiglu = (
             embedding, paged_attention, rmsnorm, rope, swiglu)
+        self.k_norm_linear, self.k_depth_attn, self.k_sampling = norm_linear, depth_attention, sampling
 
     def embed(self, frames, mask, text_table, audio_table):
         return self.k_embed.rvq_embed(frames[None].contiguous(), mask[None].contiguous(), text_table, audio_table)[0]
 
-    def rmsnorm(self, x, weight, eps, residual=None):
-        out, res = self.k_norm.rmsnorm(x, weight, eps, residual)  # adds into `residual` in place
-        return out, (x if residual is None else res)
+    def norm_linear(self, x, norm_weight, eps, weight):
+        if x.shape[0] <= self.FUSED_ROWS:
+            return self.k_norm_linear.norm_linear(x, norm_weight, eps, weight)
+        return F.linear(self.k_norm.rmsnorm(x, norm_weight, eps)[0], weight)
 
-    def swiglu(self, gate_up):
-        return self.k_swiglu.swiglu(gate_up)
+    def norm_swiglu(self, x, norm_weight, eps, gate_up):
+        if x.shape[0] <= self.FUSED_ROWS:
+            return self.k_norm_linear.norm_linear(x, norm_weight, eps, gate_up, swiglu=True)
+        return self.k_swiglu.swiglu(F.linear(self.k_norm.rmsnorm(x, norm_weight, eps)[0], gate_up))
+
+    @staticmethod
+    def linear_add(a, weight, residual):
+        """residual += a @ weight.T in cuBLAS's epilogue (one launch; in place)."""
+        return residual.addmm_(a, weight.t())
+
+    def depth_attention(self, qkv, cfg, k_cache, v_cache, pos, cos, sin, allowed, wo, residual):
+        """RoPE, KV write, attention, wo and the residual add in one launch (residual in place)."""
+        return self.k_depth_attn.depth_attention(qkv, cfg.n_heads, cfg.n_kv_heads, k_cache, v_cache, pos, cos, sin,
+                                                 wo, residual)
+
+    @staticmethod
+    def frame_sampling(temperature, topk, seed, counter, num_codebooks: int, vocab: int):
+        return temperature, topk, seed, counter  # the sampler kernel reads the lanes' settings itself
+
+    def sample(self, logits, codebook, frame, table, tokens, next_input):
+        return self.k_sampling.sample_next_input(logits, *frame, codebook, table, tokens, next_input)
 
     def rope_kv_write(self, q, k, v, positions, inv_freq, k_cache, v_cache, slots):
         return self.k_rope.rope_kv_write(q, k, v, positions, inv_freq, k_cache, v_cache, slots)
@@ -255,8 +304,8 @@ class ModelRunner:
         self.depth_cos, self.depth_sin = ref.rope_cos_sin(positions, rope_inv_freq(d, self.device))
         self.depth_allowed = positions[None, :] <= positions[:, None]  # [query pos, key pos]
         self.depth_pos = [torch.tensor([i], device=self.device) for i in range(self.n)]
-        self.vocab_index = torch.arange(self.vocab, device=self.device)
-        self.codebook_index = torch.arange(self.n, device=self.device)
+        self.depth_x = torch.zeros(max_batch, d.dim, dtype=self.dtype, device=self.device)  # the next input (Triton)
+        self.logit_sums = torch.zeros(self.n, max_batch, dtype=torch.float32, device=self.device)  # NaN/inf check
         if compile:  # Inductor C++ for a depth step and its sampling: one graph per batch size, made on first use
             self._depth_sample = torch.compile(self._depth_sample, dynamic=False, fullgraph=True,
                                                options={"cpp_wrapper": True})
@@ -271,27 +320,28 @@ class ModelRunner:
 
     # ---- the layers: one loop for the backbone's prefill and decode and the depth decoder ----------
     def _layers(self, s: _Stack, x, attention):
-        """The transformer s over rows x [T, D] -> final-normed hidden [T, D].  attention(i, q, k, v)
-        is what differs between the callers: layer i's RoPE, KV write and attention, for
-        q [T, H, d], k, v [T, K, d] -> [T, H, d]."""
-        ops, eps = self.ops, s.cfg.norm_eps
-        xn, h = ops.rmsnorm(x, s.attn_norm[0], eps)
+        """The transformer s over rows x [T, D] -> the residual stream h [T, D] after its last layer,
+        not yet final-normed: the callers' heads fuse that norm (`ops.norm_linear(h, s.norm, ...)`).
+        attention(i, qkv, wo, h) is what differs between the callers: layer i's RoPE, KV write,
+        attention over the fused projection qkv [T, (H + 2K) d], its output projection wo and the
+        residual add -> the new h.  h may be updated in place (the Triton op set adds residuals in
+        cuBLAS's epilogue, or in the depth attention kernel)."""
+        ops, eps, h = self.ops, s.cfg.norm_eps, x
         for i in range(s.cfg.n_layers):
-            o = F.linear(attention(i, *s.split_qkv(F.linear(xn, s.qkv[i]))).flatten(1), s.wo[i])
-            xn, h = ops.rmsnorm(o, s.mlp_norm[i], eps, residual=h)
-            m = F.linear(ops.swiglu(F.linear(xn, s.gate_up[i])), s.down[i])
-            last = i + 1 == s.cfg.n_layers
-            xn, h = ops.rmsnorm(m, s.norm if last else s.attn_norm[i + 1], eps, residual=h)
-        return xn
+            qkv = ops.norm_linear(h, s.attn_norm[i], eps, s.qkv[i])
+            h = attention(i, qkv, s.wo[i], h)
+            h = ops.linear_add(ops.norm_swiglu(h, s.mlp_norm[i], eps, s.gate_up[i]), s.down[i], h)
+        return h
 
     # ---- backbone ------------------------------------------------------------------------
     def _backbone(self, x, positions, slots, attend):
-        """x [T, D] at positions [T] -> final-normed hidden [T, D]; RoPE'd k and v are written to the
-        paged cache at slots, then attend(q, k_cache, v_cache) -> [T, H, d] (prefill or decode)."""
-        def attention(i, q, k, v):
+        """x [T, D] at positions [T] -> last hidden [T, D] (not final-normed); RoPE'd k and v are written
+        to the paged cache at slots, then attend(q, k_cache, v_cache) -> [T, H, d] (prefill or decode)."""
+        def attention(i, qkv, wo, h):
+            q, k, v = self.bb.split_qkv(qkv)
             k_cache, v_cache = self.kv.layer(i)
             q = self.ops.rope_kv_write(q, k, v, positions, self.bb_inv_freq, k_cache, v_cache, slots)
-            return attend(q, k_cache, v_cache)
+            return self.ops.linear_add(attend(q, k_cache, v_cache).flatten(1), wo, h)
 
         return self._layers(self.bb, x, attention)
 
@@ -309,23 +359,20 @@ class ModelRunner:
     # ---- depth decoder ----------------------------------------------------------------------
     def _depth_step(self, x, pos, n: int):
         """The depth decoder at position pos (a tensor [1], so every step has the same shapes)
-        for x [n, D']: writes its KV, attends to positions <= pos -> last hidden [n, D']."""
-        cos, sin, allowed = self.depth_cos[pos], self.depth_sin[pos], self.depth_allowed[pos]
-
-        def attention(i, q, k, v):  # one position per lane: the lanes are the batch
-            keys, values = self.depth_k[i, :n], self.depth_v[i, :n]  # [n, K, positions, d]
-            keys.index_copy_(2, pos, ref.apply_rope(k, cos, sin)[:, :, None])
-            values.index_copy_(2, pos, v[:, :, None])
-            return ref.attention_ref(ref.apply_rope(q, cos, sin)[:, :, None], keys, values, allowed)[:, :, 0]
+        for x [n, D']: writes its KV, attends to positions <= pos -> last hidden [n, D'] (not normed)."""
+        def attention(i, qkv, wo, h):  # one position per lane: the lanes are the batch
+            return self.ops.depth_attention(qkv, self.dec.cfg, self.depth_k[i, :n], self.depth_v[i, :n], pos,
+                                            self.depth_cos, self.depth_sin, self.depth_allowed, wo, h)
 
         return self._layers(self.dec, x, attention)
 
-    def _depth_sample(self, x, pos, n: int, head, greedy, divisor, kth, noise):
-        """Depth position pos (1..) for x [n, D'] -> its codebook's tokens [n] (logits h @ head,
-        race noise [n, V]), the next input, and the logits' sum [n] (finite unless a logit is not)."""
-        logits = self._depth_step(x, pos, n) @ head
-        token = ref.topk_race(logits, greedy, divisor, kth, noise)
-        return token, self.proj_table[token + pos * self.vocab], logits.sum(-1)
+    def _depth_sample(self, x, pos, n: int, head, frame, tokens, logit_sums):
+        """Depth position pos (1..) for x [n, D'] -> its codebook's tokens (written to tokens [n]:
+        logits = norm(h) @ head, the draw from `frame`'s per-lane settings) -> the next input.  The
+        logits' sums go to logit_sums [n] (finite unless a logit is not)."""
+        logits = self.ops.norm_linear(self._depth_step(x, pos, n), self.dec.norm, self.dec.cfg.norm_eps, head.t())
+        torch.sum(logits, -1, dtype=torch.float32, out=logit_sums)
+        return self.ops.sample(logits, pos, frame, self.proj_table, tokens, self.depth_x[:n])
 
     # ---- one frame for lanes 0..n-1 ------------------------------------------------------------
     @torch.inference_mode()
@@ -339,19 +386,17 @@ class ModelRunner:
         x = self.ops.embed(st.rows[:n], st.row_mask[:n], self.text_table, self.audio_table)
         h = self._backbone(x, positions, slots, lambda q, k_cache, v_cache: self.ops.decode_attention(
             q, k_cache, v_cache, tables, context_lens, self.bb.scale))
-        codes, (greedy, divisor, kth) = st.codes[:n], ref.lane_sampling(st.temperature[:n], st.topk[:n], self.vocab)
-        # The race's noise for all codebooks at once: codebook i draws with counter + i.
-        noise = ref.race_noise(st.seed[:n, None], st.counter[:n, None] + self.codebook_index, self.vocab_index)
-        logits = F.linear(h, self.c0_head)
-        codes[:, 0], checksum = ref.topk_race(logits, greedy, divisor, kth, noise[:, 0]), logits.sum(-1)
-        self._depth_step(F.linear(h, self.projection), self.depth_pos[0], n)
-        x = self.proj_table[codes[:, 0]]
+        codes, eps, sums = st.codes[:n], self.bb.cfg.norm_eps, self.logit_sums[:, :n]
+        frame = self.ops.frame_sampling(st.temperature[:n], st.topk[:n], st.seed[:n], st.counter[:n], self.n,
+                                        self.vocab)
+        logits = self.ops.norm_linear(h, self.bb.norm, eps, self.c0_head)
+        torch.sum(logits, -1, dtype=torch.float32, out=sums[0])
+        x = self.ops.sample(logits, self.depth_pos[0], frame, self.proj_table, codes[:, 0], self.depth_x[:n])
+        self._depth_step(self.ops.norm_linear(h, self.bb.norm, eps, self.projection), self.depth_pos[0], n)
         for i in range(1, self.n):
-            codes[:, i], x, logits_sum = self._depth_sample(x, self.depth_pos[i], n, self.audio_head[i - 1], greedy,
-                                                            divisor, kth, noise[:, i])
-            checksum = checksum + logits_sum
+            x = self._depth_sample(x, self.depth_pos[i], n, self.audio_head[i - 1], frame, codes[:, i], sums[i])
         # A lane that met a NaN or infinite logit says so in its codes, read with them (no extra sync).
-        codes[:, 0].masked_fill_(~torch.isfinite(checksum), NONFINITE_CODE)
+        codes[:, 0].masked_fill_(~torch.isfinite(sums).all(0), NONFINITE_CODE)
         # The frame becomes each lane's next backbone row.
         st.rows[:n, :self.n] = codes
         st.rows[:n, self.n].zero_()

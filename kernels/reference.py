@@ -147,6 +147,48 @@ def swiglu_ref(gate, up=None):
     return F.silu(gate) * up
 
 
+def rmsnorm_linear_ref(x, norm_weight, eps, weight):
+    """F.linear(rmsnorm(x), weight): x [N, K], norm_weight [K], weight [M, K] (any strides) -> [N, M]."""
+    return F.linear(rmsnorm_ref(x, norm_weight, eps)[0], weight)
+
+
+def rmsnorm_swiglu_ref(x, norm_weight, eps, gate_up):
+    """swiglu(F.linear(rmsnorm(x), gate_up)): gate_up [2F, K] (gate rows first) -> [N, F]."""
+    return swiglu_ref(rmsnorm_linear_ref(x, norm_weight, eps, gate_up))
+
+
+def linear_residual_ref(a, weight, residual):
+    """residual + F.linear(a, weight), added in fp32 and rounded to the residual's dtype (as
+    `rmsnorm_ref` adds its residual): a [N, K], weight [M, K], residual [N, M] -> new [N, M]."""
+    return (F.linear(a, weight).float() + residual.float()).to(residual.dtype)
+
+
+def depth_attention_ref(qkv, n_heads, n_kv_heads, k_cache, v_cache, pos, cos, sin, allowed=None, scale=None):
+    """One depth-decoder position for each of N lanes: RoPE, KV write and attention over <= P positions.
+
+    qkv [N, (H + 2K) d] (q heads, then k, then v); k_cache, v_cache [N, K, P, d], written at
+    position pos (int64 [1], a device tensor); cos, sin [P, d/2] fp32 tables of every position;
+    allowed: optional bool [P, P] (query position, key position) = key <= query, precomputed.
+    The rotated k and v go to the caches; the rotated q attends to positions 0..pos -> [N, H, d]."""
+    head_dim = qkv.shape[-1] // (n_heads + 2 * n_kv_heads)
+    q, k, v = qkv.unflatten(-1, (n_heads + 2 * n_kv_heads, head_dim)).split([n_heads, n_kv_heads, n_kv_heads], 1)
+    c, s = cos[pos], sin[pos]
+    if allowed is None:
+        positions = torch.arange(k_cache.shape[2], device=qkv.device)
+        allowed = positions[None, :] <= positions[:, None]
+    k_cache.index_copy_(2, pos, apply_rope(k, c, s)[:, :, None])
+    v_cache.index_copy_(2, pos, v[:, :, None])
+    return attention_ref(apply_rope(q, c, s)[:, :, None], k_cache, v_cache, allowed[pos], scale)[:, :, 0]
+
+
+def depth_attention_out_ref(qkv, n_heads, n_kv_heads, k_cache, v_cache, pos, cos, sin, wo, residual, allowed=None,
+                            scale=None):
+    """`depth_attention_ref` followed by the output projection wo [D, H d] and the residual add
+    (`linear_residual_ref`) -> the new residual [N, D] (what the depth_attention kernel fuses)."""
+    out = depth_attention_ref(qkv, n_heads, n_kv_heads, k_cache, v_cache, pos, cos, sin, allowed, scale)
+    return linear_residual_ref(out.flatten(1), wo, residual)
+
+
 def lane_sampling(temperature, topk, vocab: int):
     """What each lane's temperature [N] (fp32) and topk [N] (int) mean to `topk_race`:
     greedy [N] (temperature == 0 or topk == 1), divisor [N, 1] (the temperature; 1 on greedy lanes)

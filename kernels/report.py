@@ -31,7 +31,7 @@ PAGE = 16  # KV block size compiled in the report (the kernels take any power of
 
 def _cases(preset):
     """[(kernel, shape label, thunk that calls the launcher on meta tensors)] for one preset."""
-    from . import embedding, paged_attention, rmsnorm, rope, sampling, swiglu
+    from . import depth_attention, embedding, norm_linear, paged_attention, rmsnorm, rope, sampling, swiglu
 
     def t(*shape, dtype=torch.bfloat16):
         return torch.empty(*shape, dtype=dtype, device="meta")
@@ -75,6 +75,34 @@ def _cases(preset):
                                                                                     residual=t(64, d))),
             ("swiglu", f"{preset} {part} F{ffn}", lambda ffn=ffn: swiglu.swiglu(t(64, 2 * ffn))),
         ]
+    for part, tc in (("backbone", cfg.backbone), ("decoder", cfg.decoder)):
+        d, hq, hkv, ffn, hd, eps = tc.dim, tc.n_heads, tc.n_kv_heads, tc.ffn_dim, tc.head_dim, tc.norm_eps
+        for batch in (1, 8):
+            cases += [
+                ("norm_linear", f"{preset} {part} qkv B{batch} D{d}->{(hq + 2 * hkv) * hd}",
+                 lambda d=d, n=(hq + 2 * hkv) * hd, eps=eps, batch=batch: norm_linear.norm_linear(
+                     t(batch, d), t(d), eps, t(n, d))),
+                ("norm_linear", f"{preset} {part} gate_up+swiglu B{batch} D{d}->F{ffn}",
+                 lambda d=d, ffn=ffn, eps=eps, batch=batch: norm_linear.norm_linear(
+                     t(batch, d), t(d), eps, t(2 * ffn, d), swiglu=True)),
+            ]
+        head = ("codebook0_head", t(vocab, dim)) if part == "backbone" else ("audio_head.T", t(dec, vocab).T)
+        cases.append(("norm_linear", f"{preset} {part} {head[0]} B8 D{d}->V{vocab}",
+                      lambda d=d, eps=eps, w=head[1]: norm_linear.norm_linear(t(8, d), t(d), eps, w)))
+    dc = cfg.decoder
+    for batch in (1, 8):
+        cases.append(("depth_attention", f"{preset} decoder Hq{dc.n_heads}/Hkv{dc.n_kv_heads}/d{dc.head_dim} "
+                                         f"P{n_cb} +wo D{dc.dim} B{batch}",
+                      lambda batch=batch: depth_attention.depth_attention(
+                          t(batch, (dc.n_heads + 2 * dc.n_kv_heads) * dc.head_dim), dc.n_heads, dc.n_kv_heads,
+                          t(dc.n_layers, batch, dc.n_kv_heads, n_cb, dc.head_dim)[0],
+                          t(dc.n_layers, batch, dc.n_kv_heads, n_cb, dc.head_dim)[0], t(1, **longs),
+                          t(n_cb, dc.head_dim // 2, dtype=torch.float32), t(n_cb, dc.head_dim // 2, dtype=torch.float32),
+                          t(dc.dim, dc.n_heads * dc.head_dim), t(batch, dc.dim))))
+    cases.append(("sample_next_input", f"{preset} V{vocab} B8 per-lane params",
+                  lambda: sampling.sample_next_input(
+                      t(8, vocab), t(8, dtype=torch.float32), t(8, **longs), t(8, **longs), t(8, **longs),
+                      t(1, **longs), t(n_cb * vocab, dec), t(8, n_cb, **longs)[:, 0], t(8, dec))))
     for codebook, h_dim in ((0, dim), (1, dec)):
         cases.append(("depth_step", f"{preset} codebook{codebook} D{h_dim}->V{vocab} B8",
                       lambda codebook=codebook, h_dim=h_dim: sampling.depth_step(

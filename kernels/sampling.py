@@ -36,10 +36,13 @@ def _head_logits_kernel(h, head, logits, batch, dim, vocab, stride_hb, stride_hd
 
 @triton.jit
 def _sample_kernel(logits, stride_lb, vocab, temperature, topk, seed, counter, counter_offset, tokens, stride_tok,
-                   embed_table, next_input, stride_next, embed_dim, row_offset,
+                   embed_table, next_input, stride_next, embed_dim, row_offset, codebook,
                    GREEDY: tl.constexpr, PER_LANE: tl.constexpr, V_PAD: tl.constexpr, HAS_EMBED: tl.constexpr,
-                   BLOCK_D: tl.constexpr):
+                   BLOCK_D: tl.constexpr, CODEBOOK_TENSOR: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
+    if CODEBOOK_TENSOR:  # the codebook comes from a device tensor [1]: one graph serves every codebook
+        counter_offset = tl.load(codebook).to(tl.int64)
+        row_offset = counter_offset * vocab
     idx = tl.arange(0, V_PAD)
     valid = idx < vocab
     x = tl.load(logits + b * stride_lb + idx, mask=valid, other=float("-inf")).to(tl.float32)
@@ -97,7 +100,7 @@ def _check_sampler_args(batch, temperature, topk, seed, counter, counter_offset)
 
 
 def _launch_sampler(logits, temperature, topk, seed, counter, counter_offset, tokens, embed_table=None,
-                    next_input=None, row_offset=0):
+                    next_input=None, row_offset=0, codebook=None):
     batch, vocab = logits.shape
     per_lane = isinstance(temperature, torch.Tensor)
     has_embed = embed_table is not None
@@ -105,9 +108,9 @@ def _launch_sampler(logits, temperature, topk, seed, counter, counter_offset, to
     launch(_sample_kernel, (batch,), logits, logits.stride(0), vocab, temperature if per_lane else float(temperature),
            topk if per_lane else min(topk, vocab), seed, counter, counter_offset, tokens, tokens.stride(0),
            embed_table if has_embed else logits, next_input if has_embed else logits,
-           next_input.stride(0) if has_embed else 0, embed_dim, row_offset,
+           next_input.stride(0) if has_embed else 0, embed_dim, row_offset, logits if codebook is None else codebook,
            GREEDY=not per_lane and (temperature == 0 or topk == 1), PER_LANE=per_lane, V_PAD=next_pow2(vocab),
-           HAS_EMBED=has_embed, BLOCK_D=min(next_pow2(max(embed_dim, 16)), 1024),
+           HAS_EMBED=has_embed, BLOCK_D=min(next_pow2(max(embed_dim, 16)), 1024), CODEBOOK_TENSOR=codebook is not None,
            num_warps=8 if vocab > 2048 else 4)
 
 
@@ -177,3 +180,33 @@ def depth_step(h, head, codebook, embed_table, codes, next_input, seed, counter,
     _launch_sampler(logits, temperature, topk, seed, counter, counter_offset, codes[:, codebook], embed_table,
                     next_input, codebook * vocab)
     return codes, next_input
+
+
+def sample_next_input(logits, temperature, topk, seed, counter, codebook, embed_table, tokens, next_input):
+    """The depth loop's sampler: draw codebook `codebook`'s tokens from logits, write them to tokens
+    and gather the next step's input row, in one launch (`reference.topk_race` + the gather).
+
+    logits: [B, V] fp32/fp16/bf16 (last dim contiguous); temperature fp32 [B], topk int [B]: per lane;
+    seed, counter: int64 [B]; codebook: int32/int64 [1] device tensor c (not checked: no host sync):
+    the draw uses counter + c and the row is embed_table[token + c * V];
+    embed_table: [num_codebooks * V, D'] contiguous; tokens: int [B] (may be strided, e.g. codes[:, c]);
+    next_input: [B, D'] of embed_table's dtype (last dim contiguous). Returns next_input.
+    """
+    check("logits", logits, shape=(None, None), dtypes=FLOAT_DTYPES, last_contiguous=True)
+    batch, vocab = logits.shape
+    if not isinstance(temperature, torch.Tensor):
+        raise ValueError("temperature and topk must be per-lane tensors [B]")
+    _check_sampler_args(batch, temperature, topk, seed, counter, 0)
+    check("codebook", codebook, shape=(1,), dtypes=INT_DTYPES)
+    check("embed_table", embed_table, shape=(None, None), dtypes=FLOAT_DTYPES, contiguous=True)
+    if embed_table.shape[0] % vocab:
+        raise ValueError(f"embed_table rows ({embed_table.shape[0]}) must be num_codebooks * vocab ({vocab})")
+    check("tokens", tokens, shape=(batch,), dtypes=INT_DTYPES)
+    check("next_input", next_input, shape=(batch, embed_table.shape[1]), dtypes=(embed_table.dtype,),
+          last_contiguous=True)
+    check_same_device(logits=logits, temperature=temperature, topk=topk, seed=seed, counter=counter,
+                      codebook=codebook, embed_table=embed_table, tokens=tokens, next_input=next_input)
+    if batch:
+        _launch_sampler(logits, temperature, topk, seed, counter, 0, tokens, embed_table, next_input,
+                        codebook=codebook)
+    return next_input

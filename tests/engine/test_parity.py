@@ -90,3 +90,40 @@ def test_triton_ops_in_the_interpreter_equal_reference():
     ref = generate_codes(model, frames, mask, 2, stop_on_eos=False, **kw)
     assert torch.equal(engine.generate(frames, mask, 2, stop_on_eos=False, **kw), ref)
     engine.close()
+
+
+@pytest.mark.slow
+def test_triton_ops_with_requests_joining_and_leaving_equal_reference(monkeypatch):
+    """The fused depth loop (norm_linear, depth_attention, sample_next_input) in a batch that
+    changes: three requests on two lanes, so the third joins mid-way when the shorter leaves;
+    greedy and sampled lanes side by side, each with the reference path's codes."""
+    import threading
+
+    from .conftest import frames_wait_for
+
+    model = make_model()
+    reqs = [dict(frames=f, mask=m, max_frames=n, stop_on_eos=False, temperature=t, topk=50, seed=s)
+            for (f, m), n, t, s in ((prompt("Hi!"), 3, 0.9, 7), (prompt("Yo", 1), 1, 0.0, 0),
+                                    (prompt("Ok.", 0), 2, 0.9, 3))]
+    want = [generate_codes(model, **r) for r in reqs]
+    engine = Engine(model, EngineConfig(max_batch=2, ops="triton", wait_timeout_s=3600.0))  # interpreted: slow frames
+    submitted, results = [], [None] * len(reqs)
+    frames_wait_for(monkeypatch, engine, submitted, len(reqs), timeout=600.0)  # frame 2 waits for all three
+
+    def run(i):
+        stream = engine.submit(**reqs[i])
+        submitted.append(i)
+        results[i] = stream.codes()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(reqs))]
+    try:
+        for t in threads:
+            t.start()
+            t.join(0.05)
+        for t in threads:
+            t.join(1200)
+        for i, (got, ref) in enumerate(zip(results, want)):
+            assert got is not None and torch.equal(got, ref), f"request {i}"
+        assert engine.frames_run < sum(len(w) for w in want)  # frames were shared
+    finally:
+        engine.close()

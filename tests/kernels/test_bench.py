@@ -20,7 +20,8 @@ def test_bench_cases_run_on_cpu():
 
     cases = _cases("csm-1b", torch.device("cpu"), dtype=torch.float32, small=True)
     assert {c.kernel for c in cases} == {"rvq_embed", "rope_kv_write", "paged_decode", "paged_prefill", "rmsnorm",
-                                         "swiglu", "depth_step", "sample_topk"}
+                                         "swiglu", "depth_step", "sample_topk",
+                                         "norm_linear", "depth_attention", "sample_next_input"}
     for case in cases:
         case.triton()
         case.torch()
