@@ -174,8 +174,10 @@ def check_prompt_size(text: str, speaker: int, context: list, tokenizer, max_pos
             audio_s += seconds
             positions += math.ceil(seconds * SAMPLE_RATE / FRAME_SAMPLES) + 1
     if positions > max_positions:
-        raise ValueError(f"the prompt needs {positions} positions ({audio_s:.1f} s of context audio) but the "
-                         f"context window holds {max_positions}: shorten the context")
+        turns = f"the text and {len(context)} context turn(s)" + (f" with {audio_s:.1f} s of context audio" if audio_s else "")
+        raise ValueError(f"the prompt ({positions} positions: {turns if context else 'the text'}) fills the model's "
+                         f"context window of {max_positions + 1} positions: shorten the text"
+                         + (" or drop context turns" if context else ""))
 
 
 def mimi_codes(codes: torch.Tensor, cardinality: int = 2048) -> torch.Tensor:

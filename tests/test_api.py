@@ -271,8 +271,8 @@ def test_negative_speaker_and_too_long_text_are_refused_plainly(tts):
         with pytest.raises(error, match=message):
             tts.generate("hi", context=[misotts.Segment(speaker, "earlier")], max_audio_ms=80)
     # No context: the message must not send the user to shorten one.
-    with pytest.raises(ValueError, match=r"the prompt \(\d+ positions: the text, and context turns if any\) fills "
-                                         r"the model's context window of 2048 positions: shorten the text"):
+    with pytest.raises(ValueError, match=r"the prompt \(\d+ positions: the text\) fills the model's context window "
+                                         r"of 2048 positions: shorten the text$"):
         tts.generate("x" * 3000, max_audio_ms=80)
     with pytest.raises(ValueError, match=r"lower max_audio_ms, or shorten the prompt \(at most \d+ ms fit"):
         tts.generate("x" * 1900, max_audio_ms=20_000)

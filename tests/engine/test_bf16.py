@@ -20,16 +20,18 @@ from .conftest import make_model, prompt
 TEXTS = ["Hello there, how are you?", "a second prompt of another length", "x"]
 
 
-def first_logits(monkeypatch, run):
-    """The logits of the first sampling call `run()` makes (codebook 0 of the first frame)."""
-    seen, race = [], ref.topk_race
+def first_logits(monkeypatch, run, sampler=(ref, "topk_race")):
+    """The logits of the first sampling call `run()` makes (codebook 0 of the first frame): the
+    first argument of `sampler` (the reference's draw, or an engine op set's `sample`)."""
+    seen, owner, name = [], *sampler
+    draw = getattr(owner, name)
 
-    def recording_race(logits, *args):
+    def recording_draw(logits, *args):
         seen.append(logits.float().cpu())
-        return race(logits, *args)
+        return draw(logits, *args)
 
     with monkeypatch.context() as m:
-        m.setattr(ref, "topk_race", recording_race)
+        m.setattr(owner, name, recording_draw)
         run()
     return seen[0][0]
 
@@ -42,7 +44,8 @@ def errors(monkeypatch, device):
         frames, mask = prompt(text)
         greedy = dict(stop_on_eos=False, temperature=0.0)
         want = first_logits(monkeypatch, lambda: generate_codes(fp32, frames, mask, 1, **greedy))
-        by_engine = first_logits(monkeypatch, lambda: engine.generate(frames, mask, 1, **greedy))
+        by_engine = first_logits(monkeypatch, lambda: engine.generate(frames, mask, 1, **greedy),
+                                 (engine.runner.ops, "sample"))
         by_reference = first_logits(monkeypatch, lambda: generate_codes(bf16, frames, mask, 1, **greedy))
         rows.append(((by_engine - want).abs().max().item(), (by_reference - want).abs().max().item(),
                      want.abs().max().item()))
