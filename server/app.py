@@ -23,6 +23,7 @@ from .audio_formats import MEDIA_TYPES, Encoder, encode_all
 from .errors import ApiError, bad_request, error_kind, from_exception
 from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .speech import Turns, parse_speech, speak
+from .ws import add_stream_route
 
 log = logging.getLogger("misotts.server")
 REUSED_HEADER, COMPUTED_HEADER = "X-Prefix-Reused-Positions", "X-Prefix-Computed-Positions"
@@ -117,6 +118,7 @@ def create_app(tts, *, model_name: str = "misotts", api_key: str | None = None, 
         body_iter = _sse_body(request, counted, req.response_format, input_tokens, metrics)
         return StreamingResponse(body_iter, media_type="text/event-stream", headers=headers)
 
+    add_stream_route(app, tts, voices, turns, authorize, metrics)
     if voices is not None:
         from .voice_routes import add_voice_routes
 

@@ -12,6 +12,15 @@ def sentences(text: str) -> list[str]:
     return [s.strip() for s in _SENTENCE_END.split(text.strip()) if s.strip()]
 
 
+def split_complete(text: str) -> tuple[list[str], str]:
+    """Text arriving in pieces -> (the sentences already complete, the unfinished rest).  A
+    sentence is complete once whitespace follows its end: "Dr." or "3." may still go on."""
+    end = 0
+    for match in _SENTENCE_END.finditer(text):
+        end = match.end()
+    return sentences(text[:end]), text[end:]
+
+
 def split_turns(text: str, max_tokens: int, count_tokens) -> list[str]:
     """Whole sentences packed into turns of at most max_tokens tokens each (count_tokens(text) ->
     int); a single sentence longer than that is cut at spaces, and a word longer still is cut."""

@@ -6,6 +6,7 @@ import base64
 import binascii
 import math
 import numbers
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
@@ -169,35 +170,54 @@ class Turns:
     @staticmethod
     def for_model(tts, max_turn_tokens: int | None = None) -> "Turns":
         window = tts.config.max_seq_len
-        # a quarter of the window for text leaves room for its audio (~12 frames per second) and history
+        # an eighth of the window for a turn's text leaves room for its audio (12.5 frames/s) and the history
         return Turns(max_turn_tokens or window // 8, window)
 
 
-async def speak(tts, req: SpeechRequest, turns: Turns, stats: list | None = None) -> AsyncIterator[Audio]:
-    """Audio chunks of the whole input: turn after turn, each after the earlier turns (their text
-    and the audio generated for them) so the voice carries across the seams.  stats: each turn's
-    GenerationStats is appended (its reused / computed prompt positions)."""
-    def count(text: str) -> int:
-        return len(tts.tokenizer.encode(f"[{req.speaker}]{text}"))
+class Speaker:
+    """Turns in one voice, each spoken after the earlier ones (their text and the audio made for
+    them), so the voice carries across the seams; the engine's prefix cache makes that history
+    cheap.  The oldest generated turns slide out when the window fills; the request's own
+    context (a voice, given turns) stays.  Turn i samples with seed + i."""
 
-    pieces = split_turns(req.input, turns.max_turn_tokens, count)
-    frames_per_turn = math.ceil(req.max_audio_ms / 80)
-    n = tts.config.num_codebooks
-    fixed, history = list(req.context), []  # the voice and given context stay; generated turns slide
-    for i, text in enumerate(pieces):
-        room = turns.max_positions - 1 - count(text) - frames_per_turn - _positions(fixed, count)
-        context = fixed + fit_history(history, lambda s: _positions([s], count), room)
+    def __init__(self, tts, req: SpeechRequest, turns: Turns, stats: list | None = None):
+        self.tts, self.req, self.turns, self.stats = tts, req, turns, stats
+        self.fixed, self.history, self.index = list(req.context), [], 0
+
+    def count(self, text: str) -> int:
+        return len(self.tts.tokenizer.encode(f"[{self.req.speaker}]{text}"))
+
+    async def say(self, text: str) -> AsyncIterator[Audio]:
+        """One turn's audio chunks; what was made of it (all, or up to a cancel) joins the history."""
+        req, count = self.req, self.count
+        seed, self.index = req.seed + self.index, self.index + 1
+        room = (self.turns.max_positions - 1 - count(text) - math.ceil(req.max_audio_ms / 80)
+                - _positions(self.fixed, count))
+        context = self.fixed + fit_history(self.history, lambda s: _positions([s], count), room)
         made = []
-        async for chunk in tts.astream(text, req.speaker, context, max_audio_ms=req.max_audio_ms,
-                                       temperature=req.temperature, topk=req.topk, seed=req.seed + i,
-                                       first_chunk_frames=FIRST_CHUNK_FRAMES, chunk_frames=CHUNK_FRAMES):
-            if not made and stats is not None:
-                stats.append(tts.last_stats)
-            made.append(chunk.codes)
-            yield chunk
-        codes = torch.cat(made) if made else torch.zeros(0, n, dtype=torch.long)
-        if len(pieces) > 1 and len(codes):  # what was heard is what the next turn follows
-            history.append(Segment(req.speaker, text, codes=mimi_codes(codes)))
+        stream = self.tts.astream(text, req.speaker, context, max_audio_ms=req.max_audio_ms,
+                                  temperature=req.temperature, topk=req.topk, seed=seed,
+                                  first_chunk_frames=FIRST_CHUNK_FRAMES, chunk_frames=CHUNK_FRAMES)
+        try:  # aclosing: a turn stopped early cancels its engine request now, not when collected
+            async with aclosing(stream):
+                async for chunk in stream:
+                    if not made and self.stats is not None:
+                        self.stats.append(self.tts.last_stats)
+                    made.append(chunk.codes)
+                    yield chunk
+        finally:
+            if made:  # what was heard is what the next turn follows
+                self.history.append(Segment(req.speaker, text, codes=mimi_codes(torch.cat(made))))
+
+
+async def speak(tts, req: SpeechRequest, turns: Turns, stats: list | None = None) -> AsyncIterator[Audio]:
+    """Audio chunks of the whole input: one turn per group of sentences that fits max_turn_tokens.
+    stats: each turn's GenerationStats is appended (its reused / computed prompt positions)."""
+    speaker = Speaker(tts, req, turns, stats)
+    for text in split_turns(req.input, turns.max_turn_tokens, speaker.count):
+        async with aclosing(speaker.say(text)) as turn:
+            async for chunk in turn:
+                yield chunk
 
 
 def _positions(segments, count) -> int:
