@@ -35,7 +35,9 @@ def add_voice_routes(app: FastAPI, tts, voices, authorize) -> None:
             raise bad_request("speaker must be an integer id in 0..65535", "speaker")
         if upload is None or isinstance(upload, str):
             raise bad_request("file is required: an audio file (WAV, MP3, FLAC, ...)", "file")
-        data = await upload.read()
+        data = await upload.read(MAX_UPLOAD_BYTES + 1)
+        if len(data) > MAX_UPLOAD_BYTES:
+            raise ApiError(413, f"the file is over {MAX_UPLOAD_BYTES >> 20} MB", "file", "file_too_large")
         if voices.get(name) is not None:
             raise ApiError(409, f"a voice named {name!r} exists: DELETE it first", "name", "voice_exists")
         try:

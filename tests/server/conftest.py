@@ -11,7 +11,8 @@ from .serving import running
 
 @pytest.fixture(scope="session")
 def tts():
-    tts = misotts.load("tiny", device="cpu", progress=False, engine={"max_batch": 8, "max_waiting": 64})
+    tts = misotts.load("tiny", device="cpu", progress=False, engine={"max_batch": 8, "max_waiting": 64,
+                                                                "wait_timeout_s": 120})  # a slow CI runner queues long
     yield tts
     tts.close()
 

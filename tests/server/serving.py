@@ -1,39 +1,13 @@
-"""Helpers for the server tests. A real server on loopback: uvicorn in a background thread, on a socket bound to a free port."""
-import contextlib
+"""Helpers for the server tests; `running` serves an app on loopback from a background thread."""
 import io
-import socket
-import threading
 import time
 
 import av
 import numpy as np
-import torch
-import uvicorn
 
 from misotts.server.audio_formats import pcm16
+from misotts.server.background import serving as running  # noqa: F401 -- for the tests
 
-START_TIMEOUT_S = 30
-
-
-@contextlib.contextmanager
-def running(app):
-    """Serve `app` on 127.0.0.1:<free port>; yields the base URL; stops the server after."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
 
 
 def expected_pcm(tts, text, **kwargs) -> bytes:
