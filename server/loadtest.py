@@ -46,8 +46,8 @@ class LoadResult:
 
 
 async def _one(client: httpx.AsyncClient, url: str, i: int, max_audio_ms: float, result: LoadResult) -> None:
-    body = {"model": "load", "voice": str(i % 4), "input": f"Request number {i} is speaking now.",
-            "response_format": "pcm", "stream_format": "audio", "max_audio_ms": max_audio_ms, "seed": i}
+    body = {"model": "load", "voice": str(abs(i) % 4), "input": f"Request number {i} is speaking now.",
+            "response_format": "pcm", "stream_format": "audio", "max_audio_ms": max_audio_ms, "seed": abs(i)}
     start, first, size = time.perf_counter(), None, 0
     try:
         async with client.stream("POST", f"{url}/v1/audio/speech", json=body) as response:
@@ -71,12 +71,17 @@ async def _one(client: httpx.AsyncClient, url: str, i: int, max_audio_ms: float,
 
 
 async def run_load(url: str, requests: int = 64, max_audio_ms: float = 160, request_timeout_s: float = 120,
-                   deadline_s: float = 300, idle_timeout_s: float = 30) -> LoadResult:
+                   deadline_s: float = 300, idle_timeout_s: float = 30, warmup: int = 0) -> LoadResult:
     """All `requests` at once; then waits (at most idle_timeout_s) for the server's KV blocks in use
-    to drop to zero, and reports what it found."""
+    to drop to zero, and reports what it found.  warmup: requests sent together first and not
+    counted (the first batches of a fresh server pay one-time costs)."""
     result = LoadResult(requests)
     limits = httpx.Limits(max_connections=requests + 4, max_keepalive_connections=requests + 4)
     async with httpx.AsyncClient(timeout=httpx.Timeout(request_timeout_s), limits=limits) as client:
+        if warmup:
+            scratch = LoadResult(warmup)
+            await asyncio.wait_for(asyncio.gather(*(_one(client, url, -1 - i, max_audio_ms, scratch)
+                                                    for i in range(warmup))), deadline_s)
         start = time.perf_counter()
         tasks = [asyncio.create_task(_one(client, url, i, max_audio_ms, result)) for i in range(requests)]
         done, late = await asyncio.wait(tasks, timeout=deadline_s)
@@ -107,9 +112,11 @@ def main(argv=None) -> int:
     p.add_argument("--requests", type=int, default=64)
     p.add_argument("--max-audio-ms", type=float, default=160)
     p.add_argument("--deadline-s", type=float, default=300)
+    p.add_argument("--warmup", type=int, default=8, help="requests sent together first, not counted")
     args = p.parse_args(argv)
     if args.url:
-        result = asyncio.run(run_load(args.url, args.requests, args.max_audio_ms, deadline_s=args.deadline_s))
+        result = asyncio.run(run_load(args.url, args.requests, args.max_audio_ms, deadline_s=args.deadline_s,
+                                      warmup=args.warmup))
     else:
         import misotts
         from misotts.server import create_app
@@ -118,7 +125,8 @@ def main(argv=None) -> int:
         tts = misotts.load(args.model, progress=False, engine={"max_waiting": max(64, args.requests)})
         try:
             with serving(create_app(tts, model_name=args.model)) as url:
-                result = asyncio.run(run_load(url, args.requests, args.max_audio_ms, deadline_s=args.deadline_s))
+                result = asyncio.run(run_load(url, args.requests, args.max_audio_ms, deadline_s=args.deadline_s,
+                                              warmup=args.warmup))
         finally:
             tts.close()
     print(json.dumps(result.summary(), indent=1))

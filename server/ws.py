@@ -62,7 +62,7 @@ class Session:
         talker = asyncio.create_task(self.talk())
         try:
             while not talker.done():
-                receive = asyncio.create_task(self.ws.receive_text())
+                receive = asyncio.create_task(self.ws.receive())
                 done, _ = await asyncio.wait({receive, talker}, timeout=IDLE_TIMEOUT_S,
                                              return_when=asyncio.FIRST_COMPLETED)
                 if receive not in done:
@@ -70,8 +70,15 @@ class Session:
                     if not done:  # idle: nothing said, nothing to say
                         await self.send_error(ApiError(408, "the session was idle too long", code="idle_timeout"))
                     break
-                await self.handle(receive.result())
-        except WebSocketDisconnect:
+                message = receive.result()
+                if message["type"] == "websocket.disconnect":
+                    log.info("%s websocket: the client left", self.id)
+                    break
+                if message.get("text") is None:
+                    await self.send_error(bad_request("messages are JSON text; binary frames are not read", "type"))
+                    continue
+                await self.handle(message["text"])
+        except WebSocketDisconnect:  # a send found the client gone
             log.info("%s websocket: the client left", self.id)
         except Exception as err:  # noqa: BLE001 -- whatever it was, the client hears of it
             await self.send_error(from_exception(err))

@@ -213,3 +213,25 @@ def test_an_api_key_is_required_when_set(tts):
         right = openai.OpenAI(base_url=f"{url}/v1", api_key="s3cret", timeout=60, max_retries=0)
         assert [m.id for m in right.models.list()] == ["tiny"]
         assert httpx.get(f"{url}/health").status_code == 200  # probes need no key
+
+
+def test_a_failure_mid_stream_ends_the_stream_never_hangs(tts):
+    """The engine stops after the first audio: sse ends with an error event, a raw audio stream
+    ends as a broken transfer, and both end at once."""
+    body = {"model": "tiny", "voice": "0", "input": "Cut short.", "response_format": "pcm", "max_audio_ms": 60_000}
+    for stream_format in ("sse", "audio"):
+        other = misotts.api.TTS(tts.model, tts.tokenizer, untrained=True, _codec=tts.codec)
+        other.start_engine({"max_batch": 1})
+        with running(create_app(other)) as url:
+            with httpx.stream("POST", f"{url}/v1/audio/speech", json={**body, "stream_format": stream_format},
+                              timeout=TIMEOUT) as response:
+                lines = response.iter_lines() if stream_format == "sse" else response.iter_raw()
+                next(lines)
+                other.close()  # every running stream gets EngineStopped
+                if stream_format == "sse":
+                    events = [json.loads(line[6:]) for line in lines if line.startswith("data: ")]
+                    assert events[-1]["type"] == "error" and events[-1]["error"]["code"] == "engine_stopped"
+                else:
+                    with pytest.raises(httpx.RemoteProtocolError):
+                        for _ in lines:
+                            pass

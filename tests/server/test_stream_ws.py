@@ -75,6 +75,8 @@ def test_bad_messages_are_error_messages_and_leaving_frees_the_blocks(server, tt
     with connect(ws_url(server)) as ws:
         ws.send("not json")
         assert json.loads(ws.recv(timeout=RECV_S))["error"]["param"] == "type"
+        ws.send(b"\x00\x01")
+        assert json.loads(ws.recv(timeout=RECV_S))["error"]["param"] == "type"
         ws.send(json.dumps({"type": "session.config", "voice": "nobody"}))
         assert json.loads(ws.recv(timeout=RECV_S))["error"]["param"] == "voice"
         ws.send(json.dumps({"type": "session.config", "response_format": "mp3"}))
