@@ -106,9 +106,7 @@ def create_app(tts, *, model_name: str = "misotts", api_key: str | None = None, 
         if first_stats is not None:
             headers = {REUSED_HEADER: str(first_stats.reused_positions),
                        COMPUTED_HEADER: str(first_stats.computed_positions)}
-            metrics.reused.inc(first_stats.reused_positions)
-            metrics.computed.inc(first_stats.computed_positions)
-        counted = _counting(first, chunks, metrics)
+        counted = _counting(first, chunks, metrics, turn_stats)
         if req.stream_format is None:
             return await _whole_file(request, counted, req.response_format, headers, metrics)
         if req.stream_format == "audio":
@@ -158,8 +156,9 @@ def _rid(request: Request) -> str:
     return getattr(request.state, "rid", "-")
 
 
-async def _counting(first: Audio | None, chunks, metrics):
-    """The first chunk (already made) and the rest, each counted in frames; closing this closes the generation."""
+async def _counting(first: Audio | None, chunks, metrics, turn_stats: list):
+    """The first chunk (already made) and the rest, counted in frames; at the end, every turn's
+    prefix-cache positions.  Closing this closes the generation."""
     try:
         if first is not None:
             metrics.frames.inc(len(first.codes))
@@ -169,6 +168,7 @@ async def _counting(first: Audio | None, chunks, metrics):
             yield chunk
     finally:
         await chunks.aclose()  # cancels the engine request (its blocks are freed at the next frame)
+        metrics.count_prefix(turn_stats)
 
 
 async def _whole_file(request: Request, chunks, response_format: str, headers: dict, metrics) -> Response:

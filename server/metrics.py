@@ -25,6 +25,11 @@ class Metrics:
         self.blocks_used = Gauge("misotts_kv_blocks_in_use", "KV blocks held by requests", registry=r)
         self.blocks_total = Gauge("misotts_kv_blocks_total", "KV blocks in the pool", registry=r)
 
+    def count_prefix(self, turn_stats) -> None:
+        """Prompt positions reused / computed by a request's turns (GenerationStats each)."""
+        self.reused.inc(sum(s.reused_positions for s in turn_stats))
+        self.computed.inc(sum(s.computed_positions for s in turn_stats))
+
     def render(self) -> bytes:
         if self.engine is not None:
             s = self.engine.stats()

@@ -167,7 +167,8 @@ class Session:
         index, self.index = self.index, self.index + 1
         self.chars += len(text)
         await self.ws.send_json({"type": "segment.start", "index": index, "text": text})
-        frames = 0
+        frames, turn_stats = 0, []
+        self.speaker.stats = turn_stats
         try:
             async for chunk in self.speaker.say(text):
                 frames += len(chunk.codes)
@@ -178,6 +179,8 @@ class Session:
         except Exception as err:  # the generation failed: say so, and end the session
             await self.send_error(from_exception(err))
             raise
+        finally:
+            self.metrics.count_prefix(turn_stats)
         self.frames += frames
         await self.ws.send_json({"type": "segment.done", "index": index, "frames": frames})
 

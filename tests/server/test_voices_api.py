@@ -27,6 +27,11 @@ def wav_bytes(seconds: float = 1.0, rate: int = 16_000) -> bytes:
     return out.getvalue()
 
 
+def reused_total(url) -> float:
+    metrics = httpx.get(f"{url}/metrics").text.splitlines()
+    return float(next(line for line in metrics if line.startswith("misotts_prefix_reused_positions_total")).split()[-1])
+
+
 def upload(url, name="anna", data=None, transcript=TRANSCRIPT, speaker="2"):
     return httpx.post(f"{url}/v1/audio/voices", timeout=TIMEOUT,
                       files={"file": ("ref.wav", wav_bytes() if data is None else data, "audio/wav")},
@@ -52,10 +57,12 @@ def test_a_registered_voice_is_stored_listed_used_reused_and_deleted(server, tts
     assert first.status_code == 200
     context = [Segment(2, TRANSCRIPT, codes=codes)]
     assert first.content == expected_pcm(tts, "Now I speak.", speaker=2, context=context, seed=4, max_audio_ms=160)
+    reused_before = reused_total(server)
     again = httpx.post(f"{server}/v1/audio/speech", json=body, timeout=TIMEOUT)
     assert again.content == first.content
     # the voice's prompt (its transcript and 13 frames: 2 full blocks of 16) comes from the prefix cache
     assert int(again.headers["x-prefix-reused-positions"]) >= 32
+    assert reused_total(server) - reused_before == int(again.headers["x-prefix-reused-positions"])
 
     assert httpx.delete(f"{server}/v1/audio/voices/anna").json()["deleted"] is True
     assert httpx.get(f"{server}/v1/audio/voices/anna").status_code == 404
