@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import re
 
-# A sentence ends at . ! ? (or their CJK forms), possibly followed by closing quotes/brackets, then space.
-_SENTENCE_END = re.compile(r"(?<=[.!?\u3002\uff01\uff1f])[\"'\u201d\u2019)\]]*\s+")
+# A sentence ends at . ! ? with whitespace after it (a closing quote or bracket may come between:
+# it stays with its sentence); the CJK full stops need no space.  "3.14" stays whole; "Dr. Smith"
+# splits after "Dr.": abbreviations are not known.
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|(?<=[.!?][\"'\u201d\u2019)\]])\s+|(?<=[\u3002\uff01\uff1f])\s*")
 
 
 def sentences(text: str) -> list[str]:
