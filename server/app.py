@@ -13,6 +13,7 @@ import logging
 import time
 import uuid
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -47,7 +48,6 @@ def create_app(tts, *, model_name: str = "misotts", api_key: str | None = None, 
         if not hmac.compare_digest(token.encode(), api_key.encode()):
             raise ApiError(401, "a valid API key is required: Authorization: Bearer <key>", None,
                            "invalid_api_key", type="authentication_error")
-    app.state.authorize = authorize
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, err: ApiError):
@@ -183,7 +183,7 @@ async def _whole_file(request: Request, chunks, response_format: str, headers: d
         raise from_exception(err)
     finally:
         await chunks.aclose()
-    samples = Audio.concat(parts, 32).samples
+    samples = torch.cat([chunk.samples for chunk in parts]) if parts else torch.zeros(0)
     data = await asyncio.to_thread(encode_all, samples, response_format)
     metrics.requests.labels("speech", "ok").inc()
     return Response(data, media_type=MEDIA_TYPES[response_format], headers=headers)
