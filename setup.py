@@ -7,7 +7,11 @@ site-packages (``kernels`` is a real PyPI package that transformers imports).
 """
 from setuptools import setup
 
-SUBPACKAGES = ["kernels", "runtime", "engine", "weights", "bench"]
+SUBPACKAGES = ["kernels", "runtime", "engine", "weights", "bench", "server"]
+
+# The HTTP / WebSocket server (misotts serve); tests need them too, and a real client of each kind.
+SERVER = ["fastapi>=0.110", "uvicorn>=0.29", "av>=12", "prometheus-client>=0.20", "python-multipart>=0.0.9"]
+SERVER_TEST = ["httpx", "openai>=1.40", "websockets>=12"]
 
 setup(
     name="misotts",
@@ -36,7 +40,8 @@ setup(
         "sentencepiece",
     ],
     extras_require={
-        "test": ["pytest", "transformers>=5.0"],
+        "test": ["pytest", "transformers>=5.0", *SERVER, *SERVER_TEST],
+        "server": SERVER,
         "dev": ["pytest", "transformers>=5.0", "matplotlib"],
         "flash": ["flash-attn"],
     },

@@ -1,4 +1,4 @@
-"""`misotts` command line: speak, info, convert (and bench).
+"""`misotts` command line: speak, info, convert, serve (and bench).
 
 Exit status: 0 done, 2 any error (bad arguments, files, models, devices: the message says which
 flag), 1 when the model ended the utterance before its first frame and nothing was written.
@@ -127,6 +127,35 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    import logging
+    import os
+
+    import uvicorn
+
+    from misotts.server import create_app
+    from misotts.server.voices import VoiceStore
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    engine = {"max_batch": args.max_batch, "max_waiting": args.max_waiting}
+    import misotts
+
+    # Loaded and warmed (engine, graphs, the lanes' Mimi) before the port opens.
+    tts = misotts.load(args.model, device=args.device, dtype=DTYPES[args.dtype] if args.dtype else None,
+                       random_init=args.random_init, codec=args.codec, tokenizer=args.tokenizer,
+                       engine={k: v for k, v in engine.items() if v is not None})
+    if tts.untrained:
+        print(f"note: the model is {tts.source}: untrained, so the audio is noise, not speech; untrained weights "
+              "never end a turn, so each request runs to its max_audio_ms.", file=sys.stderr)
+    api_key = args.api_key or os.environ.get("MISOTTS_API_KEY") or None
+    app = create_app(tts, model_name=args.model, api_key=api_key, voices=VoiceStore(args.voices_dir))
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    finally:
+        tts.close()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="misotts", description="MisoTTS runtime: text to speech with CSM-style models")
     parser.add_argument("--version", action="version", version=f"misotts {__version__}")
@@ -166,6 +195,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", default="2GB", help="largest shard, e.g. 2GB, 500MB, 1GiB")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty dst")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("serve", help="serve OpenAI's speech API (HTTP) on one warm engine")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set MISOTTS_API_KEY)")
+    p.add_argument("--voices-dir", default="voices", help="where registered voices are stored")
+    p.add_argument("--max-batch", type=int, default=None, help="engine lanes (default: 32 on CUDA, 8 on CPU)")
+    p.add_argument("--max-waiting", type=int, default=None, help="queued requests before 429 (default 64)")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_serve)
 
     from misotts.bench.cli import add_parser as add_bench_parser
 

@@ -1,0 +1,242 @@
+"""The routes: OpenAI's speech API and ours around it (voices, health, models, metrics).
+
+One TTS (its engine already warm) per app.  Errors leave in OpenAI's envelope (errors.py); a
+request's errors before its first audio get a status code, later ones end the stream.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import hmac
+import json
+import logging
+import time
+import uuid
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from misotts.chunks import Audio
+
+from .audio_formats import MEDIA_TYPES, Encoder, encode_all
+from .errors import ApiError, bad_request, error_kind, from_exception
+from .metrics import CONTENT_TYPE_LATEST, Metrics
+from .speech import Turns, parse_speech, speak
+from .ws import add_stream_route
+
+log = logging.getLogger("misotts.server")
+REUSED_HEADER, COMPUTED_HEADER = "X-Prefix-Reused-Positions", "X-Prefix-Computed-Positions"
+
+
+def create_app(tts, *, model_name: str = "misotts", api_key: str | None = None, voices=None,
+               max_turn_tokens: int | None = None) -> FastAPI:
+    """tts: a loaded misotts.TTS; voices: a VoiceStore (None: no voice routes); api_key: required
+    as `Authorization: Bearer <key>` on /v1 routes when set."""
+    app = FastAPI(title="MisoTTS", docs_url=None, redoc_url=None)
+    app.state.tts, app.state.voices = tts, voices
+    app.state.metrics = metrics = Metrics(tts.engine)
+    turns = Turns.for_model(tts, max_turn_tokens)
+    created = int(time.time())
+
+    def authorize(request) -> None:
+        if api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        token = given[7:] if given.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
+        if not hmac.compare_digest(token.encode(), api_key.encode()):
+            raise ApiError(401, "a valid API key is required: Authorization: Bearer <key>", None,
+                           "invalid_api_key", type="authentication_error")
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, err: ApiError):
+        metrics.errors.labels(error_kind(err)).inc()
+        log.info("%s %s -> %d %s", _rid(request), request.url.path, err.status, err.message)
+        return err.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, err: StarletteHTTPException):
+        return await api_error(request, ApiError(err.status_code, str(err.detail), code=str(err.status_code),
+                                                 type="invalid_request_error"))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, err: Exception):
+        log.exception("%s %s failed", _rid(request), request.url.path)
+        return await api_error(request, from_exception(err))
+
+    app.add_middleware(RequestIds)
+
+    @app.get("/health")
+    async def health():
+        engine = tts.engine
+        state = engine.health() if engine is not None else {"ok": True, "state": "serving", "error": None}
+        return JSONResponse(state, status_code=200 if state["ok"] else 503)
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        authorize(request)
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
+                                            "owned_by": "misotts"}]}
+
+    @app.post("/v1/audio/speech")
+    async def speech(request: Request):
+        authorize(request)
+        received = time.perf_counter()
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise bad_request("the body must be JSON", None, "invalid_json")
+        req = parse_speech(body, voices)
+        turn_stats: list = []
+        chunks = speak(tts, req, turns, turn_stats)
+        try:  # up to the first chunk a failure is a status code: queue full, engine stopped, bad prompt
+            first = await anext(chunks, None)
+        except Exception as err:
+            await chunks.aclose()
+            raise from_exception(err)
+        if first is not None:
+            metrics.ttfa.observe(time.perf_counter() - received)
+        first_stats = turn_stats[0] if turn_stats else None
+        headers = {}
+        if first_stats is not None:
+            headers = {REUSED_HEADER: str(first_stats.reused_positions),
+                       COMPUTED_HEADER: str(first_stats.computed_positions)}
+        counted = _counting(first, chunks, metrics, turn_stats)
+        if req.stream_format is None:
+            return await _whole_file(request, counted, req.response_format, headers, metrics)
+        if req.stream_format == "audio":
+            body_iter = _audio_body(request, counted, req.response_format, metrics)
+            return StreamingResponse(body_iter, media_type=MEDIA_TYPES[req.response_format], headers=headers)
+        input_tokens = len(tts.tokenizer.encode(req.input))
+        body_iter = _sse_body(request, counted, req.response_format, input_tokens, metrics)
+        return StreamingResponse(body_iter, media_type="text/event-stream", headers=headers)
+
+    add_stream_route(app, tts, voices, turns, authorize, metrics)
+    if voices is not None:
+        from .voice_routes import add_voice_routes
+
+        add_voice_routes(app, tts, voices, authorize)
+    return app
+
+
+class RequestIds:
+    """Each HTTP request gets an id (the client's X-Request-Id, or a new one): in the response's
+    headers and in the log line written when it ends.  Plain ASGI, so streams pass untouched."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")[:64]
+        rid = given or uuid.uuid4().hex[:16]
+        scope.setdefault("state", {})["rid"] = rid
+        start, status = time.perf_counter(), [0]
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode("latin-1"))]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            log.info("%s %s %s -> %d in %.0f ms", rid, scope["method"], scope["path"], status[0],
+                     (time.perf_counter() - start) * 1000)
+
+
+def _rid(request: Request) -> str:
+    return getattr(request.state, "rid", "-")
+
+
+async def _counting(first: Audio | None, chunks, metrics, turn_stats: list):
+    """The first chunk (already made) and the rest, counted in frames; at the end, every turn's
+    prefix-cache positions.  Closing this closes the generation."""
+    try:
+        if first is not None:
+            metrics.frames.inc(len(first.codes))
+            yield first
+        async for chunk in chunks:
+            metrics.frames.inc(len(chunk.codes))
+            yield chunk
+    finally:
+        await chunks.aclose()  # cancels the engine request (its blocks are freed at the next frame)
+        metrics.count_prefix(turn_stats)
+
+
+async def _whole_file(request: Request, chunks, response_format: str, headers: dict, metrics) -> Response:
+    parts = []
+    try:
+        async for chunk in chunks:
+            parts.append(chunk)
+            if await request.is_disconnected():  # nobody to send the file to: stop making it
+                metrics.requests.labels("speech", "disconnected").inc()
+                return Response(status_code=499)
+    except Exception as err:
+        raise from_exception(err)
+    finally:
+        await chunks.aclose()
+    samples = torch.cat([chunk.samples for chunk in parts]) if parts else torch.zeros(0)
+    data = await asyncio.to_thread(encode_all, samples, response_format)
+    metrics.requests.labels("speech", "ok").inc()
+    return Response(data, media_type=MEDIA_TYPES[response_format], headers=headers)
+
+
+async def _audio_body(request: Request, chunks, response_format: str, metrics):
+    """Encoded bytes as chunks are made.  A failure after the headers cannot change the status:
+    the stream ends without its last chunk, so the client sees a broken transfer, not a hang."""
+    encoder = Encoder(response_format)
+    try:
+        async for chunk in chunks:
+            if data := encoder.add(chunk.samples):
+                yield data
+            if await request.is_disconnected():
+                metrics.requests.labels("speech", "disconnected").inc()
+                return
+        if data := encoder.finish():
+            yield data
+        metrics.requests.labels("speech", "ok").inc()
+    except Exception as err:
+        metrics.errors.labels(error_kind(from_exception(err))).inc()
+        log.warning("%s speech stream failed: %s", _rid(request), err)
+        raise
+    finally:
+        encoder.close()
+        await chunks.aclose()
+
+
+async def _sse_body(request: Request, chunks, response_format: str, input_tokens: int, metrics):
+    """speech.audio.delta events (base64 audio), then speech.audio.done with usage; a failure
+    mid-stream becomes an error event and the end of the stream."""
+    encoder, frames = Encoder(response_format), 0
+    try:
+        async for chunk in chunks:
+            frames += len(chunk.codes)
+            if data := encoder.add(chunk.samples):
+                yield _event({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()})
+            if await request.is_disconnected():
+                metrics.requests.labels("speech", "disconnected").inc()
+                return
+        if data := encoder.finish():
+            yield _event({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()})
+        usage = {"input_tokens": input_tokens, "output_tokens": frames, "total_tokens": input_tokens + frames}
+        yield _event({"type": "speech.audio.done", "usage": usage})
+        metrics.requests.labels("speech", "ok").inc()
+    except Exception as err:
+        error = from_exception(err)
+        metrics.errors.labels(error_kind(error)).inc()
+        yield _event({"type": "error", **error.body()})
+    finally:
+        encoder.close()
+        await chunks.aclose()
+
+
+def _event(payload: dict) -> str:
+    return f"data: {json.dumps(payload)}\n\n"

@@ -1,0 +1,78 @@
+"""/v1/audio/voices: register a voice from an audio file and its transcript, list, get, delete."""
+from __future__ import annotations
+
+import asyncio
+
+import torch
+from fastapi import FastAPI, Request
+
+from .audio_formats import decode_audio
+from .errors import ApiError, bad_request
+from .voices import NAME
+
+MAX_UPLOAD_BYTES = 25 * 2**20  # as OpenAI's audio uploads
+MIN_VOICE_S = 0.5
+
+
+def add_voice_routes(app: FastAPI, tts, voices, authorize) -> None:
+    # A voice rides in every prompt that uses it: it may fill at most a quarter of the window.
+    max_frames = tts.config.max_seq_len // 4
+
+    @app.post("/v1/audio/voices", status_code=201)
+    async def create_voice(request: Request):
+        authorize(request)
+        form = await request.form(max_part_size=MAX_UPLOAD_BYTES)
+        name, transcript, upload = form.get("name"), form.get("transcript"), form.get("file")
+        if not isinstance(name, str) or not NAME.match(name):
+            raise bad_request("name must be 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit",
+                              "name")
+        if name.isdigit():
+            raise bad_request("a voice name cannot be all digits (those are speaker ids)", "name")
+        if not isinstance(transcript, str) or not transcript.strip():
+            raise bad_request("transcript is required: the words spoken in the file", "transcript")
+        speaker = form.get("speaker", "0")
+        if not isinstance(speaker, str) or not speaker.isdigit() or int(speaker) > 65535:
+            raise bad_request("speaker must be an integer id in 0..65535", "speaker")
+        if upload is None or isinstance(upload, str):
+            raise bad_request("file is required: an audio file (WAV, MP3, FLAC, ...)", "file")
+        data = await upload.read(MAX_UPLOAD_BYTES + 1)
+        if len(data) > MAX_UPLOAD_BYTES:
+            raise ApiError(413, f"the file is over {MAX_UPLOAD_BYTES >> 20} MB", "file", "file_too_large")
+        if voices.get(name) is not None:
+            raise ApiError(409, f"a voice named {name!r} exists: DELETE it first", "name", "voice_exists")
+        try:
+            samples = await asyncio.to_thread(decode_audio, data)
+        except Exception as err:  # noqa: BLE001 -- whatever FFmpeg says about a file it cannot read
+            raise bad_request(f"could not read the audio file: {err}", "file", "invalid_audio")
+        seconds = samples.numel() / 24_000
+        if seconds < MIN_VOICE_S or seconds * 12.5 > max_frames:
+            raise bad_request(f"the clip is {seconds:.1f} s; a voice takes {MIN_VOICE_S}..{max_frames / 12.5:.0f} s",
+                              "file", "invalid_audio")
+        codes = await asyncio.to_thread(_encode, tts, samples)
+        voice = await asyncio.to_thread(voices.add, name, int(speaker), transcript.strip(), codes)
+        return voice.info()
+
+    @app.get("/v1/audio/voices")
+    async def list_voices(request: Request):
+        authorize(request)
+        return {"object": "list", "data": [v.info() for v in await asyncio.to_thread(voices.list)]}
+
+    @app.get("/v1/audio/voices/{name}")
+    async def get_voice(request: Request, name: str):
+        authorize(request)
+        voice = await asyncio.to_thread(voices.get, name)
+        if voice is None:
+            raise ApiError(404, f"no voice named {name!r}", "name", "voice_not_found")
+        return voice.info()
+
+    @app.delete("/v1/audio/voices/{name}")
+    async def delete_voice(request: Request, name: str):
+        authorize(request)
+        if not await asyncio.to_thread(voices.delete, name):
+            raise ApiError(404, f"no voice named {name!r}", "name", "voice_not_found")
+        return {"id": name, "object": "voice", "deleted": True}
+
+
+def _encode(tts, samples: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return tts.codec.encode(samples.to(tts.device)).cpu()

@@ -1,0 +1,193 @@
+"""/v1/audio/speech/stream: text arrives in pieces (an LLM's tokens), audio leaves as soon as a
+sentence can be spoken.
+
+Client -> server, JSON text messages:
+    {"type": "session.config", "voice": ..., "seed": ..., "temperature": ..., "topk": ...,
+     "max_audio_ms": ..., "context": [...]}       optional, before the first text
+    {"type": "text.delta", "text": "Hel"}         more text
+    {"type": "text.done"}                         no more text: speak the rest, then end
+    {"type": "cancel"}                            barge-in: stop speaking, drop the text not yet spoken
+Server -> client:
+    binary frames: pcm16 little-endian 24 kHz mono audio
+    {"type": "session.ready", ...}                after the config (or at the first text)
+    {"type": "segment.start", "index": i, "text": ...}  / {"type": "segment.done", "index": i, "frames": n}
+    {"type": "cancelled"}                         after a cancel: the session goes on
+    {"type": "error", "error": {...}}             OpenAI's envelope; a bad message does not end the session,
+                                                  a failed generation does
+    {"type": "done", "usage": {...}}              after text.done, when all is spoken; then the socket closes
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+
+from fastapi import FastAPI, WebSocket, WebSocketDisconnect
+
+from .audio_formats import pcm16
+from .errors import ApiError, bad_request, error_kind, from_exception
+from .long_text import split_complete
+from .speech import Speaker, parse_speech
+
+log = logging.getLogger("misotts.server")
+IDLE_TIMEOUT_S = 300  # a session with no message and nothing to say for this long is closed
+MAX_PENDING_CHARS = 4096  # text buffered but not yet spoken, as the HTTP route's input limit
+
+
+def add_stream_route(app: FastAPI, tts, voices, turns, authorize, metrics) -> None:
+    @app.websocket("/v1/audio/speech/stream")
+    async def stream(websocket: WebSocket):
+        try:
+            authorize(websocket)
+        except ApiError as err:
+            metrics.errors.labels(error_kind(err)).inc()
+            await websocket.close(code=1008, reason=err.message[:120])
+            return
+        await websocket.accept()
+        await Session(websocket, tts, voices, turns, metrics).run()
+
+
+class Session:
+    def __init__(self, websocket: WebSocket, tts, voices, turns, metrics):
+        self.ws, self.tts, self.voices, self.turns, self.metrics = websocket, tts, voices, turns, metrics
+        self.id = uuid.uuid4().hex[:16]
+        self.speaker: Speaker | None = None
+        self.pending = ""  # text received, not yet a whole sentence
+        self.queue: asyncio.Queue = asyncio.Queue()  # sentences to speak, then None after text.done
+        self.frames = self.index = self.chars = 0
+        self.current: asyncio.Task | None = None  # the sentence being spoken
+
+    async def run(self) -> None:
+        talker = asyncio.create_task(self.talk())
+        try:
+            while not talker.done():
+                receive = asyncio.create_task(self.ws.receive())
+                done, _ = await asyncio.wait({receive, talker}, timeout=IDLE_TIMEOUT_S,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if receive not in done:
+                    receive.cancel()
+                    if not done:  # idle: nothing said, nothing to say
+                        await self.send_error(ApiError(408, "the session was idle too long", code="idle_timeout"))
+                    break
+                message = receive.result()
+                if message["type"] == "websocket.disconnect":
+                    log.info("%s websocket: the client left", self.id)
+                    break
+                if message.get("text") is None:
+                    await self.send_error(bad_request("messages are JSON text; binary frames are not read", "type"))
+                    continue
+                await self.handle(message["text"])
+        except WebSocketDisconnect:  # a send found the client gone
+            log.info("%s websocket: the client left", self.id)
+        except Exception as err:  # noqa: BLE001 -- whatever it was, the client hears of it
+            await self.send_error(from_exception(err))
+        finally:
+            talker.cancel()  # a generation in flight is cancelled: its blocks are freed
+            await asyncio.gather(talker, return_exceptions=True)
+            try:
+                await self.ws.close()
+            except RuntimeError:  # already closed
+                pass
+
+    async def handle(self, raw: str) -> None:
+        try:
+            message = json.loads(raw)
+            kind = message.get("type") if isinstance(message, dict) else None
+        except json.JSONDecodeError:
+            kind = None
+        if kind == "session.config":
+            if self.speaker is not None:
+                return await self.send_error(bad_request("session.config must come before any text", "type"))
+            try:
+                self.configure({k: v for k, v in message.items() if k != "type"})
+            except ApiError as err:
+                return await self.send_error(err)
+        elif kind == "text.delta":
+            text = message.get("text")
+            if not isinstance(text, str):
+                return await self.send_error(bad_request("text.delta needs a string text", "text"))
+            if self.speaker is None:
+                self.configure({})
+            self.pending += text
+            if len(self.pending) > MAX_PENDING_CHARS:
+                self.pending = ""
+                return await self.send_error(ApiError(413, f"more than {MAX_PENDING_CHARS} characters without a "
+                                                           "sentence end", "text", "input_too_long"))
+            whole, self.pending = split_complete(self.pending)
+            for sentence in whole:
+                self.queue.put_nowait(sentence)
+        elif kind == "text.done":
+            if self.speaker is None:
+                self.configure({})
+            if self.pending.strip():
+                self.queue.put_nowait(self.pending.strip())
+            self.pending = ""
+            self.queue.put_nowait(None)
+        elif kind == "cancel":
+            self.pending = ""
+            while not self.queue.empty():
+                self.queue.get_nowait()
+            if self.current is not None:
+                self.current.cancel()
+            await self.ws.send_json({"type": "cancelled"})
+        else:
+            await self.send_error(bad_request("type must be session.config, text.delta, text.done or cancel", "type"))
+
+    def configure(self, config: dict) -> None:
+        if config.get("response_format", "pcm") != "pcm":
+            raise bad_request("the WebSocket sends pcm (16-bit little-endian 24 kHz mono) only", "response_format")
+        config.pop("response_format", None)
+        config.setdefault("voice", "0")
+        req = parse_speech({"model": "stream", "input": "-", **config}, self.voices)
+        self.speaker = Speaker(self.tts, req, self.turns)
+        self.queue.put_nowait({"type": "session.ready", "voice": req.voice, "sample_rate": 24_000, "format": "pcm"})
+
+    async def talk(self) -> None:
+        """Speak the queued sentences in order; a cancel stops the one in flight only."""
+        while True:
+            item = await self.queue.get()
+            if item is None:
+                usage = {"input_characters": self.chars, "output_tokens": self.frames}
+                await self.ws.send_json({"type": "done", "usage": usage})
+                return
+            if isinstance(item, dict):
+                await self.ws.send_json(item)
+                continue
+            self.current = asyncio.create_task(self.say(item))
+            try:
+                await self.current
+            except asyncio.CancelledError:
+                if asyncio.current_task().cancelling():  # the session ends, not just this sentence
+                    raise
+            finally:
+                self.current = None
+
+    async def say(self, text: str) -> None:
+        index, self.index = self.index, self.index + 1
+        self.chars += len(text)
+        await self.ws.send_json({"type": "segment.start", "index": index, "text": text})
+        frames, turn_stats = 0, []
+        self.speaker.stats = turn_stats
+        try:
+            async for chunk in self.speaker.say(text):
+                frames += len(chunk.codes)
+                self.metrics.frames.inc(len(chunk.codes))
+                await self.ws.send_bytes(pcm16(chunk.samples))
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:  # the generation failed: say so, and end the session
+            await self.send_error(from_exception(err))
+            raise
+        finally:
+            self.metrics.count_prefix(turn_stats)
+        self.frames += frames
+        await self.ws.send_json({"type": "segment.done", "index": index, "frames": frames})
+
+    async def send_error(self, err: ApiError) -> None:
+        self.metrics.errors.labels(error_kind(err)).inc()
+        try:
+            await self.ws.send_json({"type": "error", **err.body()})
+        except (RuntimeError, WebSocketDisconnect):
+            pass
+

@@ -1,0 +1,39 @@
+"""The server tests' shared TTS and server (tiny, random weights, CPU)."""
+import pytest
+import torch
+
+import misotts
+from misotts.server import create_app
+from misotts.server.voices import VoiceStore
+
+from .serving import running
+
+
+@pytest.fixture(scope="session")
+def tts():
+    tts = misotts.load("tiny", device="cpu", progress=False, engine={"max_batch": 8, "max_waiting": 64,
+                                                                "wait_timeout_s": 120})  # a slow CI runner queues long
+    yield tts
+    tts.close()
+
+
+@pytest.fixture(scope="session")
+def voices_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("voices")
+
+
+@pytest.fixture(scope="session")
+def server(tts, voices_dir):
+    # a small turn budget, so that a few sentences already make a long input
+    app = create_app(tts, model_name="tiny", voices=VoiceStore(voices_dir), max_turn_tokens=40)
+    with running(app) as url:
+        yield url
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matmuls gain nothing from a second thread and lose much when the cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
