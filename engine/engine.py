@@ -320,6 +320,10 @@ class Engine:
                 audio.close()
             except Exception as err:  # noqa: BLE001 -- after a device fault; closing must not raise (nor at exit)
                 _report(f"closing the lanes' decoder failed: {_describe(err)}")
+        # The KV pool (by default most of the GPU's free memory) and the graphs' memory go now, not
+        # whenever the collector gets to the engine: a closed engine runs nothing more.
+        self.graphs.graphs.clear()
+        self.runner.release()
 
     def __enter__(self) -> "Engine":
         return self

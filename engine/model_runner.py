@@ -318,6 +318,10 @@ class ModelRunner:
         self.kv = PagedKV(self.config.backbone, num_blocks, self.block_size, self.dtype, self.device)
         self.state = BatchState(self.max_batch, self.n, self.max_blocks, self.kv.scratch_block, self.device)
 
+    def release(self) -> None:
+        """Drop the KV pool and the batch state (the engine is closed; nothing runs a frame again)."""
+        self.kv = self.state = None
+
     # ---- the layers: one loop for the backbone's prefill and decode and the depth decoder ----------
     def _layers(self, s: _Stack, x, attention):
         """The transformer s over rows x [T, D] -> the residual stream h [T, D] after its last layer,

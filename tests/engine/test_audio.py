@@ -77,6 +77,8 @@ def test_lane_decoder_graphs_replay_like_eager_and_solo_on_cuda():
     for g, codes in zip(got, (a, b)):
         solo = LaneDecoder(codec, max_batch=1)
         solo.reset(0)
-        # cuDNN picks conv kernels (tf32 by default) by batch size: 4e-5 measured on an H200
-        torch.testing.assert_close(g, torch.cat([solo.decode(c[None])[0] for c in codes]), rtol=0, atol=1e-4)
+        # cuDNN picks conv kernels (tf32 by default) by batch size: up to 1.7e-4 measured on an H200
+        # (audio RMS ~0.14), so 0.5% of the RMS; different codes move it by half its RMS.
+        want = torch.cat([solo.decode(c[None])[0] for c in codes])
+        torch.testing.assert_close(g, want, rtol=0, atol=5e-3 * want.pow(2).mean().sqrt().item())
     graphed.close()

@@ -84,7 +84,7 @@ def test_bf16_on_cuda_logits_bound_and_batch_dependence(monkeypatch):
     rows = errors(monkeypatch, "cuda")
     print("bf16 codebook-0 logit errors on CUDA (engine, reference path, max |logit|):", rows)
     check_bound(rows)
-    engine = Engine(make_model().cuda().to(torch.bfloat16), EngineConfig(max_batch=8))
+    engine = Engine(make_model().cuda().to(torch.bfloat16), EngineConfig(max_batch=8, num_blocks=128))
     frames, mask = prompt()
     solo = engine.generate(frames, mask, 30, stop_on_eos=False, temperature=0.9, seed=5)
     others = [engine.submit(*prompt(f"neighbour {i}"), 30, stop_on_eos=False, temperature=0.9, seed=i)

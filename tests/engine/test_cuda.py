@@ -25,8 +25,8 @@ def tiny_cuda():
 
 
 def test_graph_replay_equals_eager_in_every_bucket(tiny_cuda):
-    graphed = Engine(tiny_cuda, EngineConfig(max_batch=8))
-    eager = Engine(tiny_cuda, EngineConfig(max_batch=8, cuda_graphs=False))
+    graphed = Engine(tiny_cuda, EngineConfig(max_batch=8, num_blocks=128))
+    eager = Engine(tiny_cuda, EngineConfig(max_batch=8, num_blocks=128, cuda_graphs=False))
     assert sorted(graphed.graphs.graphs) == graphed.graphs.buckets == [1, 2, 4, 8] and not eager.graphs.graphs
     frames, mask = prompt()
     for count in (1, 2, 3, 5, 8):  # buckets 1, 2, 4, 8, 8
@@ -39,7 +39,7 @@ def test_graph_replay_equals_eager_in_every_bucket(tiny_cuda):
 
 
 def test_cuda_graphs_survive_many_replays(tiny_cuda):
-    engine = Engine(tiny_cuda, EngineConfig(max_batch=2))
+    engine = Engine(tiny_cuda, EngineConfig(max_batch=2))  # the pool from free GPU memory: close() gives it back
     frames, mask = prompt()
     first = engine.generate(frames, mask, 200, temperature=0.9, seed=1, stop_on_eos=False)
     for _ in range(3):
@@ -68,7 +68,7 @@ def test_engine_equals_reference_in_fp32(preset, tiny_cuda):
 
 def test_engine_runs_on_its_own_stream_and_device(tiny_cuda):
     """Triton launches on the current device and stream: the engine thread makes its own current."""
-    engine = Engine(tiny_cuda, EngineConfig(max_batch=2))
+    engine = Engine(tiny_cuda, EngineConfig(max_batch=2, num_blocks=32))
     seen, prefill = [], engine.runner.prefill
 
     def recording_prefill(*args):
@@ -84,12 +84,13 @@ def test_engine_runs_on_its_own_stream_and_device(tiny_cuda):
 
 def test_concurrent_streams_with_batched_audio_equal_solo_runs(tiny_cuda):
     """8 streams at once, audio decoded in the engine by captured Mimi graphs: each stream's codes are
-    its solo run's, and its audio is its solo run's (batch size changes float rounding only: 1e-4
-    against the ~1e-2 differences that different codes make in the untrained Mimi's audio)."""
+    its solo run's, and its audio is its solo run's within 0.5% of its RMS (cuDNN's tf32 convs by batch
+    size: 1.7e-4 at RMS ~0.14 measured on an H200; different codes move the untrained Mimi's audio by
+    half its RMS)."""
     from misotts.runtime.codec import load_codec
 
     codec = load_codec(None, device="cuda")
-    engine = Engine(tiny_cuda, EngineConfig(max_batch=8), codec=codec)
+    engine = Engine(tiny_cuda, EngineConfig(max_batch=8, num_blocks=128), codec=codec)
     with torch.inference_mode():  # as the bench's first audio request does (it failed there on an H200)
         engine.start_audio()
     assert sorted(engine.audio._graphs) == engine.graphs.buckets
@@ -101,6 +102,7 @@ def test_concurrent_streams_with_batched_audio_equal_solo_runs(tiny_cuda):
     for i, (f, m) in enumerate(prompts):
         solo = list(engine.submit(f, m, 10, stop_on_eos=False, temperature=0.9, seed=i, audio=True))
         assert torch.equal(torch.stack([x.codes for x in together[i]]), torch.stack([x.codes for x in solo]))
-        torch.testing.assert_close(torch.cat([x.audio for x in together[i]]), torch.cat([x.audio for x in solo]),
-                                   rtol=0, atol=1e-4)
+        want = torch.cat([x.audio for x in solo])
+        torch.testing.assert_close(torch.cat([x.audio for x in together[i]]), want, rtol=0,
+                                   atol=5e-3 * want.pow(2).mean().sqrt().item())
     engine.close()

@@ -177,7 +177,9 @@ def test_close_ends_requests_refuses_new_ones_and_says_closed(tiny_model, monkey
     running, queued = (engine.submit(frames, mask, 200, **GEN) for _ in range(2))
     reading = iter(running)
     next(reading)
+    kv_pool = weakref.ref(engine.runner.kv.kv)
     engine.close()
+    assert kv_pool() is None  # freed by close(), not whenever the collector finds the engine
     with pytest.raises(EngineStopped, match="closed"):
         list(reading)
     with pytest.raises(EngineStopped, match="closed"):
