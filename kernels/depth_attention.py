@@ -125,6 +125,8 @@ def depth_attention(qkv, n_heads, n_kv_heads, k_cache, v_cache, pos, cos, sin, w
     scale = head_dim ** -0.5 if scale is None else float(scale)
     half = head_dim // 2
     block_n = 16
+    if triton.knobs.runtime.interpret:  # the CPU interpreter pays per program: fewer, wider tiles (same kernel)
+        block_n = max(block_n, min(256, next_pow2(dim)))
     launch(_depth_attention_kernel, (triton.cdiv(dim, block_n), lanes), qkv, k_cache, v_cache, pos, cos, sin, wo,
            residual, n_heads, n_kv_heads, positions, dim, scale, qkv.stride(0), *k_cache.stride()[:3],
            *v_cache.stride()[:3], cos.stride(0), wo.stride(0), wo.stride(1), residual.stride(0),

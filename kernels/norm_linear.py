@@ -90,6 +90,8 @@ def norm_linear(x, norm_weight, eps, weight, swiglu=False, out=None):
     block_b = min(max(16, next_pow2(rows)), 32)
     block_n = 64 if triton.cdiv(cols, 64) >= 256 else 32 if triton.cdiv(cols, 32) >= 128 else 16
     block_k = 64 if swiglu else 128
+    if triton.knobs.runtime.interpret:  # the CPU interpreter pays per program: fewer, wider tiles (same kernel)
+        block_n = max(block_n, min(256, next_pow2(cols)))
     launch(_norm_linear_kernel, (triton.cdiv(cols, block_n), triton.cdiv(rows, block_b)), x, norm_weight, weight,
            out, rows, dim, cols, eps, x.stride(0), weight.stride(0), weight.stride(1), out.stride(0),
            SWIGLU=swiglu, BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=x.dtype == torch.float32,
