@@ -202,10 +202,13 @@ class Engine:
         """Every kernel a request can launch is compiled (and cuBLAS has picked its kernels) before
         the first request: prefill at a few chunk lengths into the scratch block, then the frame
         (captured as CUDA graphs, or run once per bucket when compiling, else once)."""
-        n, scratch = self.model.config.num_codebooks, self.runner.kv.scratch_block
-        for length in sorted({1, 3, self.pool.block_size}):  # Triton specializes on 1 and on multiples of 16
+        n, scratch, bs = self.model.config.num_codebooks, self.runner.kv.scratch_block, self.pool.block_size
+        # Triton specializes on 1 and on multiples of 16; past FUSED_ROWS rows a prefill takes other
+        # kernels (rmsnorm + cuBLAS instead of the fused norm + GEMV).
+        longest = max(bs, getattr(self.runner.ops, "FUSED_ROWS", 0)) + 1
+        for length in sorted({1, 3, bs, longest}):
             self.runner.prefill(torch.zeros(length, n + 1, dtype=torch.long),
-                                torch.zeros(length, n + 1, dtype=torch.bool), 0, [scratch])
+                                torch.zeros(length, n + 1, dtype=torch.bool), 0, [scratch] * -(-length // bs))
         if self.stream is not None and self.config.cuda_graphs:
             self.graphs.capture(progress)
         else:

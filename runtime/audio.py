@@ -110,11 +110,22 @@ def save_wav(path, samples, sample_rate: int = SAMPLE_RATE) -> Path | None:
     try:
         with os.fdopen(fd, "wb") as f:
             soundfile.write(f, pcm, int(sample_rate), subtype="PCM_16", format="WAV")
+        os.chmod(tmp, _mode_for(path))  # mkstemp makes 0600; the file gets what a plain open() would give it
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _mode_for(path: Path) -> int:
+    """The permissions of the file being replaced, or of a new file under the process's umask."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 def resample(wav: torch.Tensor, orig_rate: int, new_rate: int) -> torch.Tensor:

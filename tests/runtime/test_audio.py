@@ -238,6 +238,19 @@ def test_save_wav_is_atomic(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["out.wav"]
 
 
+def test_save_wav_gives_new_files_the_umask_mode_and_keeps_an_old_files_mode(tmp_path):
+    """Written through a temporary file (mkstemp: 0600), the result still has a plain open()'s mode."""
+    umask = os.umask(0o022)
+    try:
+        save_wav(tmp_path / "new.wav", torch.zeros(10))
+        assert (tmp_path / "new.wav").stat().st_mode & 0o777 == 0o644
+        (tmp_path / "new.wav").chmod(0o600)
+        save_wav(tmp_path / "new.wav", torch.zeros(20))
+        assert (tmp_path / "new.wav").stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(umask)
+
+
 def test_save_wav_errors_and_paths(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="sample rate must be a positive integer"):
         save_wav(tmp_path / "zero.wav", torch.zeros(10), sample_rate=0)
