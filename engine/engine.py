@@ -180,8 +180,7 @@ class Engine:
         self.stream = torch.cuda.Stream(device) if cuda else None
         with self.on_device():
             self._warm_up(progress)
-            for lane in range(self.max_batch):
-                self.runner.state.clear_lane(lane)
+            self._clear_lanes()
         self._codec, self.audio = codec, None
         self.scheduler = Scheduler(self.pool, self, self.max_batch, config.max_waiting, config.wait_timeout_s,
                                    config.prefill_chunk)

@@ -56,12 +56,8 @@ def engine(tiny_model):
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls gain nothing from a second thread and lose much when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _tiny_matmuls_on_one_thread(one_thread):
     yield
-    torch.set_num_threads(threads)
 
 
 def slow_frames(monkeypatch, engine, seconds: float):

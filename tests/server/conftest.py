@@ -1,6 +1,5 @@
 """The server tests' shared TTS and server (tiny, random weights, CPU)."""
 import pytest
-import torch
 
 import misotts
 from misotts.server import create_app
@@ -31,9 +30,5 @@ def server(tts, voices_dir):
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls gain nothing from a second thread and lose much when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _tiny_matmuls_on_one_thread(one_thread):
     yield
-    torch.set_num_threads(threads)
