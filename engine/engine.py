@@ -37,6 +37,7 @@ import atexit
 import contextlib
 import logging
 import math
+import sys
 import threading
 import time
 import weakref
@@ -210,11 +211,25 @@ class Engine:
                                 torch.zeros(length, n + 1, dtype=torch.bool), 0, [scratch] * -(-length // bs))
         if self.stream is not None and self.config.cuda_graphs:
             self.graphs.capture(progress)
+        elif self.config.compile:
+            self._compile_buckets(progress)
         else:
-            for b in self.graphs.buckets if self.config.compile else [1]:
-                self.runner.decode_frame(b)
+            self.runner.decode_frame(1)
         if self.stream is not None:
             self.stream.synchronize()
+
+    def _compile_buckets(self, progress: bool) -> None:
+        """Run the frame once per batch bucket, so Inductor compiles each shape now (tens of
+        seconds on a CPU), with a line per bucket on stderr when progress is on."""
+        buckets, start = self.graphs.buckets, time.perf_counter()
+        for i, b in enumerate(buckets):
+            if progress:
+                print(f"\rcompiling the depth step with Inductor: batch {b:>3} ({i + 1}/{len(buckets)}), "
+                      f"{time.perf_counter() - start:.0f} s", end="", file=sys.stderr, flush=True)
+            self.runner.decode_frame(b)
+        if progress:
+            print(f"\rcompiled the depth step for {len(buckets)} batch size{'s' * (len(buckets) > 1)} in {time.perf_counter() - start:.1f} s"
+                  + " " * 20, file=sys.stderr)
 
     def _default_num_blocks(self, model, bs, cuda) -> int:
         per_seq = -(-model.config.max_seq_len // bs)
