@@ -8,7 +8,7 @@ from fastapi import FastAPI, Request
 
 from .audio_formats import decode_audio
 from .errors import ApiError, bad_request
-from .voices import NAME
+from .voices import NAME, VoiceExists
 
 MAX_UPLOAD_BYTES = 25 * 2**20  # as OpenAI's audio uploads
 MIN_VOICE_S = 0.5
@@ -39,7 +39,7 @@ def add_voice_routes(app: FastAPI, tts, voices, authorize) -> None:
         if len(data) > MAX_UPLOAD_BYTES:
             raise ApiError(413, f"the file is over {MAX_UPLOAD_BYTES >> 20} MB", "file", "file_too_large")
         if voices.get(name) is not None:
-            raise ApiError(409, f"a voice named {name!r} exists: DELETE it first", "name", "voice_exists")
+            raise _exists(name)
         try:
             samples = await asyncio.to_thread(decode_audio, data)
         except Exception as err:  # noqa: BLE001 -- whatever FFmpeg says about a file it cannot read
@@ -49,7 +49,10 @@ def add_voice_routes(app: FastAPI, tts, voices, authorize) -> None:
             raise bad_request(f"the clip is {seconds:.1f} s; a voice takes {MIN_VOICE_S}..{max_frames / 12.5:.0f} s",
                               "file", "invalid_audio")
         codes = await asyncio.to_thread(_encode, tts, samples)
-        voice = await asyncio.to_thread(voices.add, name, int(speaker), transcript.strip(), codes)
+        try:
+            voice = await asyncio.to_thread(voices.add, name, int(speaker), transcript.strip(), codes)
+        except VoiceExists:  # registered meanwhile (by another request, or another replica)
+            raise _exists(name) from None
         return voice.info()
 
     @app.get("/v1/audio/voices")
@@ -71,6 +74,10 @@ def add_voice_routes(app: FastAPI, tts, voices, authorize) -> None:
         if not await asyncio.to_thread(voices.delete, name):
             raise ApiError(404, f"no voice named {name!r}", "name", "voice_not_found")
         return {"id": name, "object": "voice", "deleted": True}
+
+
+def _exists(name: str) -> ApiError:
+    return ApiError(409, f"a voice named {name!r} exists: DELETE it first", "name", "voice_exists")
 
 
 def _encode(tts, samples: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,6 @@ transcript.  A request with the voice gets it as the first context turn, so the 
 cache holds its KV after the first use."""
 from __future__ import annotations
 
-import json
 import os
 import re
 import tempfile
@@ -13,7 +12,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from misotts.runtime.prompt import Segment
 
@@ -38,61 +38,81 @@ class Voice:
         return {"id": self.name, "object": "voice", **d, "duration_s": self.frames * 0.08}
 
 
+class VoiceExists(Exception):
+    """add() of a name that is taken (by this process or another sharing the folder)."""
+
+
 class VoiceStore:
-    """<root>/<name>.json (metadata) and <name>.safetensors (codes), each written atomically
-    (a temporary file renamed into place: a crash leaves the old voice or the new, never half)."""
+    """One file per voice, <root>/<name>.safetensors: the codes, with the speaker and transcript in
+    its metadata.  Several processes (the replicas of a Ray Serve deployment) may share the folder:
+
+    - a voice is written to a temporary file and linked into place only if the name is free, so a
+      reader sees a whole voice or none, and two replicas registering one name cannot both win;
+    - every get() checks the file it cached against the one on disk (one stat), so a voice deleted
+      or registered again by another replica is never served stale.
+    """
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._cache: dict[str, Voice] = {}
+        self._cache: dict[str, tuple[tuple, Voice]] = {}  # name -> (the file's identity, its voice)
 
     def list(self) -> list[Voice]:
-        return [v for p in sorted(self.root.glob("*.json")) if (v := self.get(p.stem)) is not None]
+        return [v for p in sorted(self.root.glob("*.safetensors")) if (v := self.get(p.stem)) is not None]
 
     def get(self, name: str) -> Voice | None:
         if not NAME.match(name):
             return None
+        path = self._path(name)
         with self._lock:
-            if name in self._cache:
-                return self._cache[name]
-            meta, tensors = self.root / f"{name}.json", self.root / f"{name}.safetensors"
-            if not meta.exists() or not tensors.exists():
+            try:
+                st = path.stat()
+                identity = (st.st_ino, st.st_mtime_ns, st.st_size)
+                cached = self._cache.get(name)
+                if cached is not None and cached[0] == identity:
+                    return cached[1]
+                voice = _read(path)
+            except FileNotFoundError:  # never registered, or deleted (here or by another process)
+                self._cache.pop(name, None)
                 return None
-            voice = Voice(**json.loads(meta.read_text()), codes=load_file(tensors)["codes"])
-            self._cache[name] = voice
+            self._cache[name] = (identity, voice)
             return voice
 
     def add(self, name: str, speaker: int, transcript: str, codes: torch.Tensor) -> Voice:
+        """Raises VoiceExists when the name is taken."""
+        if not NAME.match(name):
+            raise ValueError(f"bad voice name {name!r}")
         voice = Voice(name, speaker, transcript, int(codes.shape[0]), time.time(), codes.long().contiguous())
-        with self._lock:
-            _atomic_write(self.root / f"{name}.safetensors", lambda p: save_file({"codes": voice.codes}, p))
-            meta = {"name": name, "speaker": speaker, "transcript": transcript, "frames": voice.frames,
-                    "created": voice.created}
-            # codes first: a voice is listed (by its .json) only once both files are in place
-            _atomic_write(self.root / f"{name}.json", lambda p: Path(p).write_text(json.dumps(meta, indent=1)))
-            self._cache[name] = voice
+        meta = {"name": name, "speaker": str(speaker), "transcript": transcript, "created": repr(voice.created)}
+        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".{name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file({"codes": voice.codes}, tmp, metadata=meta)
+            os.link(tmp, self._path(name))  # atomic, and fails if the name exists: no overwrite, no half file
+        except FileExistsError:
+            raise VoiceExists(name) from None
+        finally:
+            Path(tmp).unlink(missing_ok=True)
         return voice
 
     def delete(self, name: str) -> bool:
         with self._lock:
             self._cache.pop(name, None)
-            found = False
-            for suffix in (".json", ".safetensors"):  # metadata first: a half-deleted voice is not listed
-                path = self.root / f"{name}{suffix}"
-                if NAME.match(name) and path.exists():
-                    path.unlink()
-                    found = True
-            return found
+            if not NAME.match(name):
+                return False
+            try:
+                self._path(name).unlink()
+                return True
+            except FileNotFoundError:
+                return False
+
+    def _path(self, name: str) -> Path:
+        return self.root / f"{name}.safetensors"
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def _read(path: Path) -> Voice:
+    with safe_open(path, "pt") as f:
+        meta, codes = f.metadata() or {}, f.get_tensor("codes")
+    return Voice(meta["name"], int(meta["speaker"]), meta["transcript"], int(codes.shape[0]),
+                 float(meta["created"]), codes)
