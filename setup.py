@@ -12,6 +12,8 @@ SUBPACKAGES = ["kernels", "runtime", "engine", "weights", "bench", "server"]
 # The HTTP / WebSocket server (misotts serve); tests need them too, and a real client of each kind.
 SERVER = ["fastapi>=0.110", "uvicorn>=0.29", "av>=12", "prometheus-client>=0.20", "python-multipart>=0.0.9"]
 SERVER_TEST = ["httpx", "openai>=1.40", "websockets>=12"]
+# The same server on Ray Serve (misotts serve --ray): 2.60 is what the tests run (late-bound ingress apps).
+RAY = ["ray[serve]>=2.60"]
 
 setup(
     name="misotts",
@@ -40,8 +42,9 @@ setup(
         "sentencepiece",
     ],
     extras_require={
-        "test": ["pytest", "transformers>=5.0", *SERVER, *SERVER_TEST],
+        "test": ["pytest", "transformers>=5.0", *SERVER, *SERVER_TEST, *RAY],
         "server": SERVER,
+        "ray": [*SERVER, *RAY],
         "dev": ["pytest", "transformers>=5.0", "matplotlib"],
         "flash": ["flash-attn"],
     },

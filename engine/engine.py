@@ -159,6 +159,11 @@ def _serve(engine_ref: weakref.ref, wakeup: _Wakeup) -> None:
                 wakeup.wait(wait)
 
 
+def default_max_batch(cuda: bool) -> int:
+    """Lanes when EngineConfig.max_batch is not set."""
+    return 32 if cuda else 8
+
+
 class Engine:
     def __init__(self, model: CSMModel, config: EngineConfig | None = None, progress: bool = False,
                  codec=None):
@@ -168,7 +173,7 @@ class Engine:
         self.model, self.config = model, config
         device = model.audio_head.device
         cuda = device.type == "cuda"
-        self.max_batch = config.max_batch or (32 if cuda else 8)
+        self.max_batch = config.max_batch or default_max_batch(cuda)
         bs = config.block_size
         self.runner = ModelRunner(model, make_ops(config.ops, device), self.max_batch, bs,
                                   compile=config.compile and not cuda)

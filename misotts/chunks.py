@@ -50,6 +50,7 @@ class GenerationStats:
     audio_s: float = 0.0
     reused_positions: int = 0  # prompt positions served from the engine's prefix cache
     computed_positions: int = 0  # prompt positions prefilled
+    served_by: str = ""  # the replica that ran it, behind Ray Serve ("" in one process)
 
     @property
     def frames_per_s(self) -> float:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -131,6 +132,7 @@ def cmd_serve(args) -> int:
     import logging
     import os
 
+    _check_serve_args(args)  # before anything loads
     import uvicorn
 
     from misotts.server import create_app
@@ -138,22 +140,58 @@ def cmd_serve(args) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     engine = {"max_batch": args.max_batch, "max_waiting": args.max_waiting}
+    engine = {k: v for k, v in engine.items() if v is not None}
+    api_key = args.api_key or os.environ.get("MISOTTS_API_KEY") or None
+    if args.ray:
+        return _serve_on_ray(args, engine, api_key)
     import misotts
 
     # Loaded and warmed (engine, graphs, the lanes' Mimi) before the port opens.
     tts = misotts.load(args.model, device=args.device, dtype=DTYPES[args.dtype] if args.dtype else None,
-                       random_init=args.random_init, codec=args.codec, tokenizer=args.tokenizer,
-                       engine={k: v for k, v in engine.items() if v is not None})
+                       random_init=args.random_init, codec=args.codec, tokenizer=args.tokenizer, engine=engine)
     if tts.untrained:
         print(f"note: the model is {tts.source}: untrained, so the audio is noise, not speech; untrained weights "
               "never end a turn, so each request runs to its max_audio_ms.", file=sys.stderr)
-    api_key = args.api_key or os.environ.get("MISOTTS_API_KEY") or None
     app = create_app(tts, model_name=args.model, api_key=api_key, voices=VoiceStore(args.voices_dir))
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     finally:
         tts.close()
     return 0
+
+
+def _serve_on_ray(args, engine: dict, api_key: str | None) -> int:
+    from misotts.server import ray_config
+
+    try:
+        from misotts.server import ray_serve
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] != "ray":
+            raise
+        raise ValueError('--ray needs Ray Serve: pip install -e ".[ray]" (or pip install "ray[serve]")') from None
+    config = ray_config.ReplicaConfig(model=args.model, device=args.device, dtype=args.dtype,
+                                     random_init=args.random_init, codec=args.codec, tokenizer=args.tokenizer,
+                                     engine=engine, voices_dir=str(Path(args.voices_dir).resolve()), api_key=api_key,
+                                     threads=args.threads)
+    scaling = ray_config.Scaling(replicas=args.replicas or 1, target_ongoing=args.target_ongoing, cpus=float(args.threads or 1),
+                                 autoscale=ray_config.parse_autoscale(args.autoscale) if args.autoscale else None)
+    ray_serve.run(config, scaling, args.host, args.port, address=args.ray_address)
+    return 0
+
+
+def _check_serve_args(args) -> None:
+    ray_only = [flag for flag, value in (("--replicas", args.replicas), ("--autoscale", args.autoscale),
+                                         ("--target-ongoing", args.target_ongoing), ("--ray-address", args.ray_address),
+                                         ("--threads", args.threads)) if value is not None]
+    if ray_only and not args.ray:
+        raise ValueError(f"{', '.join(ray_only)}: for Ray Serve only; add --ray")
+    if args.replicas is not None and args.autoscale is not None:
+        raise ValueError("give --replicas N or --autoscale MIN:MAX, not both")
+    if args.ray:
+        from misotts.server.ray_config import Scaling, check_scaling, parse_autoscale
+
+        check_scaling(Scaling(replicas=1 if args.replicas is None else args.replicas, target_ongoing=args.target_ongoing,
+                              autoscale=parse_autoscale(args.autoscale) if args.autoscale else None))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -203,6 +241,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--voices-dir", default="voices", help="where registered voices are stored")
     p.add_argument("--max-batch", type=int, default=None, help="engine lanes (default: 32 on CUDA, 8 on CPU)")
     p.add_argument("--max-waiting", type=int, default=None, help="queued requests before 429 (default 64)")
+    ray = p.add_argument_group("Ray Serve (pip install -e \".[ray]\"): one engine per replica behind one port")
+    ray.add_argument("--ray", action="store_true", help="serve on Ray Serve (a local Ray, or --ray-address)")
+    ray.add_argument("--replicas", type=int, default=None, help="engine replicas (default 1; one GPU each on GPUs)")
+    ray.add_argument("--autoscale", metavar="MIN:MAX", default=None,
+                     help="engine replicas scaled between MIN and MAX on ongoing requests")
+    ray.add_argument("--target-ongoing", type=float, default=None,
+                     help="autoscaling's ongoing requests per replica (default: 3/4 of the engine's lanes)")
+    ray.add_argument("--ray-address", default=None, help="a Ray cluster to join ('auto': the one this node runs)")
+    ray.add_argument("--threads", type=int, default=None, help="torch threads per CPU replica")
     _add_model_args(p)
     p.set_defaults(func=cmd_serve)
 

@@ -28,6 +28,7 @@ from .ws import add_stream_route
 
 log = logging.getLogger("misotts.server")
 REUSED_HEADER, COMPUTED_HEADER = "X-Prefix-Reused-Positions", "X-Prefix-Computed-Positions"
+REPLICA_HEADER = "X-Misotts-Replica"  # the engine replica that served a request (Ray Serve)
 
 
 def create_app(tts, *, model_name: str = "misotts", api_key: str | None = None, voices=None,
@@ -106,6 +107,8 @@ def create_app(tts, *, model_name: str = "misotts", api_key: str | None = None, 
         if first_stats is not None:
             headers = {REUSED_HEADER: str(first_stats.reused_positions),
                        COMPUTED_HEADER: str(first_stats.computed_positions)}
+            if first_stats.served_by:
+                headers[REPLICA_HEADER] = first_stats.served_by
         counted = _counting(first, chunks, metrics, turn_stats)
         if req.stream_format is None:
             return await _whole_file(request, counted, req.response_format, headers, metrics)

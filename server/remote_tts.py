@@ -1,0 +1,104 @@
+"""The part of `misotts.TTS` that the server's app uses, served by engine replicas over Ray Serve.
+
+The app (create_app) calls `astream`, `last_stats`, `config`, `tokenizer`, `codec.encode` and
+`device`; here each stream is a streaming call to one replica of the engine deployment.  The call
+is keyed by its prompt's fixed prefix (the voice, or the given context), so Ray's multiplexed
+routing keeps a voice on the replica whose prefix cache holds it.  A replica that dies mid-call
+becomes `EngineStopped` (a 503, or an error event once streaming); a deployment with every replica
+and its queue full becomes `EngineBusy` (a 429).
+"""
+from __future__ import annotations
+
+import hashlib
+from contextlib import aclosing
+from contextvars import ContextVar
+from dataclasses import fields
+
+import torch
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+from misotts.chunks import GenerationStats
+from misotts.engine import EngineBusy, EngineStopped
+
+STATS_FIELDS = [f.name for f in fields(GenerationStats)]
+_last_stats: ContextVar[GenerationStats] = ContextVar("misotts_remote_last_stats")
+
+
+def affinity_key(context) -> str | None:
+    """A key for the prompt's fixed prefix (its first context turn: a voice, or the caller's first
+    given turn); None for a prompt with no context (nothing worth routing by: any replica)."""
+    if not context:
+        return None
+    first = context[0]
+    digest = hashlib.sha256(f"{first.speaker}\x00{first.text}\x00".encode())
+    for tensor in (first.codes, first.audio):
+        if tensor is not None:
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:24]
+
+
+def stats_dict(stats: GenerationStats) -> dict:
+    return {name: getattr(stats, name) for name in STATS_FIELDS}
+
+
+class RemoteCodec:
+    def __init__(self, handle):
+        self.handle = handle
+
+    def encode(self, samples: torch.Tensor) -> torch.Tensor:
+        """Blocking: call it from a worker thread (the app does), not the event loop."""
+        try:
+            return self.handle.encode.remote(samples.cpu()).result()
+        except (RayActorError, DeploymentUnavailableError) as err:
+            raise EngineStopped(f"the replica encoding the clip failed: {err}") from err
+
+
+class RemoteTTS:
+    """info: the engine replica's `describe()` (config, tokenizer); affinity: route by prefix."""
+
+    engine = None  # no engine in this process: /health and the metrics' gauges are the replicas' own
+    device = torch.device("cpu")
+
+    def __init__(self, handle, info: dict, affinity: bool = True):
+        self.handle, self.config, self.tokenizer = handle, info["config"], info["tokenizer"]
+        self.affinity = affinity
+        self.codec = RemoteCodec(handle)
+
+    @property
+    def last_stats(self) -> GenerationStats:
+        """Stats of the last `astream` started in this asyncio task, filled in as chunks arrive."""
+        return _last_stats.get(GenerationStats())
+
+    async def astream(self, text: str, speaker: int = 0, context=(), **options):
+        stats = GenerationStats()
+        _last_stats.set(stats)
+        key = affinity_key(context) if self.affinity else None
+        handle = self.handle.options(stream=True, **({"multiplexed_model_id": key} if key else {}))
+        calls = handle.stream.remote(text, speaker, list(context), options)
+        finished = False
+        try:
+            async for chunk, remote_stats in calls:
+                for name, value in remote_stats.items():
+                    setattr(stats, name, value)
+                yield chunk
+            finished = True
+        except (ActorDiedError, ActorUnavailableError, RayActorError) as err:
+            raise EngineStopped(f"the replica serving this request failed ({type(err).__name__}); "
+                                "retry: another replica serves it") from err
+        except BackPressureError as err:
+            raise EngineBusy(f"every replica is full and the deployment's queue too: {err.message}") from err
+        except DeploymentUnavailableError as err:
+            raise EngineStopped(f"no replica is serving: {err.message}") from err
+        finally:
+            if not finished:  # closed early (client gone, turn cancelled): stop the replica's generation
+                calls.cancel()
+
+
+async def serve_stream(tts, text: str, speaker: int, context, options: dict, replica: str):
+    """Replica side of `RemoteTTS.astream`: (chunk, stats so far) pairs of one generation."""
+    stream = tts.astream(text, speaker, context, **options)
+    async with aclosing(stream):
+        async for chunk in stream:
+            yield chunk, {**stats_dict(tts.last_stats), "served_by": replica}
+
