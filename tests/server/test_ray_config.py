@@ -1,0 +1,69 @@
+"""Ray Serve settings, the affinity key and `serve --ray`'s argument checks: no Ray cluster needed."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from misotts.runtime.prompt import Segment
+from misotts.server.ray_config import ReplicaConfig, Scaling, check_scaling, deployment_options, from_args
+from misotts.server.remote_tts import affinity_key
+
+
+def test_engine_replicas_take_requests_up_to_their_lanes_and_autoscale_on_them():
+    engine, api = deployment_options(ReplicaConfig(engine={"max_batch": 12}), Scaling(replicas=3))
+    assert engine["max_ongoing_requests"] == 12 and engine["num_replicas"] == 3
+    assert engine["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 0.0}
+    engine, _ = deployment_options(ReplicaConfig(device="cuda"), Scaling(autoscale=(0, 8), gpus=1))
+    assert engine["max_ongoing_requests"] == 32  # the engine's default lanes on CUDA
+    assert engine["autoscaling_config"] == {"min_replicas": 0, "max_replicas": 8, "initial_replicas": 1,
+                                            "target_ongoing_requests": 24.0}
+    assert "num_replicas" not in engine and engine["ray_actor_options"]["num_gpus"] == 1
+    engine, _ = deployment_options(ReplicaConfig(), Scaling(autoscale=(2, 4), target_ongoing=5))
+    assert engine["max_ongoing_requests"] == 8 and engine["autoscaling_config"]["target_ongoing_requests"] == 5
+    assert api["ray_actor_options"]["num_cpus"] == 0.0 and api["max_ongoing_requests"] > 8
+
+
+@pytest.mark.parametrize("scaling, message", [
+    (Scaling(replicas=0), "at least 1"), (Scaling(autoscale=(3, 2)), "MIN <= MAX"),
+    (Scaling(autoscale=(0, 0)), "MAX >= 1"), (Scaling(target_ongoing=0), "positive")])
+def test_impossible_scaling_is_refused(scaling, message):
+    with pytest.raises(ValueError, match=message):
+        check_scaling(scaling)
+
+
+def test_serve_run_arguments_become_typed_settings():
+    config, scaling = from_args({"model": "csm-1b", "replicas": "2", "gpus": "1", "autoscale": "1:4",
+                                 "threads": "3", "random_init": "true", "voice_affinity": "off",
+                                 "engine": {"max_batch": 16}})
+    assert (config.model, config.threads, config.random_init, config.voice_affinity, config.engine) == \
+        ("csm-1b", 3, True, False, {"max_batch": 16})
+    assert (scaling.replicas, scaling.gpus, scaling.autoscale) == (2, 1.0, (1, 4))
+    with pytest.raises(ValueError, match="unknown arguments \\['replica'\\]"):
+        from_args({"replica": "2"})
+    with pytest.raises(ValueError, match="MIN:MAX"):
+        from_args({"autoscale": "4"})
+    with pytest.raises(ValueError, match="true or false"):
+        from_args({"random_init": "maybe"})
+
+
+def test_the_affinity_key_follows_the_prompts_fixed_prefix():
+    codes = torch.arange(40).reshape(5, 8)
+    voice = Segment(2, "Hello, I am Anna.", codes=codes)
+    key = affinity_key([voice, Segment(2, "an earlier turn", codes=codes[:2])])
+    assert key == affinity_key([Segment(2, "Hello, I am Anna.", codes=codes.clone())])  # the later turns don't matter
+    assert key != affinity_key([Segment(2, "Hello, I am Anna.", codes=codes + 1)])  # re-recorded: a new prefix
+    assert key != affinity_key([Segment(3, "Hello, I am Anna.", codes=codes)])
+    assert key != affinity_key([Segment(2, "Hello, I am Ann.", codes=codes)])
+    assert affinity_key([]) is None  # no context: any replica
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--replicas", "2"], "--replicas: for Ray Serve only; add --ray"),
+    (["--ray", "--replicas", "2", "--autoscale", "1:2"], "not both"),
+    (["--ray", "--autoscale", "2"], "MIN:MAX"),
+    (["--ray", "--replicas", "0"], "at least 1")])
+def test_serve_checks_its_ray_arguments_before_loading_anything(args, message):
+    result = subprocess.run([sys.executable, "-m", "misotts", "serve", "--model", "no-such-model", *args],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
