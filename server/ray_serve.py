@@ -62,6 +62,10 @@ class SpeechEngine:
         async for item in serve_stream(self.tts, text, speaker, context, options, self.replica_id):
             yield item
 
+    def engine_stats(self) -> dict:
+        """This replica's `Engine.stats()` (lanes, queue, KV blocks)."""
+        return {**self.tts.engine.stats(), "replica": self.replica_id}
+
     def encode(self, samples):
         import torch
 

@@ -9,6 +9,8 @@ and its queue full becomes `EngineBusy` (a 429).
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 from contextlib import aclosing
 from contextvars import ContextVar
@@ -75,14 +77,18 @@ class RemoteTTS:
         _last_stats.set(stats)
         key = affinity_key(context) if self.affinity else None
         handle = self.handle.options(stream=True, **({"multiplexed_model_id": key} if key else {}))
-        calls = handle.stream.remote(text, speaker, list(context), options)
-        finished = False
+        calls = None
         try:
+            calls = handle.stream.remote(text, speaker, list(context), options)
             async for chunk, remote_stats in calls:
                 for name, value in remote_stats.items():
                     setattr(stats, name, value)
                 yield chunk
-            finished = True
+        except (GeneratorExit, asyncio.CancelledError):  # closed early (client gone, a turn cancelled)
+            if calls is not None:
+                with contextlib.suppress(Exception):  # a request that never reached a replica: nothing to stop
+                    calls.cancel()
+            raise
         except (ActorDiedError, ActorUnavailableError, RayActorError) as err:
             raise EngineStopped(f"the replica serving this request failed ({type(err).__name__}); "
                                 "retry: another replica serves it") from err
@@ -90,9 +96,6 @@ class RemoteTTS:
             raise EngineBusy(f"every replica is full and the deployment's queue too: {err.message}") from err
         except DeploymentUnavailableError as err:
             raise EngineStopped(f"no replica is serving: {err.message}") from err
-        finally:
-            if not finished:  # closed early (client gone, turn cancelled): stop the replica's generation
-                calls.cancel()
 
 
 async def serve_stream(tts, text: str, speaker: int, context, options: dict, replica: str):

@@ -1,9 +1,11 @@
 """Ray Serve settings, the affinity key and `serve --ray`'s argument checks: no Ray cluster needed."""
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
+import yaml  # Ray's own dependency
 
 from misotts.runtime.prompt import Segment
 from misotts.server.ray_config import ReplicaConfig, Scaling, check_scaling, deployment_options, from_args
@@ -67,3 +69,15 @@ def test_serve_checks_its_ray_arguments_before_loading_anything(args, message):
     result = subprocess.run([sys.executable, "-m", "misotts", "serve", "--model", "no-such-model", *args],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and message in result.stderr, result.stderr
+
+
+def test_the_documented_serve_config_builds_settings():
+    doc = yaml.safe_load((Path(__file__).parents[2] / "docs" / "ray-serve.yaml").read_text())
+    (app,) = doc["applications"]
+    assert app["import_path"] == "misotts.server.ray_serve:build_app"
+    config, scaling = from_args(app["args"])
+    check_scaling(scaling)
+    assert (config.model, config.dtype, config.engine, scaling.gpus, scaling.autoscale, scaling.api_replicas) == \
+        ("csm-1b", "bf16", {"max_batch": 32}, 1, (1, 8), 2)
+    engine, _ = deployment_options(config, scaling)
+    assert engine["max_ongoing_requests"] == 32 and engine["autoscaling_config"]["target_ongoing_requests"] == 24

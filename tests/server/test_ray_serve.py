@@ -249,3 +249,44 @@ def test_a_killed_replica_fails_only_its_requests_with_the_envelope_and_is_repla
         assert r.status_code == 200, r.text
         seen.add(r.headers["x-misotts-replica"])
     assert victim not in seen
+
+
+def test_a_full_deployment_answers_429_and_a_gone_client_frees_its_replica(ray_url, voices_dir):
+    # One replica of one lane, one place in the API's queue: a third request at once is refused.
+    tight = ReplicaConfig(model="tiny", device="cpu", engine={"max_batch": 1}, voices_dir=voices_dir, threads=1)
+    serve.run(build(tight, Scaling(replicas=1, max_queued=1)), name="tight", route_prefix="/tight")
+    try:
+        results, threads = {}, []
+
+        def request(i):
+            r = httpx.post(f"{ray_url}/tight/v1/audio/speech", timeout=TIMEOUT,
+                           json={"model": "tiny", "voice": "0", "input": "Wait for me.", "response_format": "pcm",
+                                 "seed": i, "max_audio_ms": 2000})
+            results[i] = (r.status_code, r.headers.get("retry-after"), r.content)
+
+        for i in range(3):
+            threads.append(threading.Thread(target=request, args=(i,)))
+            threads[-1].start()
+            time.sleep(0.5)  # in order: the lane, the queue's place, then no room
+        for t in threads:
+            t.join(180)
+        statuses = sorted(status for status, _, _ in results.values())
+        assert statuses == [200, 200, 429], [r[2][:300] for r in results.values()]
+        (refused,) = [r for r in results.values() if r[0] == 429]
+        assert refused[1] == "1" and json.loads(refused[2])["error"]["code"] == "queue_full"
+
+        # A client that goes away mid-stream: the replica's engine stops its generation and frees its blocks.
+        body = {"model": "tiny", "voice": "0", "input": "Never mind.", "response_format": "pcm",
+                "stream_format": "audio", "max_audio_ms": 60_000}
+        with httpx.stream("POST", f"{ray_url}/tight/v1/audio/speech", json=body, timeout=TIMEOUT) as r:
+            assert r.status_code == 200 and next(r.iter_raw())
+        engine = serve.get_deployment_handle("misotts-engine", app_name="tight")
+        deadline = time.monotonic() + 10  # the whole minute of audio would take ~30 s to make here
+        while True:
+            stats = engine.engine_stats.remote().result(timeout_s=30)
+            if stats["running"] == 0 and stats["blocks_available"] == stats["blocks_total"]:
+                break
+            assert time.monotonic() < deadline, stats
+            time.sleep(0.2)
+    finally:
+        serve.delete("tight")
