@@ -36,6 +36,8 @@ class Scaling:
     api_replicas: int = 1
     api_cpus: float = 0.0  # the API only parses and relays; 0 lets it sit beside engines that hold every CPU
     max_queued: int = 64  # generations waiting in the API for an engine lane before 429s
+    upscale_delay_s: float | None = None  # autoscaling: None keeps Ray's (30 s)
+    downscale_delay_s: float | None = None  # autoscaling: None keeps Ray's (600 s)
 
 
 def deployment_options(config: ReplicaConfig, scaling: Scaling) -> tuple[dict, dict]:
@@ -51,6 +53,9 @@ def deployment_options(config: ReplicaConfig, scaling: Scaling) -> tuple[dict, d
         engine["autoscaling_config"] = {
             "min_replicas": low, "max_replicas": high, "initial_replicas": max(low, 1),
             "target_ongoing_requests": scaling.target_ongoing or max(1.0, 0.75 * lanes)}
+        for name in ("upscale_delay_s", "downscale_delay_s"):
+            if getattr(scaling, name) is not None:
+                engine["autoscaling_config"][name] = getattr(scaling, name)
     # The API only parses and relays: many requests per replica (Ray's own default is 5).
     api = {"num_replicas": scaling.api_replicas, "max_ongoing_requests": 1024,
            "ray_actor_options": {"num_cpus": scaling.api_cpus}}
@@ -87,7 +92,8 @@ def from_args(args: dict) -> tuple[ReplicaConfig, Scaling]:
     if isinstance(scaling.get("autoscale"), str):
         scaling["autoscale"] = parse_autoscale(scaling["autoscale"])
     for name, kind in (("replicas", int), ("gpus", float), ("cpus", float), ("max_queued", int),
-                       ("target_ongoing", float), ("api_replicas", int), ("api_cpus", float)):
+                       ("target_ongoing", float), ("api_replicas", int), ("api_cpus", float),
+                       ("upscale_delay_s", float), ("downscale_delay_s", float)):
         if name in scaling:
             scaling[name] = kind(scaling[name])
     for name in ("threads", "max_turn_tokens"):

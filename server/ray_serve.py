@@ -28,6 +28,7 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+
 from ray import serve
 
 import misotts

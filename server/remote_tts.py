@@ -10,9 +10,8 @@ and its queue full becomes `EngineBusy` (a 429).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
-from contextlib import aclosing
+from contextlib import aclosing, suppress
 from contextvars import ContextVar
 from dataclasses import fields
 
@@ -86,7 +85,7 @@ class RemoteTTS:
                 yield chunk
         except (GeneratorExit, asyncio.CancelledError):  # closed early (client gone, a turn cancelled)
             if calls is not None:
-                with contextlib.suppress(Exception):  # a request that never reached a replica: nothing to stop
+                with suppress(Exception):  # a request that never reached a replica: nothing to stop
                     calls.cancel()
             raise
         except (ActorDiedError, ActorUnavailableError, RayActorError) as err:

@@ -269,8 +269,10 @@ def _run_script(tmp_path, mode: str, interrupt: bool):
     script = tmp_path / "speak.py"
     script.write_text(_SCRIPT)
     env = dict(os.environ, OMP_NUM_THREADS="1")
+    # SIGINT back to its default in the child: a test run started in the background by a shell has it
+    # ignored, which the child would inherit, and Python then installs no KeyboardInterrupt handler.
     proc = subprocess.Popen([sys.executable, str(script), mode], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env)
+                            text=True, env=env, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         ready, _, _ = select.select([proc.stdout], [], [], 120)  # loading takes seconds; never wait forever
         assert ready and proc.stdout.readline().strip() == "started", "the script did not start its request"

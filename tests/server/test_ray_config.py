@@ -21,8 +21,9 @@ def test_engine_replicas_take_requests_up_to_their_lanes_and_autoscale_on_them()
     assert engine["autoscaling_config"] == {"min_replicas": 0, "max_replicas": 8, "initial_replicas": 1,
                                             "target_ongoing_requests": 24.0}
     assert "num_replicas" not in engine and engine["ray_actor_options"]["num_gpus"] == 1
-    engine, _ = deployment_options(ReplicaConfig(), Scaling(autoscale=(2, 4), target_ongoing=5))
+    engine, _ = deployment_options(ReplicaConfig(), Scaling(autoscale=(2, 4), target_ongoing=5, upscale_delay_s=3))
     assert engine["max_ongoing_requests"] == 8 and engine["autoscaling_config"]["target_ongoing_requests"] == 5
+    assert engine["autoscaling_config"]["upscale_delay_s"] == 3 and "downscale_delay_s" not in engine["autoscaling_config"]
     assert api["ray_actor_options"]["num_cpus"] == 0.0 and api["max_ongoing_requests"] > 8
 
 
@@ -81,3 +82,26 @@ def test_the_documented_serve_config_builds_settings():
         ("csm-1b", "bf16", {"max_batch": 32}, 1, (1, 8), 2)
     engine, _ = deployment_options(config, scaling)
     assert engine["max_ongoing_requests"] == 32 and engine["autoscaling_config"]["target_ongoing_requests"] == 24
+
+
+def test_an_engine_that_stopped_fails_its_replicas_health_check():
+    # Ray calls check_health every few seconds and replaces a replica that fails it.
+    import misotts
+    from misotts.server.ray_serve import SpeechEngine
+
+    replica = object.__new__(SpeechEngine.func_or_class)  # the class as written, without a Ray actor
+    replica.tts = misotts.load("tiny", device="cpu", progress=False, engine={"max_batch": 1})
+    try:
+        replica.check_health()
+        replica.tts.engine.close()  # as after a device fault that stops the engine
+        with pytest.raises(RuntimeError, match="engine closed"):
+            replica.check_health()
+    finally:
+        replica.tts.close()
+
+
+def test_the_single_process_server_does_not_import_ray():
+    code = ("import sys, misotts.cli, misotts.server, misotts.server.ray_config; "
+            "from misotts.server import create_app; print('ray' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == "False", result.stderr
