@@ -290,3 +290,39 @@ def test_a_full_deployment_answers_429_and_a_gone_client_frees_its_replica(ray_u
             time.sleep(0.2)
     finally:
         serve.delete("tight")
+
+
+def engine_replicas(app: str) -> dict:
+    return serve.status().applications[app].deployments["misotts-engine"].replica_states
+
+
+def test_autoscaling_adds_a_replica_under_load_and_removes_it_when_idle(ray_url, voices_dir):
+    # One replica of 2 lanes to start, a target of 1 ongoing request each, no delays of our own:
+    # 4 streams at once make Ray add the second replica, which then serves; idle, Ray removes it.
+    scaling = Scaling(autoscale=(1, 2), target_ongoing=1, upscale_delay_s=0, downscale_delay_s=0)
+    serve.run(build(config(voices_dir), scaling), name="auto", route_prefix="/auto")
+    try:
+        assert engine_replicas("auto") == {"RUNNING": 1}
+        served, deadline = set(), time.monotonic() + 150
+
+        def stream(i):
+            body = {"model": "tiny", "voice": "0", "input": "Keep going.", "response_format": "pcm",
+                    "stream_format": "audio", "max_audio_ms": 4000, "seed": i}
+            with httpx.stream("POST", f"{ray_url}/auto/v1/audio/speech", json=body, timeout=TIMEOUT) as r:
+                assert r.status_code == 200
+                served.add(r.headers["x-misotts-replica"])
+                r.read()
+
+        while len(served) < 2:  # waves of 4 streams until a second replica has served one
+            assert time.monotonic() < deadline, f"no second replica within 150 s: {engine_replicas('auto')}"
+            threads = [threading.Thread(target=stream, args=(i,)) for i in range(4)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(120)
+        deadline = time.monotonic() + 120
+        while engine_replicas("auto") != {"RUNNING": 1}:  # Ray averages load over 30 s before removing
+            assert time.monotonic() < deadline, f"still {engine_replicas('auto')} after 120 s idle"
+            time.sleep(1)
+    finally:
+        serve.delete("auto")
