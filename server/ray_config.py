@@ -1,6 +1,8 @@
-"""What `misotts serve --ray` deploys, and how many: plain settings, checked without Ray installed."""
+"""What `misotts serve --ray` deploys, how many, and the key it routes a voice by: plain settings
+and functions, usable without Ray installed."""
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 from misotts.engine.engine import default_max_batch
@@ -111,3 +113,16 @@ def _boolean(name: str, text: str) -> bool:
     if text.lower() in ("0", "false", "no", "off"):
         return False
     raise ValueError(f"{name} takes true or false, not {text!r}")
+
+
+def affinity_key(context) -> str | None:
+    """A key for the prompt's fixed prefix (its first context turn: a voice, or the caller's first
+    given turn); None for a prompt with no context (nothing worth routing by: any replica)."""
+    if not context:
+        return None
+    first = context[0]
+    digest = hashlib.sha256(f"{first.speaker}\x00{first.text}\x00".encode())
+    for tensor in (first.codes, first.audio):
+        if tensor is not None:
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:24]

@@ -15,7 +15,7 @@ Two deployments:
   free lane; it autoscales on ongoing requests.
 
 Voice affinity: each generation is routed with Ray Serve's model multiplexing, keyed by its
-prompt's fixed prefix (the voice: `remote_tts.affinity_key`), so a voice's requests go to the
+prompt's fixed prefix (the voice: `ray_config.affinity_key`), so a voice's requests go to the
 replica whose prefix cache holds its KV while that replica has room; a voice new to the
 deployment goes to the replica with the fewest voices.  Clients need nothing special: the key
 comes from the request's `voice`.

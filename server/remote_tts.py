@@ -10,7 +10,6 @@ and its queue full becomes `EngineBusy` (a 429).
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from contextlib import aclosing, suppress
 from contextvars import ContextVar
 from dataclasses import fields
@@ -22,21 +21,10 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from misotts.chunks import GenerationStats
 from misotts.engine import EngineBusy, EngineStopped
 
+from .ray_config import affinity_key
+
 STATS_FIELDS = [f.name for f in fields(GenerationStats)]
 _last_stats: ContextVar[GenerationStats] = ContextVar("misotts_remote_last_stats")
-
-
-def affinity_key(context) -> str | None:
-    """A key for the prompt's fixed prefix (its first context turn: a voice, or the caller's first
-    given turn); None for a prompt with no context (nothing worth routing by: any replica)."""
-    if not context:
-        return None
-    first = context[0]
-    digest = hashlib.sha256(f"{first.speaker}\x00{first.text}\x00".encode())
-    for tensor in (first.codes, first.audio):
-        if tensor is not None:
-            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:24]
 
 
 def stats_dict(stats: GenerationStats) -> dict:

@@ -19,3 +19,24 @@ def test_soak_with_faults_is_exact_and_gives_everything_back():
     assert result.refused == 30 and result.cancelled > 20 and result.failed_by_fault > 0, result
     assert result.completed + result.refused + result.cancelled + result.failed_by_fault == result.requests
     assert result.rss_end_mb - result.rss_start_mb < RSS_MARGIN_MB, result
+
+
+def test_the_leak_count_sees_a_request_that_is_still_held():
+    import gc
+
+    from misotts.bench.soak import _track_requests
+    from misotts.engine import Engine, EngineConfig
+
+    from .conftest import prompt
+
+    engine = Engine(make_model(), EngineConfig(max_batch=1))
+    made = _track_requests(engine)
+    frames, mask = prompt("Held on to.", 0)
+    held = engine.submit(frames, mask, 2)
+    list(held)
+    engine.close()
+    gc.collect()
+    assert len(made) == 1  # the caller still holds its stream, and so the request
+    del held
+    gc.collect()
+    assert len(made) == 0
