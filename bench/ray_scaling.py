@@ -15,20 +15,14 @@ import asyncio
 import datetime
 import json
 import os
-import re
-import socket
 import time
 from pathlib import Path
 
 import torch
 
-from .run import RESULTS, device_name
+from misotts.server.background import free_port
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from .run import default_out, device_name
 
 
 def measure_single_process(model: str, threads: int, lanes: int, requests: int, max_audio_ms: float, warmup: int,
@@ -139,8 +133,8 @@ def main(argv=None) -> int:
     counts = [int(n) for n in args.replicas.split(",")]
     torch.set_num_threads(args.threads)
     device = device_name(torch.device("cpu"))
-    out = Path(args.out) if args.out else RESULTS / (
-        f"{datetime.date.today().isoformat()}-{re.sub(r'[^a-z0-9]+', '-', device.lower()).strip('-')}-ray-scaling")
+    cpu_out = default_out(torch.device("cpu"))
+    out = Path(args.out) if args.out else cpu_out.with_name(f"{cpu_out.name}-ray-scaling")
     load = (args.model, args.threads, args.lanes, args.requests, args.max_audio_ms, args.warmup, args.deadline_s)
     rows = [measure_single_process(*load)] if args.single_process else []
     if rows:

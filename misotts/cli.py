@@ -10,18 +10,16 @@ import json
 import sys
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
 from misotts import MOSHI_MISSING, __version__
 from misotts import cli_checks as checks
 from misotts.chunks import Audio
+from misotts.runtime.devices import DTYPES
 
 EXIT_ERROR, EXIT_NOTHING_MADE = 2, 1
 UNTRAINED_NOTE = ("note: the model is {}: untrained, so the audio is noise, not speech; untrained weights never "
                   "end a turn, so it runs to --max-audio-ms ({:.1f} s).")
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
 
 
 class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
@@ -173,10 +171,15 @@ def _serve_on_ray(args, engine: dict, api_key: str | None) -> int:
                                      random_init=args.random_init, codec=args.codec, tokenizer=args.tokenizer,
                                      engine=engine, voices_dir=str(Path(args.voices_dir).resolve()), api_key=api_key,
                                      threads=args.threads)
-    scaling = ray_config.Scaling(replicas=args.replicas or 1, target_ongoing=args.target_ongoing, cpus=float(args.threads or 1),
-                                 autoscale=ray_config.parse_autoscale(args.autoscale) if args.autoscale else None)
-    ray_serve.run(config, scaling, args.host, args.port, address=args.ray_address)
+    ray_serve.run(config, _ray_scaling(args), args.host, args.port, address=args.ray_address)
     return 0
+
+
+def _ray_scaling(args):
+    from misotts.server.ray_config import Scaling, parse_autoscale
+
+    return Scaling(replicas=1 if args.replicas is None else args.replicas, target_ongoing=args.target_ongoing,
+                   cpus=float(args.threads or 1), autoscale=parse_autoscale(args.autoscale) if args.autoscale else None)
 
 
 def _check_serve_args(args) -> None:
@@ -188,10 +191,9 @@ def _check_serve_args(args) -> None:
     if args.replicas is not None and args.autoscale is not None:
         raise ValueError("give --replicas N or --autoscale MIN:MAX, not both")
     if args.ray:
-        from misotts.server.ray_config import Scaling, check_scaling, parse_autoscale
+        from misotts.server.ray_config import check_scaling
 
-        check_scaling(Scaling(replicas=1 if args.replicas is None else args.replicas, target_ongoing=args.target_ongoing,
-                              autoscale=parse_autoscale(args.autoscale) if args.autoscale else None))
+        check_scaling(_ray_scaling(args))
 
 
 def build_parser() -> argparse.ArgumentParser:

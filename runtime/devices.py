@@ -1,7 +1,12 @@
-"""Which torch device a name means, refused in plain words when this machine does not have it."""
+"""Which torch device a name means, refused in plain words when this machine does not have it;
+which dtype a name means."""
 from __future__ import annotations
 
 import torch
+
+# The dtype names the CLI and the Ray Serve settings accept.
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
 
 
 def available_devices() -> list[str]:

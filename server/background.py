@@ -10,6 +10,13 @@ import time
 import uvicorn
 
 
+def free_port() -> int:
+    """A loopback port free now (for a server started in another process)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @contextlib.contextmanager
 def serving(app, start_timeout_s: float = 30.0, log_level: str = "warning"):
     """Yields the base URL (http://127.0.0.1:PORT); the server stops when the block ends."""

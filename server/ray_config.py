@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 
 from misotts.engine.engine import default_max_batch
 
-DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 @dataclass
@@ -15,7 +14,7 @@ class ReplicaConfig:
     """What the deployments load: the arguments of `misotts.load` and `create_app`."""
     model: str = "tiny"
     device: str | None = None  # None: cuda when the replica has a GPU, else cpu
-    dtype: str | None = None  # bf16, fp16, fp32, or a torch dtype's name
+    dtype: str | None = None  # a name in runtime.devices.DTYPES: bf16, fp16, fp32, ...
     random_init: bool = False
     codec: str | None = None
     tokenizer: str | None = None

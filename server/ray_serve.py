@@ -29,13 +29,16 @@ import signal
 import sys
 import threading
 
+import torch
 from ray import serve
 
 import misotts
+from misotts.runtime.devices import DTYPES
 
 from .app import create_app
-from .ray_config import DTYPES, ReplicaConfig, Scaling, check_scaling, deployment_options, from_args
+from .ray_config import ReplicaConfig, Scaling, check_scaling, deployment_options, from_args
 from .remote_tts import RemoteTTS, serve_stream
+from .voice_routes import encode_clip
 from .voices import VoiceStore
 
 VOICES_PER_REPLICA = 256  # voices a replica is routed as holding; its prefix cache decides what stays warm
@@ -44,12 +47,10 @@ VOICES_PER_REPLICA = 256  # voices a replica is routed as holding; its prefix ca
 @serve.deployment(name="misotts-engine")
 class SpeechEngine:
     def __init__(self, config: ReplicaConfig):
-        import torch
-
         if config.threads:
             torch.set_num_threads(config.threads)
         device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = getattr(torch, DTYPES.get(config.dtype, config.dtype)) if config.dtype else None
+        dtype = DTYPES[config.dtype] if config.dtype else None
         self.tts = misotts.load(config.model, device=device, dtype=dtype, random_init=config.random_init,
                                 codec=config.codec, tokenizer=config.tokenizer, engine=config.engine, progress=False)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
@@ -68,10 +69,7 @@ class SpeechEngine:
         return {**self.tts.engine.stats(), "replica": self.replica_id}
 
     def encode(self, samples):
-        import torch
-
-        with torch.inference_mode():
-            return self.tts.codec.encode(samples.to(self.tts.device)).cpu()
+        return encode_clip(self.tts, samples)
 
     @serve.multiplexed(max_num_models_per_replica=VOICES_PER_REPLICA)
     async def hold_voice(self, key: str) -> str:

@@ -48,7 +48,7 @@ def add_voice_routes(app: FastAPI, tts, voices, authorize) -> None:
         if seconds < MIN_VOICE_S or seconds * 12.5 > max_frames:
             raise bad_request(f"the clip is {seconds:.1f} s; a voice takes {MIN_VOICE_S}..{max_frames / 12.5:.0f} s",
                               "file", "invalid_audio")
-        codes = await asyncio.to_thread(_encode, tts, samples)
+        codes = await asyncio.to_thread(encode_clip, tts, samples)
         try:
             voice = await asyncio.to_thread(voices.add, name, int(speaker), transcript.strip(), codes)
         except VoiceExists:  # registered meanwhile (by another request, or another replica)
@@ -80,6 +80,7 @@ def _exists(name: str) -> ApiError:
     return ApiError(409, f"a voice named {name!r} exists: DELETE it first", "name", "voice_exists")
 
 
-def _encode(tts, samples: torch.Tensor) -> torch.Tensor:
+def encode_clip(tts, samples: torch.Tensor) -> torch.Tensor:
+    """24 kHz mono samples -> Mimi codes [frames, n] on the CPU."""
     with torch.inference_mode():
         return tts.codec.encode(samples.to(tts.device)).cpu()

@@ -17,10 +17,11 @@ import pytest
 from websockets.sync.client import connect
 
 from misotts.runtime.prompt import Segment, mimi_codes
+from misotts.server.background import free_port
+from misotts.server.voices import VoiceStore
 
 from .serving import expected_pcm
-from .test_serve_cli import free_port
-from .test_voices_api import wav_bytes
+from .test_voices_api import upload
 
 ray = pytest.importorskip("ray")  # the [ray] extra; the test extra installs it
 from ray import serve  # noqa: E402
@@ -75,10 +76,8 @@ def close_pcm(a: bytes, b: bytes) -> bool:
     return x.shape == y.shape and int(np.abs(x - y).max(initial=0)) <= MAX_LSB
 
 
-def register(url, name: str, speaker: int = 2, transcript: str = "Hello, I am here.") -> None:
-    created = httpx.post(f"{url}/v1/audio/voices", timeout=TIMEOUT,
-                         files={"file": ("ref.wav", wav_bytes(), "audio/wav")},
-                         data={"name": name, "transcript": transcript, "speaker": str(speaker)})
+def register(url, name: str) -> None:
+    created = upload(url, name)  # speaker 2
     assert created.status_code == 201, created.text
 
 
@@ -126,8 +125,6 @@ def test_a_voice_stays_on_the_replica_whose_prefix_cache_holds_it(url, tts, voic
     assert served[0][1] == 0 and all(reused >= 16 for _, reused in served[1:]), served  # the voice's KV, reused
     # and the audio is the voice's: the same as generate with the voice as context
     r = speech(url, voice="vera", input="Last one.", seed=9, max_audio_ms=240)
-    from misotts.server.voices import VoiceStore
-
     voice = VoiceStore(voices_dir).get("vera")
     assert close_pcm(r.content, expected_pcm(tts, "Last one.", speaker=2, context=[voice.segment()], seed=9,
                                              max_audio_ms=240))

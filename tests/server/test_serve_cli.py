@@ -1,19 +1,14 @@
 """`misotts serve` in a subprocess: the port opens once the model is loaded, and it serves."""
 import os
-import socket
 import subprocess
 import sys
 import time
 
 import httpx
 
+from misotts.server.background import free_port
+
 START_TIMEOUT_S = 120
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_misotts_serve_loads_then_serves(tmp_path):
