@@ -15,7 +15,7 @@ from contextvars import ContextVar
 from dataclasses import fields
 
 import torch
-from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from ray.exceptions import RayActorError  # ActorDiedError, ActorUnavailableError and the rest
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 from misotts.chunks import GenerationStats
@@ -76,7 +76,7 @@ class RemoteTTS:
                 with suppress(Exception):  # a request that never reached a replica: nothing to stop
                     calls.cancel()
             raise
-        except (ActorDiedError, ActorUnavailableError, RayActorError) as err:
+        except RayActorError as err:
             raise EngineStopped(f"the replica serving this request failed ({type(err).__name__}); "
                                 "retry: another replica serves it") from err
         except BackPressureError as err:
