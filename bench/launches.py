@@ -86,7 +86,8 @@ def counting():
 
 def meta_runner(preset: str, batch: int, ops: str = "triton", dtype=torch.bfloat16):
     """A ModelRunner of `preset`'s shapes on the meta device with `batch` lanes."""
-    from misotts.engine.model_runner import ModelRunner, make_ops
+    from misotts.engine.model_runner import ModelRunner
+    from misotts.engine.ops import make_ops
     from misotts.runtime.config import PRESETS
     from misotts.runtime.model import CSMModel
 
@@ -151,7 +152,8 @@ def modelled_ms(preset: str, batch: int, ops: int, gbps: float, launch_us: float
 def measure_ms(preset: str, batch: int, repeats: int = 20) -> float:
     """A real frame on CUDA (random bf16 weights, TritonOps, one CUDA graph): median ms per replay."""
     from misotts.engine.graphs import FrameGraphs
-    from misotts.engine.model_runner import ModelRunner, TritonOps
+    from misotts.engine.model_runner import ModelRunner
+    from misotts.engine.ops import TritonOps
     from misotts.runtime.config import PRESETS
     from misotts.runtime.model import CSMModel
 

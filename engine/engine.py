@@ -51,7 +51,8 @@ from misotts.runtime.model import CSMModel
 
 from .graphs import FrameGraphs
 from .kv_cache import BlockPool, PagedKV, block_keys
-from .model_runner import ModelRunner, make_ops
+from .model_runner import ModelRunner
+from .ops import make_ops
 from .requests import EngineStopped, Request, Stream
 from .scheduler import Scheduler
 
@@ -208,9 +209,9 @@ class Engine:
         the first request: prefill at a few chunk lengths into the scratch block, then the frame
         (captured as CUDA graphs, or run once per bucket when compiling, else once)."""
         n, scratch, bs = self.model.config.num_codebooks, self.runner.kv.scratch_block, self.pool.block_size
-        # Triton specializes on 1 and on multiples of 16; past FUSED_ROWS rows a prefill takes other
+        # Triton specializes on 1 and on multiples of 16; past fused_rows rows a prefill takes other
         # kernels (rmsnorm + cuBLAS instead of the fused norm + GEMV).
-        longest = max(bs, getattr(self.runner.ops, "FUSED_ROWS", 0)) + 1
+        longest = max(bs, self.runner.ops.fused_rows) + 1
         for length in sorted({1, 3, bs, longest}):
             self.runner.prefill(torch.zeros(length, n + 1, dtype=torch.long),
                                 torch.zeros(length, n + 1, dtype=torch.bool), 0, [scratch] * -(-length // bs))

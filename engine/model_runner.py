@@ -12,7 +12,7 @@ input is a table row.  Two entry points:
 
 The math is `misotts.kernels.reference`'s, as in CSMModel; one layer loop (`_layers`) serves the
 backbone's prefill and decode and the depth decoder, which differ only in their attention.  The
-few ops that differ between devices come from an op set: `TorchOps` (the torch references,
+few ops that differ between devices come from an op set (`ops.py`): `TorchOps` (the torch references,
 made sync-free where the reference syncs) or `TritonOps` (the launchers in misotts.kernels).
 """
 from __future__ import annotations
@@ -24,150 +24,9 @@ from misotts.kernels import reference as ref
 
 from misotts.runtime.config import TransformerConfig
 from .kv_cache import PagedKV
+from .ops import OpSet
 from misotts.runtime.frames import NONFINITE_CODE
 from misotts.runtime.model import CSMModel, rope_inv_freq
-
-
-# ---- op sets -----------------------------------------------------------------------------------
-class TorchOps:
-    name = "torch"
-
-    def __init__(self):
-        self._aranges = {}
-
-    def _arange(self, length, device):
-        # Made on the first (warm-up) call and kept: a frame's step creates no tensors from nothing.
-        if (length, device) not in self._aranges:
-            self._aranges[(length, device)] = torch.arange(length, device=device)
-        return self._aranges[(length, device)]
-
-    def embed(self, frames, mask, text_table, audio_table):
-        """`rvq_embed_ref` for rows [N, n+1], with its codebook offsets from a kept arange."""
-        n = frames.shape[-1] - 1
-        offsets = self._arange(n, frames.device) * (audio_table.shape[0] // n)
-        return ref.rvq_embed_ref(frames, mask, text_table, audio_table, offsets)
-
-    @staticmethod
-    def norm_linear(x, norm_weight, eps, weight):
-        return ref.rmsnorm_linear_ref(x, norm_weight, eps, weight)
-
-    @staticmethod
-    def norm_swiglu(x, norm_weight, eps, gate_up):
-        return ref.rmsnorm_swiglu_ref(x, norm_weight, eps, gate_up)
-
-    @staticmethod
-    def linear_add(a, weight, residual):
-        return ref.linear_residual_ref(a, weight, residual)
-
-    @staticmethod
-    def depth_attention(qkv, cfg, k_cache, v_cache, pos, cos, sin, allowed, wo, residual):
-        return ref.depth_attention_out_ref(qkv, cfg.n_heads, cfg.n_kv_heads, k_cache, v_cache, pos, cos, sin, wo,
-                                           residual, allowed)
-
-    def frame_sampling(self, temperature, topk, seed, counter, num_codebooks: int, vocab: int):
-        """Once per frame: `lane_sampling`, and the race's noise for every codebook (codebook i
-        draws with counter + i) -> [n, num_codebooks, V]."""
-        device = seed.device
-        noise = ref.race_noise(seed[:, None], counter[:, None] + self._arange(num_codebooks, device),
-                               self._arange(vocab, device))
-        return (*ref.lane_sampling(temperature, topk, vocab), noise)
-
-    @staticmethod
-    def sample(logits, codebook, frame, table, tokens, next_input):
-        """Draw codebook c's tokens (c: int64 [1]) into tokens [n] -> the next input table[token + c V]
-        (a new tensor; next_input is the Triton op set's buffer)."""
-        greedy, divisor, kth, noise = frame
-        token = ref.topk_race(logits, greedy, divisor, kth, noise.index_select(1, codebook)[:, 0])
-        tokens.copy_(token)
-        return table[token + codebook * logits.shape[1]]
-
-    @staticmethod
-    def rope_kv_write(q, k, v, positions, inv_freq, k_cache, v_cache, slots):
-        # The reference write skips slot -1 with a boolean index (a host sync); the engine never
-        # passes -1 (padding lanes write to the scratch block), so a plain index_copy_ does.
-        k_cache.flatten(0, 1).index_copy_(0, slots, ref.rope_ref(k, positions, inv_freq))
-        v_cache.flatten(0, 1).index_copy_(0, slots, v)
-        return ref.rope_ref(q, positions, inv_freq)
-
-    def decode_attention(self, q, k_cache, v_cache, block_tables, context_lens, scale):
-        """q [N, H, d]: each lane attends to its first context_lens[n] cached positions.
-        Gathers every lane's whole table (static shapes) and masks; no host sync."""
-        tables = block_tables.long()
-        keys = k_cache[tables].flatten(1, 2).transpose(1, 2)  # [N, K, max_blocks * block_size, d]
-        values = v_cache[tables].flatten(1, 2).transpose(1, 2)
-        allowed = (self._arange(keys.shape[2], q.device)[None, :] < context_lens[:, None])[:, None, None]
-        return ref.attention_ref(q[:, :, None], keys, values, allowed, scale)[:, :, 0]
-
-    @staticmethod
-    def prefill_attention(q, k_cache, v_cache, chunk, scale):
-        """q [T, H, d]: the last T of chunk.context_len positions of one sequence, causal."""
-        n = chunk.context_len
-        return ref.causal_attention_ref(q, ref.gather_kv(k_cache, chunk.block_table, n),
-                                        ref.gather_kv(v_cache, chunk.block_table, n), scale)
-
-
-class TritonOps:
-    name = "triton"
-    FUSED_ROWS = 16  # norm + GEMM in one launch up to this many rows (decode); cuBLAS above (prefill)
-
-    def __init__(self):
-        from misotts.kernels import (depth_attention, embedding, norm_linear, paged_attention, rmsnorm, rope,
-                                     sampling, swiglu)
-
-        self.k_embed, self.k_attn, self.k_norm, self.k_rope, self.k_swiglu = (
-            embedding, paged_attention, rmsnorm, rope, swiglu)
-        self.k_norm_linear, self.k_depth_attn, self.k_sampling = norm_linear, depth_attention, sampling
-
-    def embed(self, frames, mask, text_table, audio_table):
-        return self.k_embed.rvq_embed(frames[None].contiguous(), mask[None].contiguous(), text_table, audio_table)[0]
-
-    def norm_linear(self, x, norm_weight, eps, weight):
-        if x.shape[0] <= self.FUSED_ROWS:
-            return self.k_norm_linear.norm_linear(x, norm_weight, eps, weight)
-        return F.linear(self.k_norm.rmsnorm(x, norm_weight, eps)[0], weight)
-
-    def norm_swiglu(self, x, norm_weight, eps, gate_up):
-        if x.shape[0] <= self.FUSED_ROWS:
-            return self.k_norm_linear.norm_linear(x, norm_weight, eps, gate_up, swiglu=True)
-        return self.k_swiglu.swiglu(F.linear(self.k_norm.rmsnorm(x, norm_weight, eps)[0], gate_up))
-
-    @staticmethod
-    def linear_add(a, weight, residual):
-        """residual += a @ weight.T in cuBLAS's epilogue (one launch; in place)."""
-        return residual.addmm_(a, weight.t())
-
-    def depth_attention(self, qkv, cfg, k_cache, v_cache, pos, cos, sin, allowed, wo, residual):
-        """RoPE, KV write, attention, wo and the residual add in one launch (residual in place)."""
-        return self.k_depth_attn.depth_attention(qkv, cfg.n_heads, cfg.n_kv_heads, k_cache, v_cache, pos, cos, sin,
-                                                 wo, residual)
-
-    @staticmethod
-    def frame_sampling(temperature, topk, seed, counter, num_codebooks: int, vocab: int):
-        return temperature, topk, seed, counter  # the sampler kernel reads the lanes' settings itself
-
-    def sample(self, logits, codebook, frame, table, tokens, next_input):
-        return self.k_sampling.sample_next_input(logits, *frame, codebook, table, tokens, next_input)
-
-    def rope_kv_write(self, q, k, v, positions, inv_freq, k_cache, v_cache, slots):
-        return self.k_rope.rope_kv_write(q, k, v, positions, inv_freq, k_cache, v_cache, slots)
-
-    def decode_attention(self, q, k_cache, v_cache, block_tables, context_lens, scale):
-        return self.k_attn.paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale)
-
-    def prefill_attention(self, q, k_cache, v_cache, chunk, scale):
-        return self.k_attn.paged_prefill(q, chunk.cu_seqlens, q.shape[0], k_cache, v_cache, chunk.block_table[None],
-                                         chunk.context_lens, scale)
-
-
-def make_ops(kind: str, device: torch.device):
-    """"auto": Triton on CUDA, torch elsewhere; or "torch" / "triton" explicitly."""
-    if kind == "auto":
-        kind = "triton" if device.type == "cuda" else "torch"
-    if kind == "torch":
-        return TorchOps()
-    if kind == "triton":
-        return TritonOps()
-    raise ValueError(f"unknown ops {kind!r}: expected 'auto', 'torch' or 'triton'")
 
 
 # The engine's sampler is the reference's per-lane one (`sample_topk_ref` = lane_sampling + race_noise
@@ -280,7 +139,7 @@ class _Stack:
 
 
 class ModelRunner:
-    def __init__(self, model: CSMModel, ops, max_batch: int, block_size: int, num_blocks: int | None = None,
+    def __init__(self, model: CSMModel, ops: OpSet, max_batch: int, block_size: int, num_blocks: int | None = None,
                  compile: bool = False):
         cfg = self.config = model.config
         p = model.audio_head

@@ -1,5 +1,5 @@
 """The model's math, each op written once, in plain torch: the Triton kernels' oracle in the tests,
-and what the plain model (runtime/model.py) and the engine (engine/model_runner.py: TorchOps, and the
+and what the plain model (runtime/model.py) and the engine (engine/ops.py: TorchOps, and the
 depth decoder's RoPE and attention and the sampler on every device) are made of: RVQ embedding sum,
 RoPE (frequencies, angles, rotation), attention, RMSNorm, SwiGLU, per-lane top-k sampling.
 

@@ -11,7 +11,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from misotts.runtime.config import PRESETS
 from misotts.engine import Engine, EngineConfig
-from misotts.engine.model_runner import ModelRunner, TorchOps
+from misotts.engine.model_runner import ModelRunner
+from misotts.engine.ops import TorchOps
 from misotts.runtime.model import CSMModel
 
 from .conftest import make_model, prompt
@@ -102,7 +103,7 @@ def test_prefill_copies_host_data_once_per_call_not_per_layer(ops):
     its metadata once (PrefillChunk), whatever the depth: 2 and 6 backbone layers make as many."""
     from dataclasses import replace
 
-    from misotts.engine.model_runner import make_ops
+    from misotts.engine.ops import make_ops
 
     frames, mask = prompt()
     made = []
