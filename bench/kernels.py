@@ -21,6 +21,7 @@ import torch
 
 from misotts.kernels.report import COMPILED_PRESETS
 from misotts.runtime.config import PRESETS
+from misotts.bench.provenance import code_version
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -252,7 +253,8 @@ def main(argv=None):
     path = opts.out / f"kernels-{stamp}.json"
     import triton
     path.write_text(json.dumps(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
-                                    triton=triton.__version__, copy_gbps=copy, rows=rows), indent=1))
+                                    triton=triton.__version__, code=code_version(), copy_gbps=copy, rows=rows),
+                               indent=1))
     print(f"\nwrote {path}")
     return 0
 

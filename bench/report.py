@@ -33,7 +33,9 @@ def merge(parts: list[dict]) -> dict:
         for name, res in part["systems"].items():
             m["systems"][name] = {**res, "plan": part["plan"]}
         m["errors"].update(part["errors"])
-    return {"devices": sorted({p["device"] for p in parts}), "models": models}
+    codes = [p["code"] for p in parts if p.get("code")]
+    return {"devices": sorted({p["device"] for p in parts}), "code": codes[0] if codes else None,
+            "codes_differ": len({(c["commit"], c["dirty"]) for c in codes}) > 1, "models": models}
 
 
 def _get(d, *keys):
@@ -101,8 +103,17 @@ def _fmt(v, spec="{:.1f}"):
     return "–" if v is None else spec.format(v)
 
 
+def code_line(code: dict | None) -> str:
+    if not code or not code.get("commit"):
+        return "Code measured: unknown (no git commit recorded)."
+    state = {True: "with uncommitted changes", False: "clean tree", None: "tree state unknown"}[code.get("dirty")]
+    return f"Code measured: commit {code['commit'][:12]} ({state})."
+
+
 def markdown(merged: dict, checks: list[dict]) -> str:
-    lines = [f"# MisoTTS benchmark — {', '.join(merged['devices'])}", ""]
+    lines = [f"# MisoTTS benchmark — {', '.join(merged['devices'])}", "", code_line(merged.get("code")), ""]
+    if merged.get("codes_differ"):
+        lines += ["**The parts of this folder measured different code.**", ""]
     for name, m in merged["models"].items():
         streams = sorted({int(s) for r in m["systems"].values() for s in r.get("throughput", {})}) or \
             sorted(int(s) for s in m["floors"]["throughput"])

@@ -35,6 +35,7 @@ import torch
 from misotts.runtime.audio import FRAME_MS, FRAME_S
 
 from . import floors
+from .provenance import code_version
 from .stats import median, stream_metrics, throughput
 from .systems import EngineSystem, Reference, Transformers, Workload
 
@@ -215,7 +216,7 @@ def run_model(model: str, systems: list[str], plan: Plan, device, dtype, seed: i
         "kind": "misotts-bench-part", "model": model, "device": device_name(device), "device_type": device.type,
         "dtype": str(dtype).replace("torch.", ""), "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "torch": torch.__version__, "transformers": transformers.__version__, "seed": seed,
-        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "code": code_version(), "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "parameters": sum(p.numel() for p in tts.model.parameters()), "plan": vars(plan),
         "bandwidth_gbps": bandwidth / 1e9, "matmul_tflops": flops / 1e12, "prompts": shapes,
         "floors": floor_ms(tts, shapes, plan, bandwidth, flops), "systems": {}, "errors": {},

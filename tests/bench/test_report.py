@@ -57,3 +57,19 @@ def test_failing_target_and_cpu_target(tmp_path):
     verdicts = {t["target"]: (t["value"], t["status"])
                 for t in json.loads((tmp_path / "results.json").read_text())["targets"]}
     assert verdicts["CPU, tiny: engine >= 10x faster per frame than transformers"] == ("3.0x", "FAIL")
+
+
+def test_report_names_the_code_measured(tmp_path):
+    code = {"commit": "c0ffee" * 6 + "abcd", "dirty": True, "source": "git"}
+    (tmp_path / "part-tiny-a.json").write_text(json.dumps({**part("tiny", "cpu", {}), "code": code}))
+    md = write_report(tmp_path)
+    assert json.loads((tmp_path / "results.json").read_text())["code"] == code
+    assert "Code measured: commit c0ffeec0ffee (with uncommitted changes)." in md
+    other = {**code, "dirty": False}
+    (tmp_path / "part-tiny-b.json").write_text(json.dumps({**part("tiny", "cpu", {}), "code": other}))
+    assert "measured different code" in write_report(tmp_path)
+
+
+def test_report_without_a_recorded_commit_says_so(tmp_path):
+    (tmp_path / "part-tiny-a.json").write_text(json.dumps(part("tiny", "cpu", {})))
+    assert "Code measured: unknown" in write_report(tmp_path)
