@@ -122,7 +122,7 @@ class TorchOps:
 
 class TritonOps:
     name = "triton"
-    fused_rows = 16  # norm + GEMM in one launch up to this many rows (decode); cuBLAS above (prefill)
+    fused_rows = 64  # norm + GEMM in one launch up to this many rows (every decode bucket); cuBLAS above (prefill)
 
     def __init__(self):
         from misotts.kernels import (depth_attention, embedding, norm_linear, paged_attention, rmsnorm, rope,
