@@ -58,7 +58,9 @@ class BatchState:
 
     rows, row_mask [B, n+1]: the row each lane feeds the backbone next (the last prompt row,
     then its previous frame); positions [B]: that row's position; counter [B]: the frame's first
-    RNG counter (frame index * num_codebooks); codes [B, n]: the frame just made.
+    RNG counter (frame index * num_codebooks); codes [B, n]: the frame just made; active [B]: 1 for
+    a request's lane, 0 for a padding lane (whose position stays 0: its attention reads one position,
+    not a context that grows every frame).
     """
 
     def __init__(self, max_batch: int, num_codebooks: int, max_blocks: int, scratch_block: int, device):
@@ -73,13 +75,14 @@ class BatchState:
         self.temperature = torch.zeros(b, dtype=torch.float32, **z)
         self.topk = torch.ones(b, dtype=torch.long, **z)
         self.codes = torch.zeros(b, num_codebooks, dtype=torch.long, **z)
+        self.active = torch.zeros(b, dtype=torch.long, **z)
         self.audio_row_mask = torch.ones(w, dtype=torch.bool, **z)
         self.audio_row_mask[-1] = False
         self.scratch_block = scratch_block
 
     def lane_tensors(self):
         return (self.rows, self.row_mask, self.positions, self.block_tables, self.seed, self.counter,
-                self.temperature, self.topk, self.codes)
+                self.temperature, self.topk, self.codes, self.active)
 
     def set_lane(self, lane: int, row, row_mask, position: int, blocks: list[int], seed: int,
                  temperature: float, topk: int) -> None:
@@ -91,10 +94,12 @@ class BatchState:
         self.block_tables[lane] = table
         self.seed[lane], self.counter[lane] = seed, 0
         self.temperature[lane], self.topk[lane] = temperature, topk
+        self.active[lane] = 1
 
     def clear_lane(self, lane: int) -> None:
         """A padding lane: reads and writes only the scratch block, samples greedily."""
         self.set_lane(lane, 0, False, 0, [], 0, 0.0, 1)
+        self.active[lane] = 0
 
     def move_lane(self, src: int, dst: int) -> None:
         for t in self.lane_tensors():
@@ -242,7 +247,7 @@ class ModelRunner:
     def decode_frame(self, n: int) -> None:
         st, bs = self.state, self.block_size
         positions, tables = st.positions[:n], st.block_tables[:n]
-        # Padding lanes count up forever; clamping keeps their reads in bounds (real lanes never clamp).
+        # Padding lanes stay at position 0 (see `active`); clamping keeps any read in bounds (real lanes never clamp).
         block_index = (positions // bs).clamp(max=self.max_blocks - 1)
         slots = tables.gather(1, block_index[:, None])[:, 0].long() * bs + positions % bs
         context_lens = (positions + 1).clamp(max=self.max_blocks * bs).to(torch.int32)
@@ -264,5 +269,5 @@ class ModelRunner:
         st.rows[:n, :self.n] = codes
         st.rows[:n, self.n].zero_()
         st.row_mask[:n] = st.audio_row_mask
-        positions += 1
+        positions += st.active[:n]
         st.counter[:n] += self.n
