@@ -5,7 +5,8 @@
     python -m misotts.bench.kernels --dry-run [--preset tiny] [--batch 2]   # plumbing, no timing
 
 For each preset, batch and case: the Triton launcher's time (median of CUDA-event timings,
-triton.testing.do_bench, which flushes L2 between runs), the torch reference's in the same dtype,
+triton.testing.do_bench, which flushes L2 between runs), the torch reference's in the same dtype
+(or the case's baseline: for linear_add, the cuBLAS addmm_ the engine runs by default),
 the case's byte floor (every input read once, every output written once), the achieved GB/s and its
 % of a 1 GiB device-to-device copy measured in the same run.  Cases that do not change with the
 batch (prefill shapes) run once per preset.  Rows are appended as they are measured to
@@ -109,6 +110,8 @@ def run(presets, batches, kernels, context, out: Path, dry_run: bool, with_torch
             if dry_run:
                 case.run(inputs)
                 case.reference(case.make(specs.Tensors(device, dtype, seed=0)))
+                if case.baseline:
+                    case.baseline(case.make(specs.Tensors(device, dtype, seed=0)))
             else:
                 ms = _median_ms(lambda: case.run(inputs))
                 row.update(triton_us=ms * 1e3, gbps=nbytes / ms / 1e6, floor_us=nbytes / copy / 1e3)
@@ -116,7 +119,8 @@ def run(presets, batches, kernels, context, out: Path, dry_run: bool, with_torch
                 if with_torch:
                     reference_inputs = case.make(specs.Tensors(device, dtype, seed=0))
                     try:
-                        row["torch_us"] = _median_ms(lambda: case.reference(reference_inputs)) * 1e3
+                        torch_fn = case.baseline or case.reference
+                        row["torch_us"] = _median_ms(lambda: torch_fn(reference_inputs)) * 1e3
                     except Exception as e:  # a reference that cannot run here: say so, keep going
                         row["torch_us"] = f"n/a ({type(e).__name__})"
                 del inputs

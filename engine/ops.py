@@ -124,9 +124,16 @@ class TritonOps:
     name = "triton"
     fused_rows = 64  # norm + GEMM in one launch up to this many rows (every decode bucket); cuBLAS above (prefill)
 
-    def __init__(self):
+    def __init__(self, gemv_rows: int = 0):
+        """gemv_rows: up to this many rows the output projections (wo, down) and their residual add run
+        as the Triton GEMV `linear_add`; above it (and by default, until a GPU profile says the GEMV
+        is faster: bench.kernels' linear_add rows) as cuBLAS's addmm_.  At most fused_rows."""
         from misotts.kernels import (depth_attention, embedding, norm_linear, paged_attention, rmsnorm, rope,
                                      sampling, swiglu)
+
+        if not 0 <= gemv_rows <= self.fused_rows:
+            raise ValueError(f"gemv_rows must be in 0..{self.fused_rows}, got {gemv_rows}")
+        self.gemv_rows = gemv_rows
 
         self.k_embed, self.k_attn, self.k_norm, self.k_rope, self.k_swiglu = (
             embedding, paged_attention, rmsnorm, rope, swiglu)
@@ -145,9 +152,11 @@ class TritonOps:
             return self.k_norm_linear.norm_linear(x, norm_weight, eps, gate_up, swiglu=True)
         return self.k_swiglu.swiglu(F.linear(self.k_norm.rmsnorm(x, norm_weight, eps)[0], gate_up))
 
-    @staticmethod
-    def linear_add(a, weight, residual):
-        """residual += a @ weight.T in cuBLAS's epilogue (one launch; in place)."""
+    def linear_add(self, a, weight, residual):
+        """residual += a @ weight.T in one launch, in place: the Triton GEMV up to gemv_rows rows,
+        else in cuBLAS's epilogue."""
+        if a.shape[0] <= self.gemv_rows:
+            return self.k_norm_linear.linear_add(a, weight, residual)
         return residual.addmm_(a, weight.t())
 
     def depth_attention(self, qkv, cfg, k_cache, v_cache, pos, cos, sin, allowed, wo, residual):

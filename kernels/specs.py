@@ -86,6 +86,7 @@ class Case:
     reference: Callable[[dict], dict]  # the torch reference -> the same names
     bytes: Callable[[dict], int]  # byte floor of one call
     note: str = ""
+    baseline: Callable[[dict], object] | None = None  # what the bench's torch column times (default: reference)
 
 
 @dataclass(frozen=True)
@@ -290,6 +291,28 @@ def _norm_linear_cases(d: Dims):
     return cases
 
 
+def _linear_add_cases(d: Dims):
+    """The layers' output projections with the residual add: backbone wo and down, decoder down
+    (the decoder's wo is fused into depth_attention)."""
+    from .norm_linear import linear_add
+
+    cfg, rows = d.config, d.batch
+    bb, dec = cfg.backbone, cfg.decoder
+    cases = []
+    for label, dim, cols in (("backbone wo", bb.n_heads * bb.head_dim, bb.dim), ("backbone down", bb.ffn_dim, bb.dim),
+                             ("decoder down", dec.ffn_dim, dec.dim)):
+        def make(t, dim=dim, cols=cols):
+            return dict(a=t.randn(rows, dim), w=t.randn(cols, dim, scale=dim ** -0.5), residual=t.randn(rows, cols))
+
+        cases.append(Case("linear_add", f"{label} B{rows} {dim}->D{cols}", make,
+                          lambda i: dict(residual=linear_add(i["a"], i["w"], i["residual"])),
+                          lambda i: dict(residual=ref.linear_residual_ref(i["a"], i["w"], i["residual"])),
+                          lambda i: nbytes(i["w"], i["a"], i["residual"], i["residual"]),
+                          note="torch column: cuBLAS addmm_, what TritonOps runs by default",
+                          baseline=lambda i: i["residual"].addmm_(i["a"], i["w"].t())))
+    return cases
+
+
 def _depth_attention_cases(d: Dims):
     from .depth_attention import depth_attention
 
@@ -410,6 +433,8 @@ SPECS = {s.name: s for s in (
                in_frame=False),
     KernelSpec("norm_linear", _lazy("norm_linear", "norm_linear"), ref.rmsnorm_linear_ref, "gemv",
                _norm_linear_cases, report_dtypes=(BF16, FP32)),
+    KernelSpec("linear_add", _lazy("norm_linear", "linear_add"), ref.linear_residual_ref, "gemv", _linear_add_cases,
+               report_dtypes=(BF16, FP32)),
     KernelSpec("depth_attention", _lazy("depth_attention", "depth_attention"), ref.depth_attention_out_ref, "gemv",
                _depth_attention_cases),
     KernelSpec("sample_next_input", _lazy("sampling", "sample_next_input"), ref.sample_topk_ref, "elementwise",

@@ -27,7 +27,8 @@ def run_case(spec, case, device, dtype):
 
 def test_every_kernel_has_a_spec_with_cases():
     assert set(specs.SPECS) == {"rvq_embed", "rope_kv_write", "paged_decode", "paged_prefill", "rmsnorm", "swiglu",
-                                "norm_linear", "depth_attention", "sample_next_input", "depth_step", "sample_topk"}
+                                "norm_linear", "linear_add", "depth_attention", "sample_next_input", "depth_step",
+                                "sample_topk"}
     assert {spec.name for spec, _, _ in ODD_CASES} == set(specs.SPECS)
     for spec in specs.SPECS.values():
         assert set(specs.TOLERANCES[spec.tolerance]) == {torch.float32, torch.bfloat16, torch.float16}
@@ -38,6 +39,17 @@ def test_case_in_the_interpreter(spec, batch, case):
     got, want = run_case(spec, case, "cpu", torch.float32)
     assert got.keys() == want.keys() and all(torch.isfinite(v.float()).all() for v in got.values())
     assert case.bytes(case.make(specs.Tensors("meta", torch.float32))) > 0
+
+
+def test_baselines_compute_what_the_reference_does():
+    """A bench baseline (e.g. cuBLAS addmm_ for linear_add) is timed in the reference's place: same result."""
+    with_baseline = [(spec, case) for spec, _, case in ODD_CASES if case.baseline]
+    assert with_baseline
+    for spec, case in with_baseline:
+        inputs = case.make(specs.Tensors("cpu", torch.float32))
+        want = case.reference(specs.float_copy(inputs))
+        got = case.baseline(inputs)
+        specs.check(spec, dict(zip(want, [got])), want, torch.float32)
 
 
 def test_check_fails_on_a_wrong_output():
