@@ -1,7 +1,7 @@
 """Where a frame's time goes: every kernel of one frame by total time, with the bytes it moves and its GB/s.
 
     python -m misotts.bench.profile --model miso-8b --batch 1 [--batch 64 ...] [--context 1024]
-                                    [--frames 10] [--trace] [--out DIR]
+                                    [--frames 10] [--gemv-rows 64] [--trace] [--out DIR]
     python -m misotts.bench.profile --device cpu --model tiny --batch 2     # plumbing, no GPU
 
 On CUDA: a `ModelRunner` with random bf16 weights and the Triton op set, its frame captured as a
@@ -93,11 +93,12 @@ def traffic_of(runner):
         _utils._recorder = saved
 
 
-def make_runner(preset: str, batch: int, context: int, device, dtype, ops: str, spare_frames: int = 64):
+def make_runner(preset: str, batch: int, context: int, device, dtype, ops: str, spare_frames: int = 64,
+                gemv_rows: int = 0):
     """A ModelRunner with random weights (std 0.02) and `batch` lanes at position `context`, each
-    with KV blocks for `spare_frames` more positions."""
+    with KV blocks for `spare_frames` more positions (gemv_rows: TritonOps' Triton GEMV limit)."""
     from misotts.engine.model_runner import ModelRunner
-    from misotts.engine.ops import make_ops
+    from misotts.engine.ops import TritonOps, make_ops
     from misotts.runtime.model import CSMModel
 
     torch.manual_seed(0)
@@ -106,7 +107,8 @@ def make_runner(preset: str, batch: int, context: int, device, dtype, ops: str, 
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.02)
     per_lane = min(-(-(context + spare_frames) // 16), -(-PRESETS[preset].max_seq_len // 16))
-    runner = ModelRunner(model, make_ops(ops, torch.device(device)), max_batch=batch, block_size=16,
+    op_set = TritonOps(gemv_rows) if ops == "triton" else make_ops(ops, torch.device(device))
+    runner = ModelRunner(model, op_set, max_batch=batch, block_size=16,
                          num_blocks=batch * per_lane + 1)
     for lane in range(batch):
         runner.state.set_lane(lane, 0, True, context, list(range(lane * per_lane, (lane + 1) * per_lane)), lane,
@@ -207,18 +209,18 @@ def table_rows(kernels: dict, traffic: Traffic, frames: int, copy_gbps: float, c
 
 
 def profile(preset: str, batch: int, context: int, frames: int, device: str, out: Path, trace: bool,
-            copy_gbps: float) -> list[dict]:
+            copy_gbps: float, gemv_rows: int = 0) -> list[dict]:
     from .floors import frame_bytes
 
     cuda = device == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
     runner = make_runner(preset, batch, context, device, dtype, "triton" if cuda else "torch",
-                         spare_frames=4 * frames + 8)
+                         spare_frames=4 * frames + 8, gemv_rows=gemv_rows if cuda else 0)
     with traffic_of(runner) as traffic:  # one eager frame: the bytes of each op
         runner.decode_frame(batch)
     if cuda:
         torch.cuda.synchronize()
-    name = f"profile-{preset}-b{batch}"
+    name = f"profile-{preset}-b{batch}" + (f"-gemv{gemv_rows}" if gemv_rows and cuda else "")
     trace_path = out / f"{name}-trace.json" if trace else None
     out.mkdir(parents=True, exist_ok=True)
     if cuda:
@@ -226,7 +228,7 @@ def profile(preset: str, batch: int, context: int, frames: int, device: str, out
     else:
         kernels, frame_us, how = profile_cpu(runner, batch, frames, set(traffic.bytes), trace_path)
     floor = frame_bytes(PRESETS[preset], context, torch.finfo(dtype).bits // 8, streams=batch)
-    header = dict(model=preset, batch=batch, context=context, dtype=str(dtype).removeprefix("torch."),
+    header = dict(model=preset, batch=batch, context=context, gemv_rows=gemv_rows if cuda else None, dtype=str(dtype).removeprefix("torch."),
                   device=torch.cuda.get_device_name() if cuda else "cpu", profiled=how, frames=frames,
                   frame_us=frame_us, floor_bytes=floor, copy_gbps=copy_gbps,
                   floor_us=floor / (copy_gbps * 1e3) if copy_gbps else None,
@@ -248,6 +250,8 @@ def main(argv=None):
     parser.add_argument("--frames", type=int, default=10, help="frames profiled (and timed)")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--trace", action="store_true", help="also write a Chrome trace per profile")
+    parser.add_argument("--gemv-rows", type=int, default=0,
+                        help="TritonOps(gemv_rows): wo/down as the Triton GEMV up to this many rows (0: cuBLAS)")
     parser.add_argument("--out", type=Path, help="results folder (default: bench/results/profile-<time>)")
     opts = parser.parse_args(argv)
     if opts.device == "cuda" and not torch.cuda.is_available():
@@ -262,7 +266,7 @@ def main(argv=None):
         copy = copy_bandwidth("cpu") / 1e9
     for preset in opts.model or ["miso-8b"]:
         for batch in opts.batch:
-            profile(preset, batch, opts.context, opts.frames, opts.device, out, opts.trace, copy)
+            profile(preset, batch, opts.context, opts.frames, opts.device, out, opts.trace, copy, opts.gemv_rows)
     return 0
 
 
