@@ -169,7 +169,9 @@ def depth_attention_ref(qkv, n_heads, n_kv_heads, k_cache, v_cache, pos, cos, si
     qkv [N, (H + 2K) d] (q heads, then k, then v); k_cache, v_cache [N, K, P, d], written at
     position pos (int64 [1], a device tensor); cos, sin [P, d/2] fp32 tables of every position;
     allowed: optional bool [P, P] (query position, key position) = key <= query, precomputed.
-    The rotated k and v go to the caches; the rotated q attends to positions 0..pos -> [N, H, d]."""
+    The rotated k and v go to the caches; the rotated q attends to positions 0..pos -> [N, H, d].
+    Positions past pos are zeroed before attending, not only masked: they hold an earlier frame's
+    values, perhaps a past request's NaN, and a masked score or weight of 0 times NaN is NaN."""
     head_dim = qkv.shape[-1] // (n_heads + 2 * n_kv_heads)
     q, k, v = qkv.unflatten(-1, (n_heads + 2 * n_kv_heads, head_dim)).split([n_heads, n_kv_heads, n_kv_heads], 1)
     c, s = cos[pos], sin[pos]
@@ -178,7 +180,9 @@ def depth_attention_ref(qkv, n_heads, n_kv_heads, k_cache, v_cache, pos, cos, si
         allowed = positions[None, :] <= positions[:, None]
     k_cache.index_copy_(2, pos, apply_rope(k, c, s)[:, :, None])
     v_cache.index_copy_(2, pos, v[:, :, None])
-    return attention_ref(apply_rope(q, c, s)[:, :, None], k_cache, v_cache, allowed[pos], scale)[:, :, 0]
+    seen = allowed[pos][0, :, None]  # [P, 1]: positions 0..pos
+    keys, values = k_cache.where(seen, 0.0), v_cache.where(seen, 0.0)
+    return attention_ref(apply_rope(q, c, s)[:, :, None], keys, values, allowed[pos], scale)[:, :, 0]
 
 
 def depth_attention_out_ref(qkv, n_heads, n_kv_heads, k_cache, v_cache, pos, cos, sin, wo, residual, allowed=None,

@@ -93,3 +93,26 @@ def test_triton_linear_add_takes_the_gemv_up_to_gemv_rows():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="gemv_rows"):
         TritonOps(gemv_rows=65)
+
+
+def test_torch_depth_attention_never_reads_nan_past_the_position():
+    """The depth caches keep the previous frame's positions past pos (a past request's NaN, when the
+    lane is reused); the reference attends to 0..pos only, as if those positions were clean."""
+    from misotts.kernels import reference as ref
+    from misotts.runtime.config import TransformerConfig
+
+    cfg = TransformerConfig(dim=12, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=8, head_dim=6)
+    g = torch.Generator().manual_seed(2)
+    lanes, positions, pos = 3, 5, 2
+    qkv = torch.randn(lanes, 8 * 6, generator=g)
+    clean = torch.randn(lanes, 2, positions, 6, generator=g)
+    clean[:, :, pos + 1:] = 0.0
+    poisoned = clean.clone()
+    poisoned[:, :, pos + 1:] = float("nan")
+    angle = torch.arange(positions)[:, None] * torch.rand(3, generator=g)
+    wo, residual = torch.randn(12, 24, generator=g), torch.randn(lanes, 12, generator=g)
+    args = (torch.tensor([pos]), angle.cos(), angle.sin(), None, wo, residual)
+    got = TorchOps.depth_attention(qkv, cfg, poisoned, poisoned.clone(), *args)
+    want = TorchOps.depth_attention(qkv, cfg, clean, clean.clone(), *args)
+    assert torch.isfinite(got).all()
+    assert torch.equal(got, want)
