@@ -3,7 +3,7 @@
     python -m misotts.kernels.report [--arch sm_90a|sm_80|all] [--kernel NAME] [--preset NAME] [--jobs N]
 
 The cases are the kernel specs' (kernels/specs.py) at the presets' shapes (runtime/config.py PRESETS),
-at 1, 8 and 64 decode lanes, in bf16 (and fp32 for the kernels with an IEEE-dot path); a launch
+at 1, 8, 16, 32 and 64 decode lanes, in bf16 (and fp32 for the kernels with an IEEE-dot path); a launch
 specialized like one already listed (same kernel, argument types, alignment, meta-parameters) compiles
 to the same code and is not compiled again, so a row names the first case that needs its code.
 The real launchers are called on `meta` tensors;
@@ -33,7 +33,7 @@ ARCHS = {"sm_90a": 90, "sm_80": 80}
 PAGE = 16  # KV block size compiled in the report (the kernels take any power of two >= 16)
 
 
-REPORT_BATCHES = (1, 8, 64)  # decode lanes compiled: one row, a few, the largest fused bucket
+REPORT_BATCHES = (1, 8, 16, 32, 64)  # decode lanes compiled: the buckets whose tiles differ, up to the largest fused one
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
