@@ -23,11 +23,12 @@ if [[ -z $DRY ]] && compgen -G ".device/wheels-cpu/*.whl" > /dev/null; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/misotts-site-cpu .device/wheels-cpu/*.whl \
     && export CPU_PYTHONPATH=/tmp/misotts-site-cpu
 fi
-if ! "$PY" -c "import misotts.engine, misotts.bench" 2> /dev/null; then  # not installed: link the tree's layout
+if ! "$PY" -c "import importlib.util as u, sys; sys.exit(u.find_spec('misotts.engine') is None)" 2> /dev/null; then
+  # misotts is not installed: link the tree's package layout
   "$PY" bench/device_layout.py || exit 1
   export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi
-if [[ -z $DRY && -f .device/code.env ]]; then
+if [[ -f .device/code.env ]]; then
   set -a
   source .device/code.env
   set +a

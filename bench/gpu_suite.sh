@@ -20,9 +20,9 @@
 # then the merged report (results.md/json/png).  STEPS=a,b runs some steps only.
 #
 # --dry-run: the CPU rehearsal (CI runs it): the same steps, order and budget logic on the CPU, with
-# `tiny` for every model and a small budget (default 150 s), the packages a bare GPU machine lacks
-# hidden (bench/bare), the CUDA test selections collected (and skipped), GPU-only tools expected to
-# refuse (exit 2).
+# `tiny` for every model and a small budget (default 240 s; it takes ~70 s on 2 idle cores), the
+# packages a bare GPU machine lacks hidden (bench/bare), the CUDA test selections collected (and
+# skipped), GPU-only tools expected to refuse (exit 2).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -42,7 +42,7 @@ while (($#)); do
 done
 
 if [[ -n $DRY ]]; then
-  BUDGET=${BUDGET:-150} RESERVE=${RESERVE:-10} GRACE=${GRACE:-3} MIN_STEP=${MIN_STEP:-3}
+  BUDGET=${BUDGET:-240} RESERVE=${RESERVE:-10} GRACE=${GRACE:-3} MIN_STEP=${MIN_STEP:-3}
   export CUDA_VISIBLE_DEVICES=
   # What the device image lacks (KINDS.md package list, 2026-11-17) and the suite does not carry:
   export MISOTTS_WITHOUT=fastapi,starlette,uvicorn,av,multipart,python_multipart,websockets,openai,ray,sphn,sounddevice,bitsandbytes
