@@ -158,3 +158,20 @@ def test_device_layout_makes_every_subpackage_importable_from_a_plain_tree(tmp_p
     assert seen.returncode == 0, seen.stderr
     origins = dict(line.split(" ", 1) for line in seen.stdout.splitlines())
     assert origins == {sub: str((tree / sub / "__init__.py").resolve()) for sub in subpackages}
+
+
+def test_the_suite_runs_its_steps_in_order_of_value(tmp_path):
+    """bench/gpu_suite.sh itself, with no step picked: it parses, writes versions.txt with the commit,
+    and lists its steps in the order the GPU-suite issue ranks them (CUDA tests, engine rows,
+    kernel bench and profile, then the rest)."""
+    done = subprocess.run(["bash", str(ROOT / "bench" / "gpu_suite.sh"), "--dry-run", str(tmp_path / "res")],
+                          env={**os.environ, "STEPS": "none", "PYTHON": sys.executable},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    order = re.findall(r"^== ([a-z0-9-]+): (?:not in STEPS|not run)", done.stdout, re.M)
+    assert order == ["cuda-kernels", "cuda-engine", "bench-miso-8b", "bench-csm-1b", "kernels", "profile",
+                     "peers-csm-1b", "peers-miso-8b", "pytest-cpu"]
+    versions = (tmp_path / "res" / "versions.txt").read_text()
+    from misotts.bench.provenance import code_version
+
+    assert f'"commit": "{code_version()["commit"]}"' in versions.splitlines()[0]
