@@ -40,9 +40,9 @@ say() {  # one line to stdout and suite.log (and its copy in RETURN)
 
 elapsed() { echo $((SECONDS - START)); }
 
-step_limit() {  # step_limit SHARE -> seconds this step may take now (may be < MIN_STEP)
-  local share=$1 left cap
-  left=$((BUDGET - RESERVE - GRACE - (SECONDS - START)))
+step_limit() {  # step_limit SHARE AT -> seconds a step starting AT s into the suite may take (may be < MIN_STEP)
+  local share=$1 at=$2 left cap
+  left=$((BUDGET - RESERVE - GRACE - at))
   cap=$(((BUDGET - RESERVE) * share / 100))
   echo $((cap < left ? cap : left))
 }
@@ -50,15 +50,16 @@ step_limit() {  # step_limit SHARE -> seconds this step may take now (may be < M
 selected() { [[ -z ${STEPS:-} || ",$STEPS," == *",$1,"* ]]; }
 
 step() {  # step NAME SHARE COMMAND...
-  local name=$1 share=$2 limit code verdict log
+  local name=$1 share=$2 at limit code verdict log
   shift 2
   selected "$name" || { say "== $name: not in STEPS"; return 0; }
-  limit=$(step_limit "$share")
+  at=$(elapsed)
+  limit=$(step_limit "$share" "$at")
   if ((limit < MIN_STEP)); then
-    say "== $name: SKIPPED, ${limit} s left for it (under ${MIN_STEP} s) at $(elapsed) s"
+    say "== $name: SKIPPED, ${limit} s left for it (under ${MIN_STEP} s) at $at s"
     return 0
   fi
-  say "== $name (limit ${limit} s) at $(elapsed) s: $*"
+  say "== $name (limit ${limit} s) at $at s: $*"
   log=$RES/$name.log
   [[ -n $RETURN ]] && log=$RETURN/current.log
   CURRENT=$name STEP_T0=$SECONDS
