@@ -89,11 +89,13 @@ step two 50 bash -c 'echo two'
 
 def kill_session(sid: int) -> None:
     """Whatever the killed suite left running (a step outlives a SIGKILLed shell)."""
-    for pid in subprocess.run(["ps", "-s", str(sid), "-o", "pid="], capture_output=True, text=True).stdout.split():
+    for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            os.kill(int(pid), signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # state, ppid, pgrp, session, ...
+            if int(fields[3]) == sid:
+                os.kill(int(stat.parent.name), signal.SIGKILL)
+        except (OSError, IndexError, ValueError):
+            pass  # gone meanwhile
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
