@@ -177,3 +177,11 @@ def test_the_suite_runs_its_steps_in_order_of_value(tmp_path):
     from misotts.bench.provenance import code_version
 
     assert f'"commit": "{code_version()["commit"]}"' in versions.splitlines()[0]
+
+
+@pytest.mark.parametrize("script", ["gpu_suite.sh", "suite_runner.sh", "device_run.sh", "device_prepare.sh"])
+def test_scripts_parse(script):
+    """device_prepare.sh needs the network and device_run.sh's install branch a device: CI runs neither
+    whole, so bash at least reads them all."""
+    done = subprocess.run(["bash", "-n", str(ROOT / "bench" / script)], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
