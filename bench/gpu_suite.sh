@@ -20,7 +20,7 @@
 # then the merged report (results.md/json/png).  STEPS=a,b runs some steps only.
 #
 # --dry-run: the CPU rehearsal (CI runs it): the same steps, order and budget logic on the CPU, with
-# `tiny` for every model and a small budget (default 240 s; it takes ~70 s on 2 idle cores), the
+# `tiny` for every model and a small budget (default 240 s; it takes ~70 s of CPU time), the
 # packages a bare GPU machine lacks hidden (bench/bare), the CUDA test selections collected (and
 # skipped), GPU-only tools expected to refuse (exit 2).
 set -uo pipefail
