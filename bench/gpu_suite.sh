@@ -43,7 +43,7 @@ while (($#)); do
 done
 
 if [[ -n $DRY ]]; then
-  BUDGET=${BUDGET:-240} RESERVE=${RESERVE:-10} GRACE=${GRACE:-3} MIN_STEP=${MIN_STEP:-3}
+  BUDGET=${BUDGET:-240} RESERVE=${RESERVE:-20} GRACE=${GRACE:-3} MIN_STEP=${MIN_STEP:-3}
   export CUDA_VISIBLE_DEVICES=
   # What the device image lacks (KINDS.md package list, 2026-11-17) and the suite does not carry:
   export MISOTTS_WITHOUT=fastapi,starlette,uvicorn,av,multipart,python_multipart,websockets,openai,ray,sphn,sounddevice,bitsandbytes
@@ -121,7 +121,10 @@ fi
 # --- the report, inside RESERVE ---
 if compgen -G "$RES/part-*.json" > /dev/null; then
   timeout $((RESERVE / 2)) "$PY" -m misotts.bench.report "$RES" > "$RES/report.log" 2>&1
-  say "== report: exit $? ($(wc -l < "$RES/report.log") lines in report.log)"
+  code=$?
+  verdict="FAILED (exit $code)"
+  ((code == 0)) && verdict=passed
+  say "== report: $verdict ($(wc -l < "$RES/report.log") lines in report.log)"
 else
   note report "no benchmark parts to report"
 fi
