@@ -21,7 +21,7 @@
 # then the merged report (results.md/json/png).  STEPS=a,b runs some steps only.
 #
 # --dry-run: the CPU rehearsal (CI runs it): the same steps, order and budget logic on the CPU, with
-# `tiny` for every model and a small budget (default 240 s; it takes ~70 s of CPU time), the
+# `tiny` for every model and a small budget (default 300 s; it takes ~70 s of CPU time), the
 # packages a bare GPU machine lacks hidden (bench/bare), the CUDA test selections collected (and
 # skipped), the kernel bench and the profile in their CPU modes (the kernel bench, until it has
 # one, must refuse cleanly: exit 2, saying it needs CUDA).
@@ -44,7 +44,7 @@ while (($#)); do
 done
 
 if [[ -n $DRY ]]; then
-  BUDGET=${BUDGET:-240} RESERVE=${RESERVE:-20} GRACE=${GRACE:-3} MIN_STEP=${MIN_STEP:-3}
+  BUDGET=${BUDGET:-300} RESERVE=${RESERVE:-20} GRACE=${GRACE:-3} MIN_STEP=${MIN_STEP:-3}
   export CUDA_VISIBLE_DEVICES=
   # What the device image lacks (KINDS.md package list, 2026-11-17) and the suite does not carry:
   export MISOTTS_WITHOUT=fastapi,starlette,uvicorn,av,multipart,python_multipart,websockets,openai,ray,sphn,sounddevice,bitsandbytes
