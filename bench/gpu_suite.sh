@@ -45,6 +45,7 @@ done
 
 if [[ -n $DRY ]]; then
   BUDGET=${BUDGET:-300} RESERVE=${RESERVE:-20} GRACE=${GRACE:-3} MIN_STEP=${MIN_STEP:-3}
+  SKIPPED_FAILS=1  # a rehearsal that leaves a step out has not rehearsed it
   export CUDA_VISIBLE_DEVICES=
   # What the device image lacks (KINDS.md package list, 2026-11-17) and the suite does not carry:
   export MISOTTS_WITHOUT=fastapi,starlette,uvicorn,av,multipart,python_multipart,websockets,openai,ray,sphn,sounddevice,bitsandbytes

@@ -88,6 +88,15 @@ step two 50 bash -c 'echo two'
     assert "== two: not in STEPS" in (tmp_path / "res" / "suite.log").read_text()
 
 
+@pytest.mark.parametrize("strict", [False, True])
+def test_a_step_left_without_time_fails_the_suite_only_when_asked(tmp_path, strict):
+    script = write_suite(tmp_path, "step starved 100 bash -c 'echo ran'\n")
+    proc = start(script, tmp_path, BUDGET="3", MIN_STEP="2", **({"SKIPPED_FAILS": "1"} if strict else {}))
+    out, _ = proc.communicate(timeout=60)
+    assert "== starved: SKIPPED" in out and not (tmp_path / "res" / "starved.log").exists()
+    assert proc.returncode == (1 if strict else 0), out
+
+
 def kill_session(sid: int) -> None:
     """Whatever the killed suite left running (a step outlives a SIGKILLed shell)."""
     for stat in Path("/proc").glob("[0-9]*/stat"):
