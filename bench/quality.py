@@ -39,13 +39,17 @@ def load_asr(spec: str, device: str | None = None) -> Callable[[np.ndarray, int]
     module, sep, function = spec.partition(":")
     if sep and not Path(spec).expanduser().exists() and module.replace(".", "").replace("_", "").isalnum():
         return getattr(importlib.import_module(module), function)
+    import soxr
     from transformers import pipeline
 
-    asr = pipeline("automatic-speech-recognition", model=str(Path(spec).expanduser()) if Path(spec).expanduser()
-                   .exists() else spec, device=device)
+    path = Path(spec).expanduser()
+    asr = pipeline("automatic-speech-recognition", model=str(path) if path.exists() else spec, device=device)
+    rate = asr.feature_extractor.sampling_rate
 
     def transcribe(samples: np.ndarray, sample_rate: int) -> str:
-        return asr({"raw": samples, "sampling_rate": sample_rate})["text"]
+        # Resampled here (soxr, as the runtime does): the pipeline would need torchaudio for it.
+        audio = soxr.resample(samples, sample_rate, rate) if sample_rate != rate else samples
+        return asr({"raw": audio.astype(np.float32), "sampling_rate": rate})["text"]
 
     return transcribe
 

@@ -79,3 +79,33 @@ def test_teacher_forced_logits_give_the_greedy_codes_the_model_generates(one_thr
     assert r["first_frame"] == 0 and r["agreement"] == pytest.approx(1 - 1 / (5 * 32))
     err = (shifted[1, 3, low] - logits[1, 3, low]).abs() / logits[1].abs().max()
     assert r["first_3"] == r["worst"] == pytest.approx(err.item(), rel=1e-6)
+
+
+def test_a_local_transformers_asr_model_loads_and_transcribes_24khz_audio(tmp_path, one_thread):
+    """The real loading path (--asr FOLDER) on a tiny random wav2vec2 CTC model saved here: what
+    it returns is what the model itself decodes from the audio resampled to its 16 kHz."""
+    import numpy as np
+    import soxr
+    from transformers import (Wav2Vec2Config, Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC,
+                              Wav2Vec2Processor)
+
+    (tmp_path / "vocab.json").write_text(json.dumps({"<pad>": 0, "|": 1, "<unk>": 2, "a": 3, "b": 4, "c": 5}))
+    tokenizer = Wav2Vec2CTCTokenizer(str(tmp_path / "vocab.json"), unk_token="<unk>", pad_token="<pad>",
+                                     word_delimiter_token="|")
+    features = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16_000, padding_value=0.0, do_normalize=True,
+                                        return_attention_mask=False)
+    processor = Wav2Vec2Processor(feature_extractor=features, tokenizer=tokenizer)
+    processor.save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    model = Wav2Vec2ForCTC(Wav2Vec2Config(
+        vocab_size=6, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        conv_dim=(8, 8), conv_stride=(5, 4), conv_kernel=(10, 8), num_conv_pos_embeddings=8,
+        num_conv_pos_embedding_groups=2, pad_token_id=0)).eval()
+    model.save_pretrained(tmp_path)
+
+    samples = (np.random.default_rng(0).standard_normal(24_000) * 0.1).astype(np.float32)
+    got = quality.load_asr(str(tmp_path), "cpu")(samples, 24_000)
+    inputs = processor(soxr.resample(samples, 24_000, 16_000), sampling_rate=16_000, return_tensors="pt")
+    with torch.no_grad():
+        ids = model(inputs.input_values).logits.argmax(-1)
+    assert got == processor.batch_decode(ids)[0] and got
