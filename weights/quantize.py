@@ -161,6 +161,9 @@ class QuantLinear(nn.Module):
         return ref.quant_linear_ref(x, self.weight, self.weight_scale, self.scheme)
 
 
+# An opaque op to torch.compile: Inductor's own lowering of _weight_int8pack_mm fails on a fused
+# (unrealised) input, and the engine's CPU depth step may be compiled (EngineConfig.compile).
+@torch.library.custom_op("misotts::int8_linear_cpu", mutates_args=())
 def int8_linear_cpu(x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x [..., K] @ (data * scale).T with ATen's int8 weight-only GEMM.  Its fast (vectorised)
     path takes bf16 activations, so x is rounded to bf16 and the fp32-accumulated result rounded
@@ -169,6 +172,11 @@ def int8_linear_cpu(x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor) ->
     rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
     out = torch.ops.aten._weight_int8pack_mm(rows, data, scale.to(torch.bfloat16))
     return out.to(x.dtype).view(*x.shape[:-1], data.shape[0])
+
+
+@int8_linear_cpu.register_fake
+def _(x, data, scale):
+    return x.new_empty(*x.shape[:-1], data.shape[0])
 
 
 def linear(x: torch.Tensor, weight) -> torch.Tensor:

@@ -1,9 +1,11 @@
 """The engine computes a quantised model's codes as the plain model does, bit for bit (CPU,
 fp32): both call the same QuantLinear, the engine on its fused qkv and gate_up."""
 import pytest
+import torch
 
 from misotts.engine import Engine, EngineConfig
 from misotts.engine.ops import TorchOps, make_ops
+from misotts.runtime.generate import generate_codes
 from misotts.weights import quantize
 from misotts.weights.quantize import quantize_model
 
@@ -31,8 +33,19 @@ def test_quantised_weights_change_the_codes():
 
 
 def test_quantised_models_get_the_torch_op_set():
-    import torch
-
     assert isinstance(make_ops("auto", torch.device("cuda"), quantized=True), TorchOps)
     with pytest.raises(ValueError, match="ops='triton' has no kernels for quantised weights yet"):
         make_ops("triton", torch.device("cpu"), quantized=True)
+
+
+@pytest.mark.slow
+def test_compiled_cpu_engine_runs_the_int8_gemm():
+    # The int8 GEMM is an opaque op to Inductor (its own lowering fails on a fused input).
+    frames, mask = prompt()
+    model = quantize_model(make_model(std=0.1), "int8")
+    engine = Engine(model, EngineConfig(max_batch=1, compile=True))
+    try:
+        codes = engine.generate(frames, mask, 3, temperature=0.0, stop_on_eos=False)
+    finally:
+        engine.close()
+    assert torch.equal(codes, generate_codes(model, frames, mask, 3, temperature=0.0, stop_on_eos=False))
