@@ -117,7 +117,9 @@ def _cases(preset):
                       counter_offset=1)))
     cases.append(("sample_topk", f"{preset} V{vocab} B8", lambda: sampling.sample_topk(
         t(8, vocab, dtype=torch.float32), 0.9, 50, t(8, **longs), t(8, **longs))))
-    return cases
+    from . import quant_linear  # weight-only quantised GEMVs (issue 26)
+
+    return cases + quant_linear.report_cases(preset, cfg, t)
 
 
 def _record(thunk):
