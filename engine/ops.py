@@ -186,9 +186,12 @@ class TritonOps:
 
 def make_ops(kind: str, device: torch.device, quantized: bool = False) -> OpSet:
     """"auto": Triton on CUDA, torch elsewhere; or "torch" / "triton" explicitly.  A model with
-    quantised weights runs the torch op set (no quantised Triton kernels yet)."""
+    quantised weights: "auto" is torch (the quantised Triton op set, engine/quant_ops.py, is
+    chosen with "triton" until it has run on a GPU)."""
     if quantized and kind == "triton":
-        raise ValueError("ops='triton' has no kernels for quantised weights yet: use ops='auto' or 'torch'")
+        from .quant_ops import QuantTritonOps
+
+        return QuantTritonOps()
     if kind == "auto":
         kind = "triton" if device.type == "cuda" and not quantized else "torch"
     if kind == "torch":

@@ -10,7 +10,7 @@ from misotts.weights import quantize
 from misotts.weights.quantize import quantize_model
 
 from .conftest import history, make_model, prompt
-from .test_parity import assert_engine_equals_reference
+from .test_parity import SETTINGS, assert_engine_equals_reference
 
 
 @pytest.mark.parametrize("scheme", quantize.SCHEMES)
@@ -32,10 +32,31 @@ def test_quantised_weights_change_the_codes():
     assert not (codes[0] == codes[1]).all()
 
 
-def test_quantised_models_get_the_torch_op_set():
+def test_quantised_models_get_the_torch_op_set_unless_triton_is_asked_for():
+    from misotts.engine.quant_ops import QuantTritonOps
+
     assert isinstance(make_ops("auto", torch.device("cuda"), quantized=True), TorchOps)
-    with pytest.raises(ValueError, match="ops='triton' has no kernels for quantised weights yet"):
-        make_ops("triton", torch.device("cpu"), quantized=True)
+    assert isinstance(make_ops("triton", torch.device("cpu"), quantized=True), QuantTritonOps)
+
+
+@pytest.mark.slow
+def test_quantised_triton_ops_in_the_interpreter_equal_reference(monkeypatch):
+    """The quantised GEMVs (int4 backbone, int8 decoder) run by Triton's CPU interpreter in the
+    engine give the reference codes.  The reference's int8 linears take the dequantising path
+    here: the CPU int8 GEMM rounds activations to bf16, the kernels compute in fp32 as the
+    dequantise reference does.  (fp8 is checked kernel by kernel: tests/kernels/test_quant_linear.py.)"""
+    from misotts.kernels import reference as ref
+
+    monkeypatch.setattr(quantize.QuantLinear, "forward",
+                        lambda self, x: ref.quant_linear_ref(x, self.weight, self.weight_scale, self.scheme))
+    frames, mask = prompt("Hi!")
+    model = quantize_model(make_model(), "int4")
+    engine = Engine(model, EngineConfig(max_batch=1, ops="triton"))
+    try:
+        want = generate_codes(model, frames, mask, 2, stop_on_eos=False, **SETTINGS[1])
+        assert torch.equal(engine.generate(frames, mask, 2, stop_on_eos=False, **SETTINGS[1]), want)
+    finally:
+        engine.close()
 
 
 @pytest.mark.slow
