@@ -170,7 +170,7 @@ def report_cases(preset, cfg, t):
                 data, scale = stored_shapes(scheme, m, k, group)
                 return t(*data, dtype=CODES[scheme]), t(*scale, dtype=torch.float32)
 
-            for batch in (1, 8):
+            for batch in (8,):  # 1 to 16 rows compile to the same kernel (one 16-row block)
                 cases += [
                     ("quant_norm_linear", f"{preset} {part} {scheme} qkv B{batch} D{d}->{q_dim}",
                      lambda d=d, n=q_dim, eps=eps, b=batch, s=scheme, w=weight: quant_norm_linear(
