@@ -12,7 +12,8 @@ input columns [M, K/G].  Each program owns BLOCK_N output columns for BLOCK_B ro
 its codes along K once: each tile is dequantised (codes x scale in fp32, rounded to x's dtype,
 as the reference rounds the weight) and fed to tl.dot.  The weight bytes read are the codes'
 (1 or 1/2 byte a weight) plus the scales'.  Meant for decode rows; prefill belongs to a GEMM.
-Not yet called by the engine (its CUDA path runs the torch op set for quantised models).
+The engine calls them through `QuantTritonOps` (engine/quant_ops.py: `ops="triton"` on a
+quantised model); "auto" keeps quantised models on the torch op set until they have run on a GPU.
 """
 import torch
 import triton
