@@ -14,6 +14,7 @@ SERVER = ["fastapi>=0.110", "uvicorn>=0.29", "av>=12", "prometheus-client>=0.20"
 SERVER_TEST = ["httpx", "openai>=1.40", "websockets>=12"]
 # The same server on Ray Serve (misotts serve --ray): 2.60 is what the tests run (late-bound ingress apps).
 RAY = ["ray[serve]>=2.60"]
+QUALITY = ["jiwer>=3.0", "transformers>=5.0"]  # the WER of python -m misotts.bench.quality
 
 setup(
     name="misotts",
@@ -45,7 +46,8 @@ setup(
         "sentencepiece",
     ],
     extras_require={
-        "test": ["pytest", "pytest-xdist", "transformers>=5.0", *SERVER, *SERVER_TEST, *RAY],
+        "test": ["pytest", "pytest-xdist", "transformers>=5.0", *QUALITY, *SERVER, *SERVER_TEST, *RAY],
+        "quality": QUALITY,  # python -m misotts.bench.quality: WER through a local ASR model
         "server": SERVER,
         "ray": [*SERVER, *RAY],
         "dev": ["pytest", "transformers>=5.0", "matplotlib"],

@@ -27,6 +27,8 @@ from .kv_cache import PagedKV
 from .ops import OpSet
 from misotts.runtime.frames import NONFINITE_CODE
 from misotts.runtime.model import CSMModel, rope_inv_freq
+from misotts.weights import quantize
+from misotts.weights.quantize import QuantLinear
 
 
 # The engine's sampler is the reference's per-lane one (`sample_topk_ref` = lane_sampling + race_noise
@@ -110,7 +112,10 @@ class BatchState:
 @torch.no_grad()
 def _fuse(*linears) -> torch.Tensor:
     """One weight for several bias-free linears of the same input, rows stacked.  The modules'
-    weights become views of it, so the fused copy is the only copy (and CSMModel still works)."""
+    weights become views of it, so the fused copy is the only copy (and CSMModel still works).
+    Quantised linears fuse into one QuantLinear, the engine's weight object for them."""
+    if isinstance(linears[0], QuantLinear):
+        return quantize.fuse(linears)
     fused = torch.cat([l.weight for l in linears])
     start = 0
     for l in linears:
@@ -120,15 +125,20 @@ def _fuse(*linears) -> torch.Tensor:
     return fused
 
 
+def _weight(linear):
+    """What the op sets take for a linear: its weight tensor, or the QuantLinear itself."""
+    return linear if isinstance(linear, QuantLinear) else linear.weight
+
+
 class _Stack:
     """One transformer's weights, fused: qkv [(H + 2K) d, D], gate_up [2F, D]."""
 
     def __init__(self, module, cfg: TransformerConfig):
         self.cfg = cfg
         self.qkv = [_fuse(l.attn.wq, l.attn.wk, l.attn.wv) for l in module.layers]
-        self.wo = [l.attn.wo.weight for l in module.layers]
+        self.wo = [_weight(l.attn.wo) for l in module.layers]
         self.gate_up = [_fuse(l.mlp.w_gate, l.mlp.w_up) for l in module.layers]
-        self.down = [l.mlp.w_down.weight for l in module.layers]
+        self.down = [_weight(l.mlp.w_down) for l in module.layers]
         self.attn_norm = [l.attn_norm.weight for l in module.layers]
         self.mlp_norm = [l.mlp_norm.weight for l in module.layers]
         self.norm = module.norm.weight

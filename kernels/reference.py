@@ -244,3 +244,35 @@ def depth_step_ref(h, head, codebook, embed_table, seed, counter, temperature, t
     logits = h.float() @ head.float()
     tokens = sample_topk_ref(logits, temperature, topk, seed, counter)
     return tokens, embed_table[tokens + codebook * head.shape[1]], logits
+
+
+# ---- weight-only quantisation: the stored forms and what they mean ----------------------------
+# A quantised linear weight [M, K] is stored as data + fp32 scales (weights/quantize.py makes them):
+#   "int8": data int8 [M, K], scale [M]            w = data * scale[m]
+#   "fp8":  data float8_e4m3fn [M, K], scale [M]   w = data * scale[m]
+#   "int4": data uint8 [M, K/2], scale [M, K/g]    two codes a byte (column 2j in the low nibble,
+#           2j+1 in the high one), each code = q + 8 for q in -8..7; w = q * scale[m, k // g]
+# The reference is "dequantise, then the model dtype's math": the weight rebuilt in fp32, rounded
+# once to the activations' dtype, then the plain F.linear.
+
+def unpack_int4_ref(data):
+    """uint8 [M, K/2] (two codes a byte, low nibble first) -> int8 [M, K] codes in -8..7."""
+    codes = torch.stack([data & 0xF, data >> 4], dim=-1).flatten(-2)
+    return codes.to(torch.int8) - 8
+
+
+def dequantize_ref(data, scale, scheme, dtype):
+    """The weight [M, K] in `dtype` that a stored (data, scale) means (see above)."""
+    if scheme in ("int8", "fp8"):
+        return (data.float() * scale.float()[:, None]).to(dtype)
+    if scheme == "int4":
+        codes = unpack_int4_ref(data).float()
+        m, k = codes.shape
+        groups = scale.shape[1]
+        return (codes.view(m, groups, k // groups) * scale.float()[:, :, None]).view(m, k).to(dtype)
+    raise ValueError(f"unknown quantisation scheme {scheme!r}")
+
+
+def quant_linear_ref(x, data, scale, scheme):
+    """F.linear(x, dequantize_ref(...)) in x's dtype: x [..., K] -> [..., M]."""
+    return F.linear(x, dequantize_ref(data, scale, scheme, x.dtype))

@@ -48,6 +48,13 @@ def _cases(preset, dtype_name):
         if dtype in spec.report_dtypes:
             label = f"{preset} {case.shape}" + ("" if dtype_name == "bf16" else f" {dtype_name}")
             out.append((spec.name, label, lambda case=case: case.run(case.make(specs.Tensors("meta", dtype)))))
+    if dtype_name == "bf16":  # the weight-only quantised GEMVs (issue 26) take bf16 activations
+        from . import quant_linear
+
+        def meta(*shape, dtype=torch.bfloat16):
+            return torch.empty(*shape, dtype=dtype, device="meta")
+
+        out += quant_linear.report_cases(preset, PRESETS[preset], meta)
     return out
 
 

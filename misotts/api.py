@@ -23,7 +23,8 @@ from misotts.runtime.prompt import build_prompt
 from misotts.runtime.tokenizer import ByteTokenizer, Llama3Tokenizer, check_special_ids, load_tokenizer
 from misotts.weights import load_model, random_model
 from misotts.weights.checkpoint import bundled_codec
-from misotts.weights.load import default_dtype
+from misotts.weights.load import default_dtype, stored_scheme
+from misotts.weights.quantize import check_device, model_weights
 
 # {id(tts): (weakref to it, its GenerationStats)} of the last generation in this thread / task.
 _last_stats: ContextVar[dict] = ContextVar("misotts_last_stats")
@@ -200,10 +201,11 @@ class TTS:
         return Conversation(self, context)
 
     def info(self) -> dict:
-        params = sum(p.numel() for p in self.model.parameters())
-        nbytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        return {"source": self.source, "config": self.config.to_dict(), "parameters": params,
-                "weight_bytes": nbytes, "device": str(self.device),
+        # Quantised linears hold their codes and scales as buffers; the count is the float model's.
+        tensors = [*self.model.parameters(), *self.model.buffers()]
+        return {"source": self.source, "config": self.config.to_dict(), "parameters": self.config.num_parameters(),
+                "weight_bytes": sum(t.nbytes for t in tensors), "weights": model_weights(self.model),
+                "device": str(self.device),
                 "dtype": str(self.model.audio_head.dtype).replace("torch.", ""), "untrained": self.untrained,
                 "codec": self.codec_source or "untrained Mimi (random weights)",
                 "backend": self.backend.name if self.engine is None else f"engine ({self.engine.stats()['ops']} ops)"}
@@ -212,7 +214,7 @@ class TTS:
 def load(source: str | Path = "tiny", device=None, dtype: torch.dtype | None = None, *,
          random_init: bool = False, seed: int = 0, codec: str | None = None,
          tokenizer: str | Path | None = None, progress: bool = True, backend: str = "auto",
-         engine: dict | None = None) -> TTS:
+         engine: dict | None = None, weights: str | None = None) -> TTS:
     """Load a model by preset name ("tiny", "csm-1b", "miso-8b"), local path or hub id.
 
     random_init: build the named preset with seeded random weights (no download; for
@@ -224,22 +226,25 @@ def load(source: str | Path = "tiny", device=None, dtype: torch.dtype | None = N
     continuous batching; Triton kernels and CUDA graphs on CUDA, torch ops on the CPU);
     "reference" runs the plain model frame by frame.
     engine: EngineConfig fields for "auto", e.g. {"max_batch": 8, "num_blocks": 4096}.
+    weights: "int8", "fp8" or "int4" quantises the transformers' linears as they load
+    (weights/quantize.py; the CPU runs int8); a quantised checkpoint loads in its own scheme.
     """
     if backend not in ("auto", "reference"):
         raise ValueError(f"unknown backend {backend!r}: expected 'auto' or 'reference'")
-    tts = _load(source, device, dtype, random_init, seed, codec, tokenizer, progress)
+    tts = _load(source, device, dtype, random_init, seed, codec, tokenizer, progress, weights)
     if backend == "auto":
         tts.start_engine(engine, progress=progress)
     return tts
 
 
-def _load(source, device, dtype, random_init, seed, codec, tokenizer, progress) -> TTS:
+def _load(source, device, dtype, random_init, seed, codec, tokenizer, progress, weights=None) -> TTS:
     device = resolve_device(device)
     dtype = dtype or default_dtype(device)
     name = str(source)
+    check_device(weights or stored_scheme(name), device)  # before anything loads
     if name in PRESETS and (random_init or name == "tiny"):
         config = PRESETS[name]
-        model = random_model(config, seed=seed, device=device, dtype=dtype, progress=progress)
+        model = random_model(config, seed=seed, device=device, dtype=dtype, progress=progress, weights=weights)
         # Random weights make noise whatever the text; bytes stand in when no tokenizer.json is given.
         tok = Llama3Tokenizer(tokenizer, config.bos_id, config.eos_id) if tokenizer else ByteTokenizer(config.bos_id, config.eos_id)
         check_special_ids(tok, config.text_vocab_size, name)
@@ -249,7 +254,8 @@ def _load(source, device, dtype, random_init, seed, codec, tokenizer, progress) 
                          f"(--model DIR / source=DIR), or --random-init / random_init=True for seeded random "
                          f"weights of this shape")
     model, config, checkpoint_dir = load_model(PRESET_HUB_IDS.get(name, name), device=device, dtype=dtype,
-                                               progress=progress)
+                                               progress=progress, weights=weights)
+    check_device(model_weights(model), device)  # a quantised checkpoint fetched from the hub
     tok = Llama3Tokenizer(tokenizer, config.bos_id, config.eos_id) if tokenizer else load_tokenizer(config, checkpoint_dir)
     check_special_ids(tok, config.text_vocab_size, str(checkpoint_dir))
     # transformers' CSM checkpoints bundle their Mimi; kyutai's is fetched only for those that do not.

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from misotts import MOSHI_MISSING, __version__
 from misotts import cli_checks as checks
 from misotts.chunks import Audio
-from misotts.runtime.devices import DTYPES
+from misotts.runtime.devices import DTYPES, resolve_device
 
 EXIT_ERROR, EXIT_NOTHING_MADE = 2, 1
 UNTRAINED_NOTE = ("note: the model is {}: untrained, so the audio is noise, not speech; untrained weights never "
@@ -40,13 +40,17 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="Mimi weights: a .safetensors file, a CSM checkpoint folder or a hub id (default: the "
                         "checkpoint's own, else kyutai/moshiko-pytorch-bf16; the untrained Mimi for random weights)")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json to use instead of the checkpoint's")
+    p.add_argument("--weights", default=None, metavar="SCHEME",
+                   help="quantise the linears as they load: int8 (CPU or GPU), fp8 (GPU, sm_89+) or int4 (GPU; "
+                        "int4 backbone, int8 depth decoder); default: the dtype's (a quantised checkpoint: its own)")
 
 
 def _load(args):
     import misotts
 
     return misotts.load(args.model, device=args.device, dtype=DTYPES[args.dtype] if args.dtype else None,
-                        random_init=args.random_init, codec=args.codec, tokenizer=args.tokenizer)
+                        random_init=args.random_init, codec=args.codec, tokenizer=args.tokenizer,
+                        weights=args.weights)
 
 
 def cmd_speak(args) -> int:
@@ -98,8 +102,9 @@ def _generate_with_progress(tts, text, context, args) -> list[Audio]:
 def cmd_info(args) -> int:
     from misotts.model_info import describe
 
-    checks.check_model_args(args)
-    info = describe(args.model, args.device, DTYPES[args.dtype] if args.dtype else None, args.random_init, args.codec)
+    checks.check_model_args(args, run=False)
+    info = describe(args.model, args.device, DTYPES[args.dtype] if args.dtype else None, args.random_init, args.codec,
+                    args.weights)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -111,7 +116,8 @@ def cmd_info(args) -> int:
               f"head_dim {t['head_dim']}, ffn {t['ffn_dim']}")
     print(f"vocab      text {cfg['text_vocab_size']}, audio {cfg['audio_vocab_size']} x {cfg['num_codebooks']} "
           f"codebooks; context {cfg['backbone']['max_seq_len']}")
-    print(f"parameters {info['parameters'] / 1e6:,.1f} M ({info['weight_bytes'] / 2**30:.2f} GiB as {info['dtype']})")
+    as_what = info["dtype"] + (f" with {info['weights']} weights" if info["weights"] else "")
+    print(f"parameters {info['parameters'] / 1e6:,.1f} M ({info['weight_bytes'] / 2**30:.2f} GiB as {as_what})")
     free = info["free_bytes"]
     room = "" if free is None else f" ({free / 2**30:.1f} GiB free{'' if free >= info['weight_bytes'] else ': the weights do not fit'})"
     print(f"device     {info['device']}{room}; codec {info['codec']}")
@@ -121,7 +127,8 @@ def cmd_info(args) -> int:
 def cmd_convert(args) -> int:
     from misotts.weights import convert
 
-    out = convert(args.src, args.dst, shard_size=args.shard_size, overwrite=args.overwrite)
+    checks.check_weights(args.weights)
+    out = convert(args.src, args.dst, shard_size=args.shard_size, overwrite=args.overwrite, weights=args.weights)
     print(f"wrote {out or args.dst}")
     return 0
 
@@ -146,7 +153,8 @@ def cmd_serve(args) -> int:
 
     # Loaded and warmed (engine, graphs, the lanes' Mimi) before the port opens.
     tts = misotts.load(args.model, device=args.device, dtype=DTYPES[args.dtype] if args.dtype else None,
-                       random_init=args.random_init, codec=args.codec, tokenizer=args.tokenizer, engine=engine)
+                       random_init=args.random_init, codec=args.codec, tokenizer=args.tokenizer, engine=engine,
+                       weights=args.weights)
     if tts.untrained:
         print(f"note: the model is {tts.source}: untrained, so the audio is noise, not speech; untrained weights "
               "never end a turn, so each request runs to its max_audio_ms.", file=sys.stderr)
@@ -188,6 +196,9 @@ def _check_serve_args(args) -> None:
                                          ("--threads", args.threads)) if value is not None]
     if ray_only and not args.ray:
         raise ValueError(f"{', '.join(ray_only)}: for Ray Serve only; add --ray")
+    if args.weights is not None and args.ray:
+        raise ValueError("--weights is not passed to Ray Serve replicas yet: serve quantised weights without --ray")
+    checks.check_weights(args.weights, None if args.ray else resolve_device(args.device))
     if args.replicas is not None and args.autoscale is not None:
         raise ValueError("give --replicas N or --autoscale MIN:MAX, not both")
     if args.ray:
@@ -234,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dst", help="output directory")
     p.add_argument("--shard-size", default="2GB", help="largest shard, e.g. 2GB, 500MB, 1GiB")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty dst")
+    p.add_argument("--weights", default=None, metavar="SCHEME",
+                   help="store the linears quantised: int8, fp8 or int4 (loads without quantising again)")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("serve", help="serve OpenAI's speech API (HTTP) on one warm engine")

@@ -49,11 +49,22 @@ def check_codec(codec: str | None) -> None:
                                 f"checkpoint folder with its codec, or a hub id)")
 
 
-def check_model_args(args) -> None:
+def check_model_args(args, run: bool = True) -> None:
+    """run=False (info): the model is described, not run, so any --weights scheme is fine."""
     check_model(args.model, args.random_init)
-    resolve_device(args.device)
+    device = resolve_device(args.device)
     check_codec(args.codec)
     check_file(args.tokenizer, "--tokenizer")
+    check_weights(args.weights, device if run else None)
+
+
+def check_weights(weights: str | None, device=None) -> None:
+    """--weights: a scheme we know, and (given the device) one it runs."""
+    from misotts.weights.quantize import check_device, check_scheme
+
+    check_scheme(weights)
+    if device is not None:
+        check_device(weights, device)
 
 
 def read_text(args) -> str:
