@@ -22,6 +22,7 @@ from misotts.chunks import Audio
 
 from .audio_formats import MEDIA_TYPES, Encoder, encode_all
 from .errors import ApiError, bad_request, error_kind, from_exception
+from .limits import LIMITS, Limits, RequestGuard
 from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .speech import Turns, parse_speech, speak
 from .ws import add_stream_route
@@ -32,13 +33,14 @@ REPLICA_HEADER = "X-Misotts-Replica"  # the engine replica that served a request
 
 
 def create_app(tts, *, model_name: str = "misotts", api_key: str | None = None, voices=None,
-               max_turn_tokens: int | None = None) -> FastAPI:
+               max_turn_tokens: int | None = None, limits: Limits = LIMITS) -> FastAPI:
     """tts: a loaded misotts.TTS; voices: a VoiceStore (None: no voice routes); api_key: required
     as `Authorization: Bearer <key>` on /v1 routes when set."""
     app = FastAPI(title="MisoTTS", docs_url=None, redoc_url=None)
-    app.state.tts, app.state.voices = tts, voices
+    app.state.tts, app.state.voices, app.state.limits = tts, voices, limits
     app.state.metrics = metrics = Metrics(tts.engine)
     turns = Turns.for_model(tts, max_turn_tokens)
+    max_context_audio_s = tts.config.max_seq_len * 0.08  # what the window holds: 12.5 frames/s
     created = int(time.time())
 
     def authorize(request) -> None:
@@ -66,6 +68,7 @@ def create_app(tts, *, model_name: str = "misotts", api_key: str | None = None, 
         log.exception("%s %s failed", _rid(request), request.url.path)
         return await api_error(request, from_exception(err))
 
+    app.add_middleware(RequestGuard, limits=limits)  # inside RequestIds: a refused request still gets its id and log line
     app.add_middleware(RequestIds)
 
     @app.get("/health")
@@ -88,11 +91,8 @@ def create_app(tts, *, model_name: str = "misotts", api_key: str | None = None, 
     async def speech(request: Request):
         authorize(request)
         received = time.perf_counter()
-        try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise bad_request("the body must be JSON", None, "invalid_json")
-        req = parse_speech(body, voices)
+        body = await read_json(request)
+        req = await asyncio.to_thread(parse_speech, body, voices, max_context_audio_s)  # decodes audio
         turn_stats: list = []
         chunks = speak(tts, req, turns, turn_stats)
         try:  # up to the first chunk a failure is a status code: queue full, engine stopped, bad prompt
@@ -153,6 +153,17 @@ class RequestIds:
         finally:
             log.info("%s %s %s -> %d in %.0f ms", rid, scope["method"], scope["path"], status[0],
                      (time.perf_counter() - start) * 1000)
+
+
+async def read_json(request: Request):
+    """The body as JSON, parsed off the event loop (it may be megabytes); 400 for anything else."""
+    raw = await request.body()
+    try:
+        return await asyncio.to_thread(json.loads, raw)
+    except RecursionError:
+        raise bad_request("the JSON is nested too deeply", None, "invalid_json") from None
+    except ValueError as err:  # not JSON, not UTF-8, an integer over 4,300 digits
+        raise bad_request(f"the body must be JSON ({str(err)[:80]})", None, "invalid_json") from None
 
 
 def _rid(request: Request) -> str:
