@@ -42,7 +42,7 @@ setup(
         "sentencepiece",
     ],
     extras_require={
-        "test": ["pytest", "pytest-xdist", "transformers>=5.0", *SERVER, *SERVER_TEST, *RAY],
+        "test": ["pytest", "pytest-xdist", "hypothesis>=6.100", "transformers>=5.0", *SERVER, *SERVER_TEST, *RAY],
         "server": SERVER,
         "ray": [*SERVER, *RAY],
         "dev": ["pytest", "transformers>=5.0", "matplotlib"],
