@@ -134,3 +134,35 @@ def check_generation_args(args) -> None:
         raise ValueError(f"--topk must be >= 1 (1 is greedy), got {args.topk}")
     if not args.max_audio_ms > 0:
         raise ValueError(f"--max-audio-ms must be > 0, got {args.max_audio_ms}")
+
+
+def check_port(port: int) -> None:
+    if not 1 <= port <= 65535:
+        raise ValueError(f"--port must be in 1..65535, got {port}")
+
+
+def api_key(flag: str | None, env: str | None) -> str | None:
+    """--api-key, else MISOTTS_API_KEY, else None (no key); an empty or unsendable key is refused."""
+    from misotts.server.auth import check_api_key
+
+    if flag is not None:
+        try:
+            return check_api_key(flag)
+        except ValueError as e:
+            raise ValueError(f"--api-key: {e}") from None
+    if env is not None:
+        try:
+            return check_api_key(env)
+        except ValueError as e:
+            raise ValueError(f"MISOTTS_API_KEY: {e}") from None
+    return None
+
+
+def require_extra(modules: tuple[str, ...], extra: str, command: str) -> None:
+    """Each module importable, or one line naming the pip command that installs them."""
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ValueError(f"{command} needs {', '.join(missing)}, from the {extra!r} extra: "
+                         f'pip install "misotts[{extra}]" (in a checkout: pip install -e ".[{extra}]")')

@@ -21,9 +21,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from misotts.chunks import Audio
 
 from .audio_formats import MEDIA_TYPES, Encoder, encode_all
+from .auth import check_api_key, foreign_origin
 from .errors import ApiError, bad_request, error_kind, from_exception
 from .limits import LIMITS, Limits, RequestGuard
 from .metrics import CONTENT_TYPE_LATEST, Metrics
+from .shutdown import Draining, until_expired
 from .speech import Turns, parse_speech, speak
 from .ws import add_stream_route
 
@@ -36,15 +38,22 @@ def create_app(tts, *, model_name: str = "misotts", api_key: str | None = None, 
                max_turn_tokens: int | None = None, limits: Limits = LIMITS) -> FastAPI:
     """tts: a loaded misotts.TTS; voices: a VoiceStore (None: no voice routes); api_key: required
     as `Authorization: Bearer <key>` on /v1 routes when set."""
-    app = FastAPI(title="MisoTTS", docs_url=None, redoc_url=None)
+    if api_key is not None:
+        check_api_key(api_key)
+    # the schema names every route: behind a key it is not served at all
+    app = FastAPI(title="MisoTTS", docs_url=None, redoc_url=None, openapi_url=None if api_key else "/openapi.json")
     app.state.tts, app.state.voices, app.state.limits = tts, voices, limits
+    app.state.draining = Draining()  # a GracefulServer's shutdown ends streams through it
     app.state.metrics = metrics = Metrics(tts.engine)
     turns = Turns.for_model(tts, max_turn_tokens)
     max_context_audio_s = tts.config.max_seq_len * 0.08  # what the window holds: 12.5 frames/s
     created = int(time.time())
 
     def authorize(request) -> None:
-        if api_key is None:
+        if api_key is None:  # keyless: no browser page from another site (see auth.py)
+            if (origin := foreign_origin(request.headers, request.headers.get("host"))) is not None:
+                raise ApiError(403, f"requests from web pages of another origin ({origin[:80]}) are refused by a "
+                               "server without an API key", None, "origin_refused", type="permission_error")
             return
         given = request.headers.get("authorization", "")
         token = given[7:] if given.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
@@ -61,7 +70,7 @@ def create_app(tts, *, model_name: str = "misotts", api_key: str | None = None, 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, err: StarletteHTTPException):
         return await api_error(request, ApiError(err.status_code, str(err.detail), code=str(err.status_code),
-                                                 type="invalid_request_error"))
+                                                 type="invalid_request_error", headers=err.headers))  # 405: Allow
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, err: Exception):
@@ -71,7 +80,7 @@ def create_app(tts, *, model_name: str = "misotts", api_key: str | None = None, 
     app.add_middleware(RequestGuard, limits=limits)  # inside RequestIds: a refused request still gets its id and log line
     app.add_middleware(RequestIds)
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
         engine = tts.engine
         state = engine.health() if engine is not None else {"ok": True, "state": "serving", "error": None}
@@ -91,10 +100,13 @@ def create_app(tts, *, model_name: str = "misotts", api_key: str | None = None, 
     async def speech(request: Request):
         authorize(request)
         received = time.perf_counter()
+        if api_key is None and not _is_json(request.headers.get("content-type", "")):
+            raise ApiError(415, "the body must be sent as Content-Type: application/json", None,
+                           "unsupported_media_type")
         body = await read_json(request)
         req = await asyncio.to_thread(parse_speech, body, voices, max_context_audio_s)  # decodes audio
         turn_stats: list = []
-        chunks = speak(tts, req, turns, turn_stats)
+        chunks = until_expired(speak(tts, req, turns, turn_stats), app.state.draining)
         try:  # up to the first chunk a failure is a status code: queue full, engine stopped, bad prompt
             first = await anext(chunks, None)
         except Exception as err:
@@ -164,6 +176,10 @@ async def read_json(request: Request):
         raise bad_request("the JSON is nested too deeply", None, "invalid_json") from None
     except ValueError as err:  # not JSON, not UTF-8, an integer over 4,300 digits
         raise bad_request(f"the body must be JSON ({str(err)[:80]})", None, "invalid_json") from None
+
+
+def _is_json(content_type: str) -> bool:
+    return content_type.split(";")[0].strip().lower() == "application/json"
 
 
 def _rid(request: Request) -> str:

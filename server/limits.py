@@ -81,6 +81,9 @@ class RequestGuard:
         if sum(len(k) + len(v) + 4 for k, v in scope["headers"]) > limits.max_header_bytes:
             return await self._refuse(scope, send, 431, f"the request headers are over {limits.max_header_bytes} "
                                       "bytes", "headers_too_large")
+        draining = getattr(getattr(scope.get("app"), "state", None), "draining", None)
+        if draining is not None and draining.started:  # shutting down: no new work
+            return await self._refuse(scope, send, 503, "the server is shutting down", "shutting_down")
         if scope["type"] == "websocket":
             return await self.app(scope, receive, send)
         declared = [v for k, v in scope["headers"] if k == b"content-length"]

@@ -29,6 +29,7 @@ from .audio_formats import pcm16
 from .errors import ApiError, bad_request, error_kind, from_exception
 from .limits import LIMITS
 from .long_text import split_complete
+from .shutdown import shutting_down
 from .speech import Speaker, SpeechRequest, parse_speech
 
 log = logging.getLogger("misotts.server")
@@ -62,14 +63,18 @@ class Session:
 
     async def run(self) -> None:
         talker = asyncio.create_task(self.talk())
+        draining = getattr(self.ws.app.state, "draining", None)
+        expired = asyncio.create_task(draining.expired().wait()) if draining is not None else asyncio.Future()
         try:
             while not talker.done():
                 receive = asyncio.create_task(self.ws.receive())
-                done, _ = await asyncio.wait({receive, talker}, timeout=IDLE_TIMEOUT_S,
+                done, _ = await asyncio.wait({receive, talker, expired}, timeout=IDLE_TIMEOUT_S,
                                              return_when=asyncio.FIRST_COMPLETED)
                 if receive not in done:
                     receive.cancel()
-                    if not done:  # idle: nothing said, nothing to say
+                    if expired in done:  # the server's shutdown grace is over
+                        await self.send_error(shutting_down())
+                    elif not done:  # idle: nothing said, nothing to say
                         await self.send_error(ApiError(408, "the session was idle too long", code="idle_timeout"))
                     break
                 message = receive.result()
@@ -85,6 +90,7 @@ class Session:
         except Exception as err:  # noqa: BLE001 -- whatever it was, the client hears of it
             await self.send_error(from_exception(err))
         finally:
+            expired.cancel()
             talker.cancel()  # a generation in flight is cancelled: its blocks are freed
             await asyncio.gather(talker, return_exceptions=True)
             try:

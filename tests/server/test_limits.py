@@ -144,7 +144,8 @@ def test_bodies_over_the_limit_get_413_in_the_envelope(guarded):
         big = {**BODY, "input": "x" * 250_000}
         response = client.post(f"{guarded}/v1/audio/speech", json=big)
         assert response.status_code == 413 and response.json()["error"]["code"] == "body_too_large"
-        chunked = client.post(f"{guarded}/v1/audio/speech", content=iter([b"{" + b" " * 100_000] * 3))
+        chunked = client.post(f"{guarded}/v1/audio/speech", content=iter([b"{" + b" " * 100_000] * 3),
+                              headers={"content-type": "application/json"})
         assert chunked.status_code == 413 and chunked.json()["error"]["code"] == "body_too_large"
         assert client.get(f"{guarded}/health").status_code == 200
 
