@@ -17,6 +17,7 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from misotts.chunks import Audio
 
@@ -64,8 +65,15 @@ def create_app(tts, *, model_name: str = "misotts", api_key: str | None = None, 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, err: ApiError):
         metrics.errors.labels(error_kind(err)).inc()
-        log.info("%s %s -> %d %s", _rid(request), request.url.path, err.status, err.message)
+        request.state.note = err.message  # RequestIds writes it in the request's one log line
         return err.response()
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_left(request: Request, err: ClientDisconnect):  # normal life, not an error
+        route = "speech" if request.url.path == "/v1/audio/speech" else "voices"
+        metrics.requests.labels(route, "disconnected").inc()
+        request.state.note = "the client left before its body was read"
+        return Response(status_code=499)  # never sent: nobody is there
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, err: StarletteHTTPException):
@@ -163,8 +171,9 @@ class RequestIds:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
-            log.info("%s %s %s -> %d in %.0f ms", rid, scope["method"], scope["path"], status[0],
-                     (time.perf_counter() - start) * 1000)
+            note = scope["state"].get("note")
+            log.info("%s %s %s -> %d in %.0f ms%s", rid, scope["method"], scope["path"], status[0],
+                     (time.perf_counter() - start) * 1000, f": {note}" if note else "")
 
 
 async def read_json(request: Request):
@@ -233,6 +242,9 @@ async def _audio_body(request: Request, chunks, response_format: str, metrics):
         if data := encoder.finish():
             yield data
         metrics.requests.labels("speech", "ok").inc()
+    except asyncio.CancelledError:  # the client left (Starlette cancels the stream): not an error
+        _left(request, metrics)
+        raise
     except Exception as err:
         metrics.errors.labels(error_kind(from_exception(err))).inc()
         log.warning("%s speech stream failed: %s", _rid(request), err)
@@ -259,6 +271,9 @@ async def _sse_body(request: Request, chunks, response_format: str, input_tokens
         usage = {"input_tokens": input_tokens, "output_tokens": frames, "total_tokens": input_tokens + frames}
         yield _event({"type": "speech.audio.done", "usage": usage})
         metrics.requests.labels("speech", "ok").inc()
+    except asyncio.CancelledError:
+        _left(request, metrics)
+        raise
     except Exception as err:
         error = from_exception(err)
         metrics.errors.labels(error_kind(error)).inc()
@@ -266,6 +281,11 @@ async def _sse_body(request: Request, chunks, response_format: str, input_tokens
     finally:
         encoder.close()
         await chunks.aclose()
+
+
+def _left(request: Request, metrics) -> None:
+    metrics.requests.labels("speech", "disconnected").inc()
+    request.state.note = "the client left mid-stream"
 
 
 def _event(payload: dict) -> str:
