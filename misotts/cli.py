@@ -121,7 +121,12 @@ def cmd_info(args) -> int:
 def cmd_convert(args) -> int:
     from misotts.weights import convert
 
-    out = convert(args.src, args.dst, shard_size=args.shard_size, overwrite=args.overwrite)
+    checks.check_convert_source(args.src)
+
+    from misotts.runtime.hub import PRESET_HUB_IDS
+
+    out = convert(PRESET_HUB_IDS.get(args.src, args.src), args.dst, shard_size=args.shard_size,
+                  overwrite=args.overwrite)
     print(f"wrote {out or args.dst}")
     return 0
 
@@ -282,9 +287,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except ModuleNotFoundError as e:
-        if (e.name or "").split(".")[0] != "moshi":
+        top = (e.name or "").split(".")[0]
+        if top == "moshi":
+            print(f"misotts {args.command}: error: {MOSHI_MISSING}", file=sys.stderr)
+        elif top in checks.EXTRAS:
+            print(f"misotts {args.command}: error: {checks.missing_module(top)}", file=sys.stderr)
+        else:
             raise
-        print(f"misotts {args.command}: error: {MOSHI_MISSING}", file=sys.stderr)
         return EXIT_ERROR
     except (ValueError, OSError, RuntimeError) as e:  # OSError: missing files, folders, full disks
         print(f"misotts {args.command}: error: {e}", file=sys.stderr)

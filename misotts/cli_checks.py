@@ -120,12 +120,16 @@ def check_output(output: str) -> None:
     path = Path(output).expanduser()
     if path.is_dir():
         raise IsADirectoryError(f"-o {output} is a folder: name the WAV file to write")
-    parent = next((p for p in path.parents if p.exists()), None)
-    if parent is not None and not parent.is_dir():
+    parent = path.parent
+    if parent.exists() and not parent.is_dir():
         raise NotADirectoryError(f"-o {output}: {parent} is a file, not a folder")
+    if not parent.exists():  # a typo in a folder name should not become a new folder
+        raise FileNotFoundError(f"-o {output}: the folder {parent} does not exist")
 
 
 def check_generation_args(args) -> None:
+    if not 0 <= args.seed <= 2**63 - 1:
+        raise ValueError(f"--seed must be in 0..2**63-1, got {args.seed}")
     if args.speaker < 0:
         raise ValueError(f"--speaker must be >= 0, got {args.speaker}")
     if not args.temperature >= 0:
@@ -166,3 +170,26 @@ def require_extra(modules: tuple[str, ...], extra: str, command: str) -> None:
     if missing:
         raise ValueError(f"{command} needs {', '.join(missing)}, from the {extra!r} extra: "
                          f'pip install "misotts[{extra}]" (in a checkout: pip install -e ".[{extra}]")')
+
+
+# Optional packages, and the pip command that brings each.
+EXTRAS = {"transformers": '"transformers>=5.0" (or pip install -e ".[dev]")', "fastapi": '-e ".[server]"',
+          "uvicorn": '-e ".[server]"', "av": '-e ".[server]"', "prometheus_client": '-e ".[server]"',
+          "multipart": '-e ".[server]"', "ray": '-e ".[ray]"', "matplotlib": "matplotlib"}
+
+
+def missing_module(name: str) -> str:
+    return f"the {name} package is needed here and is not installed: pip install {EXTRAS[name]}"
+
+
+def check_convert_source(src: str) -> None:
+    """convert SRC: a checkpoint folder or a hub id; a preset other than one naming a public
+    checkpoint is only a shape (random weights), nothing to convert."""
+    if src in PRESETS:
+        if src in PRESET_HUB_IDS:
+            return
+        raise ValueError(f"{src!r} is a preset with random weights only: there is no checkpoint to convert; give a "
+                         "checkpoint folder or a hub id (owner/name)")
+    path = Path(src).expanduser()
+    if not path.is_dir() and not HUB_ID.fullmatch(src):
+        raise FileNotFoundError(f"{src}: no such checkpoint folder (SRC is a folder or a hub id owner/name)")
