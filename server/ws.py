@@ -95,7 +95,7 @@ class Session:
             await asyncio.gather(talker, return_exceptions=True)
             try:
                 await self.ws.close()
-            except RuntimeError:  # already closed
+            except (RuntimeError, WebSocketDisconnect):  # already closed, or the client has gone
                 pass
 
     async def handle(self, raw: str) -> None:
