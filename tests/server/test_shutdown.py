@@ -1,5 +1,5 @@
-"""`misotts serve` shut down by SIGTERM: no new connections, streams in flight get the grace and
-are then ended with an error event, exit 0; a second signal exits at once."""
+"""`misotts serve` shut down by SIGTERM: no new connections, streams and WebSocket sessions in
+flight get the grace and are then ended with an error, exit 0; a second signal exits at once."""
 import json
 import os
 import signal
@@ -8,6 +8,9 @@ import sys
 import time
 
 import httpx
+import pytest
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect
 
 from misotts.server.background import free_port
 
@@ -49,6 +52,11 @@ def test_sigterm_gives_streams_the_grace_then_ends_them_with_an_error_and_exits_
     proc, url = start(tmp_path, grace_s=3)
     try:
         events, refused_during_grace = [], False
+        ws = connect(url.replace("http://", "ws://") + "/v1/audio/speech/stream")
+        ws.send(json.dumps({"type": "session.config", "max_audio_ms": 60_000}))
+        ws.send(json.dumps({"type": "text.delta", "text": "Keep talking. "}))
+        while not isinstance(ws.recv(timeout=60), bytes):  # the session is speaking
+            pass
         with httpx.stream("POST", f"{url}/v1/audio/speech", json=LONG, timeout=60) as response:
             assert response.status_code == 200
             lines = response.iter_lines()
@@ -75,6 +83,14 @@ def test_sigterm_gives_streams_the_grace_then_ends_them_with_an_error_and_exits_
         assert events[-1]["error"]["code"] == "shutting_down"
         # the stream ran on through the grace: 3 s at tiny's CPU speed is well over 2 deltas
         assert kinds.count("speech.audio.delta") > 2
+        # the WebSocket session too: audio through the grace, then an error, then the close
+        messages = []
+        with pytest.raises(ConnectionClosed):
+            while True:
+                messages.append(ws.recv(timeout=30))
+        said = [json.loads(m) for m in messages if isinstance(m, str)]
+        assert said[-1]["type"] == "error" and said[-1]["error"]["code"] == "shutting_down", said
+        assert sum(isinstance(m, bytes) for m in messages) > 2
     finally:
         stop(proc)
 
