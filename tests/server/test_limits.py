@@ -205,3 +205,21 @@ def test_a_websocket_session_has_a_text_budget(guarded):
                 events.append(json.loads(message))
         start = next(e for e in events if e["type"] == "segment.start")
         assert start["text"] == "a" * 40 + "c" * 10  # the refused text was dropped, the session went on
+
+
+def test_connections_past_the_limit_get_503(tts):
+    limits = Limits(max_connections=2)
+    with running(create_app(tts, model_name="tiny", limits=limits), settings=uvicorn_settings(limits)) as url:
+        port = int(url.rsplit(":", 1)[1])
+        held = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(2)]
+        try:
+            time.sleep(0.2)  # let the server register both
+            with httpx.Client(timeout=TIMEOUT) as client:
+                assert client.get(f"{url}/health").status_code == 503  # uvicorn's limit_concurrency
+        finally:
+            for sock in held:
+                sock.close()
+        wait_ok = time.monotonic() + 10
+        while httpx.get(f"{url}/health", timeout=TIMEOUT).status_code != 200:
+            assert time.monotonic() < wait_ok, "the server did not recover once the connections closed"
+            time.sleep(0.1)
