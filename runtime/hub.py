@@ -19,7 +19,10 @@ def check_reachable(what: str, fix: str, timeout_s: float = 3.0) -> None:
     from urllib.parse import urlsplit
 
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+    from huggingface_hub import constants
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    if offline or constants.HF_HUB_OFFLINE:
         raise FileNotFoundError(f"{what}: HF_HUB_OFFLINE is set and it is not in the local cache. {fix}")
     url = urlsplit(endpoint)
     host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)

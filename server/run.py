@@ -36,5 +36,7 @@ def serve(app, sock: socket.socket, grace_s: float = SHUTDOWN_GRACE_S, limits: L
     if max_connections is not None:
         settings["limit_concurrency"] = max_connections
     # access_log off: RequestIds writes the one line per request (with its id)
-    config = uvicorn.Config(app, log_level="info", access_log=False, timeout_graceful_shutdown=2, **settings)
+    host, port = sock.getsockname()[:2]  # for uvicorn's "running on" line
+    config = uvicorn.Config(app, host=host, port=port, log_level="info", access_log=False,
+                            timeout_graceful_shutdown=2, **settings)
     GracefulServer(config, app.state.draining, grace_s).run(sockets=[sock])
