@@ -223,3 +223,13 @@ def test_connections_past_the_limit_get_503(tts):
         while httpx.get(f"{url}/health", timeout=TIMEOUT).status_code != 200:
             assert time.monotonic() < wait_ok, "the server did not recover once the connections closed"
             time.sleep(0.1)
+
+
+def test_once_shutdown_begins_new_requests_on_open_connections_get_503(tts):
+    app = create_app(tts, model_name="tiny")
+    with running(app) as url, httpx.Client(timeout=TIMEOUT) as client:
+        assert client.get(f"{url}/health").status_code == 200  # the keep-alive connection is open
+        app.state.draining.begin()
+        for response in (client.get(f"{url}/health"), httpx.post(f"{url}/v1/audio/speech", json=BODY, timeout=TIMEOUT)):
+            assert response.status_code == 503 and response.json()["error"]["code"] == "shutting_down"
+            assert response.headers["connection"] == "close"
