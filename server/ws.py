@@ -62,7 +62,7 @@ class Session:
         self.current: asyncio.Task | None = None  # the sentence being spoken
 
     async def run(self) -> None:
-        talker = asyncio.create_task(self.talk())
+        talker, close_code = asyncio.create_task(self.talk()), 1000
         draining = getattr(self.ws.app.state, "draining", None)
         expired = asyncio.create_task(draining.expired().wait()) if draining is not None else asyncio.Future()
         try:
@@ -74,6 +74,7 @@ class Session:
                     receive.cancel()
                     if expired in done:  # the server's shutdown grace is over
                         await self.send_error(shutting_down())
+                        close_code = 1012  # "service restart": reconnect elsewhere
                     elif not done:  # idle: nothing said, nothing to say
                         await self.send_error(ApiError(408, "the session was idle too long", code="idle_timeout"))
                     break
@@ -94,7 +95,7 @@ class Session:
             talker.cancel()  # a generation in flight is cancelled: its blocks are freed
             await asyncio.gather(talker, return_exceptions=True)
             try:
-                await self.ws.close()
+                await self.ws.close(code=close_code)
             except (RuntimeError, WebSocketDisconnect):  # already closed, or the client has gone
                 pass
 

@@ -85,9 +85,10 @@ def test_sigterm_gives_streams_the_grace_then_ends_them_with_an_error_and_exits_
         assert kinds.count("speech.audio.delta") > 2
         # the WebSocket session too: audio through the grace, then an error, then the close
         messages = []
-        with pytest.raises(ConnectionClosed):
+        with pytest.raises(ConnectionClosed) as closed:
             while True:
                 messages.append(ws.recv(timeout=30))
+        assert closed.value.rcvd.code == 1012  # service restart: reconnect elsewhere
         said = [json.loads(m) for m in messages if isinstance(m, str)]
         assert said[-1]["type"] == "error" and said[-1]["error"]["code"] == "shutting_down", said
         assert sum(isinstance(m, bytes) for m in messages) > 2
