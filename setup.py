@@ -46,7 +46,8 @@ setup(
         "sentencepiece",
     ],
     extras_require={
-        "test": ["pytest", "pytest-xdist", "transformers>=5.0", *QUALITY, *SERVER, *SERVER_TEST, *RAY],
+        "test": ["pytest", "pytest-xdist", "hypothesis>=6.100", "transformers>=5.0", *QUALITY, *SERVER, *SERVER_TEST,
+                 *RAY],
         "quality": QUALITY,  # python -m misotts.bench.quality: WER through a local ASR model
         "server": SERVER,
         "ray": [*SERVER, *RAY],

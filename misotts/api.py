@@ -14,7 +14,7 @@ from misotts.chunks import Audio, Chunker, GenerationStats
 from misotts.conversation import Conversation
 from misotts.runtime.audio import SAMPLE_RATE, load_audio
 from misotts.runtime.config import PRESETS, ModelConfig
-from misotts.runtime.devices import resolve_device
+from misotts.runtime.devices import DTYPES, resolve_device
 from misotts.runtime.hub import DEFAULT_CODEC, PRESET_HUB_IDS
 from misotts.engine import Engine, EngineConfig
 from misotts.runtime.generate import ReferenceBackend, max_frames_for
@@ -211,7 +211,7 @@ class TTS:
                 "backend": self.backend.name if self.engine is None else f"engine ({self.engine.stats()['ops']} ops)"}
 
 
-def load(source: str | Path = "tiny", device=None, dtype: torch.dtype | None = None, *,
+def load(source: str | Path = "tiny", device=None, dtype: torch.dtype | str | None = None, *,
          random_init: bool = False, seed: int = 0, codec: str | None = None,
          tokenizer: str | Path | None = None, progress: bool = True, backend: str = "auto",
          engine: dict | None = None, weights: str | None = None) -> TTS:
@@ -222,6 +222,7 @@ def load(source: str | Path = "tiny", device=None, dtype: torch.dtype | None = N
     codec: Mimi weights (a .safetensors path or hub repo id); default the untrained Mimi for
     random models and kyutai's Mimi for real checkpoints.
     tokenizer: a tokenizer.json to use instead of the one beside the weights.
+    dtype: a torch dtype or its name ("bf16", "bfloat16", "fp32", ...).
     backend: "auto" serves through the engine (misotts.engine: paged KV with prefix reuse,
     continuous batching; Triton kernels and CUDA graphs on CUDA, torch ops on the CPU);
     "reference" runs the plain model frame by frame.
@@ -231,10 +232,19 @@ def load(source: str | Path = "tiny", device=None, dtype: torch.dtype | None = N
     """
     if backend not in ("auto", "reference"):
         raise ValueError(f"unknown backend {backend!r}: expected 'auto' or 'reference'")
+    dtype = _dtype(dtype)
     tts = _load(source, device, dtype, random_init, seed, codec, tokenizer, progress, weights)
     if backend == "auto":
         tts.start_engine(engine, progress=progress)
     return tts
+
+
+def _dtype(dtype):
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str) and dtype.lower().removeprefix("torch.") in DTYPES:
+        return DTYPES[dtype.lower().removeprefix("torch.")]
+    raise ValueError(f"dtype {dtype!r}: expected a torch dtype or one of {', '.join(sorted(DTYPES))}")
 
 
 def _load(source, device, dtype, random_init, seed, codec, tokenizer, progress, weights=None) -> TTS:

@@ -128,7 +128,12 @@ def cmd_convert(args) -> int:
     from misotts.weights import convert
 
     checks.check_weights(args.weights)
-    out = convert(args.src, args.dst, shard_size=args.shard_size, overwrite=args.overwrite, weights=args.weights)
+    checks.check_convert_source(args.src)
+
+    from misotts.runtime.hub import PRESET_HUB_IDS
+
+    out = convert(PRESET_HUB_IDS.get(args.src, args.src), args.dst, shard_size=args.shard_size,
+                  overwrite=args.overwrite, weights=args.weights)
     print(f"wrote {out or args.dst}")
     return 0
 
@@ -138,18 +143,19 @@ def cmd_serve(args) -> int:
     import os
 
     _check_serve_args(args)  # before anything loads
-    import uvicorn
-
     from misotts.server import create_app
+    from misotts.server.run import bind, serve
     from misotts.server.voices import VoiceStore
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     engine = {"max_batch": args.max_batch, "max_waiting": args.max_waiting}
     engine = {k: v for k, v in engine.items() if v is not None}
-    api_key = args.api_key or os.environ.get("MISOTTS_API_KEY") or None
+    api_key = checks.api_key(args.api_key, os.environ.get("MISOTTS_API_KEY"))
     if args.ray:
         return _serve_on_ray(args, engine, api_key)
     import misotts
+
+    sock = bind(args.host, args.port)  # a port in use is found now, not after the model loaded
 
     # Loaded and warmed (engine, graphs, the lanes' Mimi) before the port opens.
     tts = misotts.load(args.model, device=args.device, dtype=DTYPES[args.dtype] if args.dtype else None,
@@ -160,8 +166,9 @@ def cmd_serve(args) -> int:
               "never end a turn, so each request runs to its max_audio_ms.", file=sys.stderr)
     app = create_app(tts, model_name=args.model, api_key=api_key, voices=VoiceStore(args.voices_dir))
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+        serve(app, sock, grace_s=args.shutdown_grace, max_connections=args.max_connections)
     finally:
+        sock.close()
         tts.close()
     return 0
 
@@ -191,6 +198,15 @@ def _ray_scaling(args):
 
 
 def _check_serve_args(args) -> None:
+    checks.require_extra(("fastapi", "uvicorn", "av", "prometheus_client", "multipart"), "server", "serve")
+    checks.check_port(args.port)
+    if not args.shutdown_grace >= 0:
+        raise ValueError(f"--shutdown-grace must be >= 0 seconds, got {args.shutdown_grace}")
+    if args.max_connections is not None and args.max_connections < 1:
+        raise ValueError(f"--max-connections must be >= 1, got {args.max_connections}")
+    for flag, value in (("--max-batch", args.max_batch), ("--max-waiting", args.max_waiting)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
     ray_only = [flag for flag, value in (("--replicas", args.replicas), ("--autoscale", args.autoscale),
                                          ("--target-ongoing", args.target_ongoing), ("--ray-address", args.ray_address),
                                          ("--threads", args.threads)) if value is not None]
@@ -256,6 +272,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--voices-dir", default="voices", help="where registered voices are stored")
     p.add_argument("--max-batch", type=int, default=None, help="engine lanes (default: 32 on CUDA, 8 on CPU)")
     p.add_argument("--max-waiting", type=int, default=None, help="queued requests before 429 (default 64)")
+    p.add_argument("--shutdown-grace", type=float, default=5.0, metavar="S",
+                   help="on SIGTERM / Ctrl-C, seconds streams in flight get to finish before they are ended "
+                        "(default 5; a second signal exits at once)")
+    p.add_argument("--max-connections", type=int, default=None,
+                   help="open connections (and requests in flight) beyond which the server answers 503 (default 512)")
     ray = p.add_argument_group("Ray Serve (pip install -e \".[ray]\"): one engine per replica behind one port")
     ray.add_argument("--ray", action="store_true", help="serve on Ray Serve (a local Ray, or --ray-address)")
     ray.add_argument("--replicas", type=int, default=None, help="engine replicas (default 1; one GPU each on GPUs)")
@@ -279,9 +300,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except ModuleNotFoundError as e:
-        if (e.name or "").split(".")[0] != "moshi":
+        top = (e.name or "").split(".")[0]
+        if top == "moshi":
+            print(f"misotts {args.command}: error: {MOSHI_MISSING}", file=sys.stderr)
+        elif top in checks.EXTRAS:
+            print(f"misotts {args.command}: error: {checks.missing_module(top)}", file=sys.stderr)
+        else:
             raise
-        print(f"misotts {args.command}: error: {MOSHI_MISSING}", file=sys.stderr)
         return EXIT_ERROR
     except (ValueError, OSError, RuntimeError) as e:  # OSError: missing files, folders, full disks
         print(f"misotts {args.command}: error: {e}", file=sys.stderr)

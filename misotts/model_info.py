@@ -26,6 +26,9 @@ def describe(source: str, device=None, dtype: torch.dtype | None = None, random_
     if untrained:
         config, label = PRESETS[name], f"{name} (random weights)"
         codec = codec or "untrained Mimi (random weights)"
+    elif name in PRESETS:  # a preset's shape is known here: no hub lookup (info works offline)
+        config, label = PRESETS[name], name
+        codec = codec or f"{PRESET_HUB_IDS.get(name, name)}'s bundled Mimi, else {DEFAULT_CODEC}"
     else:
         path = resolve_source(PRESET_HUB_IDS.get(name, name))
         fmt = detect_format(path)

@@ -47,9 +47,15 @@ def not_found_message(name: str) -> str:
 
 
 def download(repo_id: str) -> Path:
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download, try_to_load_from_cache
     from huggingface_hub.errors import HFValidationError
 
+    from misotts.runtime.hub import check_reachable
+
+    if not isinstance(try_to_load_from_cache(repo_id, "config.json"), str):  # not cached: the hub is needed
+        check_reachable(f"{repo_id!r} is not a local directory nor in the hub cache",
+                        f"Pass a local checkpoint directory instead (--model DIR / source=DIR), downloaded where "
+                        f"the hub is reachable, e.g. `hf download {repo_id} --local-dir DIR`")
     try:
         path = Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors"]))
         if weight_file(path) is None:  # Sesame's first release: ckpt.pt only
