@@ -23,18 +23,24 @@ from misotts.chunks import Audio
 from .audio_formats import MEDIA_TYPES, Encoder, encode_all
 from .errors import ApiError, bad_request, error_kind, from_exception
 from .metrics import CONTENT_TYPE_LATEST, Metrics
-from .speech import Turns, parse_speech, speak
+from .speech import OPENAI_VOICES, Turns, parse_speech, speak
+from .stretch import stretch_chunks
 from .ws import add_stream_route
 
 log = logging.getLogger("misotts.server")
 REUSED_HEADER, COMPUTED_HEADER = "X-Prefix-Reused-Positions", "X-Prefix-Computed-Positions"
 REPLICA_HEADER = "X-Misotts-Replica"  # the engine replica that served a request (Ray Serve)
+IGNORED_HEADER = "X-Misotts-Ignored-Fields"  # request fields accepted but not honoured (instructions)
 
 
 def create_app(tts, *, model_name: str = "misotts", api_key: str | None = None, voices=None,
-               max_turn_tokens: int | None = None) -> FastAPI:
+               max_turn_tokens: int | None = None, voice_aliases: dict | None = None) -> FastAPI:
     """tts: a loaded misotts.TTS; voices: a VoiceStore (None: no voice routes); api_key: required
-    as `Authorization: Bearer <key>` on /v1 routes when set."""
+    as `Authorization: Bearer <key>` on /v1 routes when set; voice_aliases: built-in voice names
+    that speak as a registered voice instead ({"alloy": "anna"}), for clients that only send those."""
+    voice_aliases = dict(voice_aliases or {})
+    if unknown := sorted(set(voice_aliases) - set(OPENAI_VOICES)):
+        raise ValueError(f"voice aliases are for built-in voice names ({', '.join(OPENAI_VOICES)}): {unknown}")
     app = FastAPI(title="MisoTTS", docs_url=None, redoc_url=None)
     app.state.tts, app.state.voices = tts, voices
     app.state.metrics = metrics = Metrics(tts.engine)
@@ -92,9 +98,9 @@ def create_app(tts, *, model_name: str = "misotts", api_key: str | None = None, 
             body = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise bad_request("the body must be JSON", None, "invalid_json")
-        req = parse_speech(body, voices)
+        req = parse_speech(body, voices, voice_aliases)
         turn_stats: list = []
-        chunks = speak(tts, req, turns, turn_stats)
+        chunks = stretch_chunks(speak(tts, req, turns, turn_stats), req.speed)
         try:  # up to the first chunk a failure is a status code: queue full, engine stopped, bad prompt
             first = await anext(chunks, None)
         except Exception as err:
@@ -109,6 +115,9 @@ def create_app(tts, *, model_name: str = "misotts", api_key: str | None = None, 
                        COMPUTED_HEADER: str(first_stats.computed_positions)}
             if first_stats.served_by:
                 headers[REPLICA_HEADER] = first_stats.served_by
+        if req.ignored:  # accepted for OpenAI's clients; this model cannot follow them
+            headers[IGNORED_HEADER] = ",".join(req.ignored)
+            log.info("%s ignored %s: the model takes none", _rid(request), ", ".join(req.ignored))
         counted = _counting(first, chunks, metrics, turn_stats)
         if req.stream_format is None:
             return await _whole_file(request, counted, req.response_format, headers, metrics)
@@ -119,7 +128,7 @@ def create_app(tts, *, model_name: str = "misotts", api_key: str | None = None, 
         body_iter = _sse_body(request, counted, req.response_format, input_tokens, metrics)
         return StreamingResponse(body_iter, media_type="text/event-stream", headers=headers)
 
-    add_stream_route(app, tts, voices, turns, authorize, metrics)
+    add_stream_route(app, tts, voices, turns, authorize, metrics, voice_aliases)
     if voices is not None:
         from .voice_routes import add_voice_routes
 

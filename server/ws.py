@@ -35,7 +35,7 @@ IDLE_TIMEOUT_S = 300  # a session with no message and nothing to say for this lo
 MAX_PENDING_CHARS = 4096  # text buffered but not yet spoken, as the HTTP route's input limit
 
 
-def add_stream_route(app: FastAPI, tts, voices, turns, authorize, metrics) -> None:
+def add_stream_route(app: FastAPI, tts, voices, turns, authorize, metrics, voice_aliases=None) -> None:
     @app.websocket("/v1/audio/speech/stream")
     async def stream(websocket: WebSocket):
         try:
@@ -45,12 +45,13 @@ def add_stream_route(app: FastAPI, tts, voices, turns, authorize, metrics) -> No
             await websocket.close(code=1008, reason=err.message[:120])
             return
         await websocket.accept()
-        await Session(websocket, tts, voices, turns, metrics).run()
+        await Session(websocket, tts, voices, turns, metrics, voice_aliases).run()
 
 
 class Session:
-    def __init__(self, websocket: WebSocket, tts, voices, turns, metrics):
+    def __init__(self, websocket: WebSocket, tts, voices, turns, metrics, voice_aliases=None):
         self.ws, self.tts, self.voices, self.turns, self.metrics = websocket, tts, voices, turns, metrics
+        self.voice_aliases = voice_aliases
         self.id = uuid.uuid4().hex[:16]
         self.speaker: Speaker | None = None
         self.pending = ""  # text received, not yet a whole sentence
@@ -139,7 +140,7 @@ class Session:
             raise bad_request("the WebSocket sends pcm (16-bit little-endian 24 kHz mono) only", "response_format")
         config.pop("response_format", None)
         config.setdefault("voice", "0")
-        req = parse_speech({"model": "stream", "input": "-", **config}, self.voices)
+        req = parse_speech({"model": "stream", "input": "-", **config}, self.voices, self.voice_aliases)
         self.speaker = Speaker(self.tts, req, self.turns)
         self.queue.put_nowait({"type": "session.ready", "voice": req.voice, "sample_rate": 24_000, "format": "pcm"})
 
