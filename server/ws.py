@@ -2,13 +2,14 @@
 sentence can be spoken.
 
 Client -> server, JSON text messages:
-    {"type": "session.config", "voice": ..., "seed": ..., "temperature": ..., "topk": ...,
-     "max_audio_ms": ..., "context": [...]}       optional, before the first text
+    {"type": "session.config", "voice": ..., "response_format": "pcm" | "opus" | "g711_ulaw" | "g711_alaw",
+     "speed": ..., "seed": ..., "temperature": ..., "topk": ..., "max_audio_ms": ..., "context": [...]}
+                                                  optional, before the first text
     {"type": "text.delta", "text": "Hel"}         more text
     {"type": "text.done"}                         no more text: speak the rest, then end
     {"type": "cancel"}                            barge-in: stop speaking, drop the text not yet spoken
 Server -> client:
-    binary frames: pcm16 little-endian 24 kHz mono audio
+    binary frames: audio in the session's format (streaming_formats.py; pcm16 24 kHz mono by default)
     {"type": "session.ready", ...}                after the config (or at the first text)
     {"type": "segment.start", "index": i, "text": ...}  / {"type": "segment.done", "index": i, "frames": n}
     {"type": "cancelled"}                         after a cancel: the session goes on
@@ -25,10 +26,10 @@ import uuid
 
 from fastapi import FastAPI, WebSocket, WebSocketDisconnect
 
-from .audio_formats import pcm16
 from .errors import ApiError, bad_request, error_kind, from_exception
 from .long_text import split_complete
 from .speech import Speaker, parse_speech
+from .streaming_formats import WS_FORMATS, SegmentEncoder
 
 log = logging.getLogger("misotts.server")
 IDLE_TIMEOUT_S = 300  # a session with no message and nothing to say for this long is closed
@@ -58,6 +59,7 @@ class Session:
         self.queue: asyncio.Queue = asyncio.Queue()  # sentences to speak, then None after text.done
         self.frames = self.index = self.chars = 0
         self.current: asyncio.Task | None = None  # the sentence being spoken
+        self.format, self.speed = "pcm", 1.0
 
     async def run(self) -> None:
         talker = asyncio.create_task(self.talk())
@@ -88,7 +90,7 @@ class Session:
             await asyncio.gather(talker, return_exceptions=True)
             try:
                 await self.ws.close()
-            except RuntimeError:  # already closed
+            except (RuntimeError, WebSocketDisconnect, OSError):  # already closed, or the client hung up
                 pass
 
     async def handle(self, raw: str) -> None:
@@ -136,13 +138,19 @@ class Session:
             await self.send_error(bad_request("type must be session.config, text.delta, text.done or cancel", "type"))
 
     def configure(self, config: dict) -> None:
-        if config.get("response_format", "pcm") != "pcm":
-            raise bad_request("the WebSocket sends pcm (16-bit little-endian 24 kHz mono) only", "response_format")
-        config.pop("response_format", None)
+        fmt = config.pop("response_format", "pcm")
+        if fmt not in WS_FORMATS:
+            raise bad_request(f"response_format must be one of {', '.join(WS_FORMATS)}, got {fmt!r}",
+                              "response_format")
+        if "stream_format" in config:
+            raise bad_request("the WebSocket always streams: no stream_format", "stream_format", "unknown_parameter")
         config.setdefault("voice", "0")
         req = parse_speech({"model": "stream", "input": "-", **config}, self.voices, self.voice_aliases)
-        self.speaker = Speaker(self.tts, req, self.turns)
-        self.queue.put_nowait({"type": "session.ready", "voice": req.voice, "sample_rate": 24_000, "format": "pcm"})
+        if req.ignored:
+            log.info("%s websocket: ignored %s: the model takes none", self.id, ", ".join(req.ignored))
+        self.speaker, self.format, self.speed = Speaker(self.tts, req, self.turns), fmt, req.speed
+        self.queue.put_nowait({"type": "session.ready", "voice": req.voice, "sample_rate": WS_FORMATS[fmt],
+                               "format": fmt, "speed": req.speed, "ignored": req.ignored})
 
     async def talk(self) -> None:
         """Speak the queued sentences in order; a cancel stops the one in flight only."""
@@ -170,17 +178,22 @@ class Session:
         await self.ws.send_json({"type": "segment.start", "index": index, "text": text})
         frames, turn_stats = 0, []
         self.speaker.stats = turn_stats
+        encoder = SegmentEncoder(self.format, self.speed)
         try:
             async for chunk in self.speaker.say(text):
                 frames += len(chunk.codes)
                 self.metrics.frames.inc(len(chunk.codes))
-                await self.ws.send_bytes(pcm16(chunk.samples))
-        except asyncio.CancelledError:
+                if data := encoder.add(chunk.samples):
+                    await self.ws.send_bytes(data)
+            if data := encoder.finish():
+                await self.ws.send_bytes(data)
+        except (asyncio.CancelledError, WebSocketDisconnect):
             raise
         except Exception as err:  # the generation failed: say so, and end the session
             await self.send_error(from_exception(err))
             raise
         finally:
+            encoder.close()
             self.metrics.count_prefix(turn_stats)
         self.frames += frames
         await self.ws.send_json({"type": "segment.done", "index": index, "frames": frames})
