@@ -10,9 +10,10 @@ from setuptools import setup
 SUBPACKAGES = ["kernels", "runtime", "engine", "weights", "bench", "server"]
 
 # The HTTP / WebSocket server (misotts serve); tests need them too, and a real client of each kind.
-# audiotsm: the streaming WSOLA time stretch behind `speed` (docs/server.md says why this one).
+# audiotsm: the streaming WSOLA time stretch behind `speed`; sentencex: sentence ends for long input
+# and the WebSocket (docs/server.md says why these).
 SERVER = ["fastapi>=0.110", "uvicorn>=0.29", "av>=12", "prometheus-client>=0.20", "python-multipart>=0.0.9",
-          "audiotsm>=0.1.2"]
+          "audiotsm>=0.1.2", "sentencex>=1.0"]
 SERVER_TEST = ["httpx", "openai>=1.40", "websockets>=12"]
 # The same server on Ray Serve (misotts serve --ray): 2.60 is what the tests run (late-bound ingress apps).
 RAY = ["ray[serve]>=2.60"]
