@@ -15,6 +15,11 @@ SUBPACKAGES = ["kernels", "runtime", "engine", "weights", "bench", "server"]
 SERVER = ["fastapi>=0.110", "uvicorn>=0.29", "av>=12", "prometheus-client>=0.20", "python-multipart>=0.0.9",
           "audiotsm>=0.1.2", "sentencex>=1.0"]
 SERVER_TEST = ["httpx", "openai>=1.40", "websockets>=12"]
+# Voice-agent frameworks as real clients of the server (tests/server/test_agents.py).  Pipecat pins
+# protobuf<7, which breaks ray[serve]'s import (its gRPC code needs protobuf>=7.35), so only
+# LiveKit is in "test"; Pipecat's test runs where it is installed apart from [ray].
+LIVEKIT = ["livekit-agents>=1.8", "livekit-plugins-openai>=1.8"]
+AGENTS = ["pipecat-ai>=1.14", *LIVEKIT]
 # The same server on Ray Serve (misotts serve --ray): 2.60 is what the tests run (late-bound ingress apps).
 RAY = ["ray[serve]>=2.60"]
 
@@ -45,7 +50,8 @@ setup(
         "sentencepiece",
     ],
     extras_require={
-        "test": ["pytest", "pytest-xdist", "transformers>=5.0", *SERVER, *SERVER_TEST, *RAY],
+        "test": ["pytest", "pytest-xdist", "transformers>=5.0", *SERVER, *SERVER_TEST, *RAY, *LIVEKIT],
+        "agents": [*SERVER, *AGENTS],
         "server": SERVER,
         "ray": [*SERVER, *RAY],
         "dev": ["pytest", "transformers>=5.0", "matplotlib"],

@@ -34,10 +34,13 @@ IGNORED_HEADER = "X-Misotts-Ignored-Fields"  # request fields accepted but not h
 
 
 def create_app(tts, *, model_name: str = "misotts", api_key: str | None = None, voices=None,
-               max_turn_tokens: int | None = None, voice_aliases: dict | None = None) -> FastAPI:
+               max_turn_tokens: int | None = None, voice_aliases: dict | None = None,
+               request_defaults: dict | None = None) -> FastAPI:
     """tts: a loaded misotts.TTS; voices: a VoiceStore (None: no voice routes); api_key: required
     as `Authorization: Bearer <key>` on /v1 routes when set; voice_aliases: built-in voice names
-    that speak as a registered voice instead ({"alloy": "anna"}), for clients that only send those."""
+    that speak as a registered voice instead ({"alloy": "anna"}), for clients that only send those;
+    request_defaults: speech request fields a request that lacks them gets ({"seed": 7,
+    "max_audio_ms": 5000}), for clients that cannot send our extensions (Pipecat, LiveKit)."""
     voice_aliases = dict(voice_aliases or {})
     if unknown := sorted(set(voice_aliases) - set(OPENAI_VOICES)):
         raise ValueError(f"voice aliases are for built-in voice names ({', '.join(OPENAI_VOICES)}): {unknown}")
@@ -98,6 +101,8 @@ def create_app(tts, *, model_name: str = "misotts", api_key: str | None = None, 
             body = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise bad_request("the body must be JSON", None, "invalid_json")
+        if request_defaults and isinstance(body, dict):
+            body = {**request_defaults, **body}
         req = parse_speech(body, voices, voice_aliases)
         turn_stats: list = []
         chunks = stretch_chunks(speak(tts, req, turns, turn_stats), req.speed)
