@@ -1,8 +1,10 @@
 """What a client written for OpenAI's speech API gets by default: streamed audio in every format,
 exact sample counts, `speed`, `instructions` and every built-in voice name of the installed SDK."""
+import asyncio
 import io
 import logging
 import typing
+from contextlib import aclosing
 
 import av
 import httpx
@@ -13,7 +15,8 @@ import soxr
 from openai.types.audio import speech_create_params
 
 from misotts.server import create_app
-from misotts.server.speech import OPENAI_VOICES
+from misotts.server.speech import OPENAI_VOICES, Turns, parse_speech, speak
+from misotts.server.stretch import stretch_chunks
 from misotts.server.voices import VoiceStore
 
 from .serving import decode, expected_pcm, no_blocks_held, running, wait_for
@@ -181,3 +184,17 @@ def test_serve_checks_its_voice_aliases_before_loading(capsys):
     for bad in ("alloy", "bella=anna", "alloy="):
         assert main(["serve", "--voice-alias", bad]) != 0
         assert "--voice-alias takes NAME=VOICE" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("speed", [0.5, 1.25, 2.0])
+def test_a_stretched_reply_has_audio_in_its_first_chunk(tts, speed):
+    """Up to speed 2 the first chunk (two frames when stretched) already carries audio."""
+    req = parse_speech(body(speed=speed, max_audio_ms=800), None)
+
+    async def first_chunk():
+        chunks = stretch_chunks(speak(tts, req, Turns.for_model(tts)), req.speed)
+        async with aclosing(chunks):
+            return await anext(chunks)
+
+    chunk = asyncio.run(first_chunk())
+    assert len(chunk.codes) == 2 and chunk.samples.numel() >= 256  # at least one WSOLA hop
