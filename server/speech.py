@@ -29,9 +29,16 @@ STREAM_FORMATS = ("audio", "sse", "none")
 OPENAI_VOICES = ("alloy", "ash", "ballad", "coral", "echo", "fable", "onyx", "nova", "sage", "shimmer", "verse",
                  "marin", "cedar")
 FIRST_CHUNK_FRAMES, CHUNK_FRAMES = 1, 4  # the first audio leaves after one frame (80 ms), then every 320 ms
-# A time stretch (speed != 1) needs more than one frame before it gives audio back: two frames give
-# it enough for speeds up to 2 (stretch.py)
-STRETCHED_FIRST_CHUNK_FRAMES = 2
+# mp3's and aac's encoders (their lookahead), flac's blocks and a time stretch (speed != 1, which
+# needs a frame and its search window) give no audio back for one frame; for two they do (up to
+# speed 2), so their first chunk is two frames: audio after 160 ms, not after the second chunk's 400.
+LATE_FIRST_CHUNK_FRAMES = 2
+
+
+def first_chunk_frames(req: "SpeechRequest") -> int:
+    if req.speed == 1.0 and req.response_format in ("pcm", "wav", "opus"):
+        return FIRST_CHUNK_FRAMES
+    return LATE_FIRST_CHUNK_FRAMES
 
 
 @dataclass
@@ -217,8 +224,7 @@ class Speaker:
         made = []
         stream = self.tts.astream(text, req.speaker, context, max_audio_ms=req.max_audio_ms,
                                   temperature=req.temperature, topk=req.topk, seed=seed,
-                                  first_chunk_frames=FIRST_CHUNK_FRAMES if req.speed == 1.0
-                                  else STRETCHED_FIRST_CHUNK_FRAMES, chunk_frames=CHUNK_FRAMES)
+                                  first_chunk_frames=first_chunk_frames(req), chunk_frames=CHUNK_FRAMES)
         try:  # aclosing: a turn stopped early cancels its engine request now, not when collected
             async with aclosing(stream):
                 async for chunk in stream:

@@ -146,6 +146,8 @@ class Session:
             raise bad_request("the WebSocket always streams: no stream_format", "stream_format", "unknown_parameter")
         config.setdefault("voice", "0")
         req = parse_speech({"model": "stream", "input": "-", **config}, self.voices, self.voice_aliases)
+        # the first chunk's size follows the format: these, like pcm, give audio from one frame
+        req.response_format = "opus" if fmt == "opus" else "pcm"
         if req.ignored:
             log.info("%s websocket: ignored %s: the model takes none", self.id, ", ".join(req.ignored))
         self.speaker, self.format, self.speed = Speaker(self.tts, req, self.turns), fmt, req.speed

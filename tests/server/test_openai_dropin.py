@@ -15,6 +15,7 @@ import soxr
 from openai.types.audio import speech_create_params
 
 from misotts.server import create_app
+from misotts.server.audio_formats import Encoder
 from misotts.server.speech import OPENAI_VOICES, Turns, parse_speech, speak
 from misotts.server.stretch import stretch_chunks
 from misotts.server.voices import VoiceStore
@@ -186,10 +187,13 @@ def test_serve_checks_its_voice_aliases_before_loading(capsys):
         assert "--voice-alias takes NAME=VOICE" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("speed", [0.5, 1.25, 2.0])
-def test_a_stretched_reply_has_audio_in_its_first_chunk(tts, speed):
-    """Up to speed 2 the first chunk (two frames when stretched) already carries audio."""
-    req = parse_speech(body(speed=speed, max_audio_ms=800), None)
+@pytest.mark.parametrize("fmt, speed", [("pcm", 1.0), ("opus", 1.0), ("mp3", 1.0), ("aac", 1.0), ("flac", 1.0),
+                                         ("pcm", 0.5), ("pcm", 1.25), ("pcm", 2.0), ("wav", 1.5)])
+def test_the_first_chunk_already_decodes_to_audio(tts, fmt, speed):
+    """One frame where the format gives its audio back at once, two where an encoder's lookahead,
+    a flac block or the time stretch needs more: either way the first chunk's bytes decode to
+    audio, so a client hears something after 80 or 160 ms, not after the second chunk's 400."""
+    req = parse_speech(body(response_format=fmt, speed=speed, max_audio_ms=800), None)
 
     async def first_chunk():
         chunks = stretch_chunks(speak(tts, req, Turns.for_model(tts)), req.speed)
@@ -197,4 +201,9 @@ def test_a_stretched_reply_has_audio_in_its_first_chunk(tts, speed):
             return await anext(chunks)
 
     chunk = asyncio.run(first_chunk())
-    assert len(chunk.codes) == 2 and chunk.samples.numel() >= 256  # at least one WSOLA hop
+    assert len(chunk.codes) == (1 if fmt in ("pcm", "opus") and speed == 1.0 else 2)
+    encoder = Encoder(fmt)
+    try:
+        assert decoded_so_far(encoder.add(chunk.samples), fmt) >= 256  # a WSOLA hop or a codec frame at least
+    finally:
+        encoder.close()
