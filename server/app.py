@@ -44,6 +44,11 @@ def create_app(tts, *, model_name: str = "misotts", api_key: str | None = None, 
     voice_aliases = dict(voice_aliases or {})
     if unknown := sorted(set(voice_aliases) - set(OPENAI_VOICES)):
         raise ValueError(f"voice aliases are for built-in voice names ({', '.join(OPENAI_VOICES)}): {unknown}")
+    request_defaults = dict(request_defaults or {})
+    try:  # checked now, as a request would be, so a bad default fails at start, not on every request
+        parse_speech({"model": "-", "input": "-", "voice": "0", **request_defaults}, None)
+    except ApiError as err:
+        raise ValueError(f"request_defaults: {err.message}") from None
     app = FastAPI(title="MisoTTS", docs_url=None, redoc_url=None)
     app.state.tts, app.state.voices = tts, voices
     app.state.metrics = metrics = Metrics(tts.engine)
@@ -101,7 +106,7 @@ def create_app(tts, *, model_name: str = "misotts", api_key: str | None = None, 
             body = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise bad_request("the body must be JSON", None, "invalid_json")
-        if request_defaults and isinstance(body, dict):
+        if isinstance(body, dict):
             body = {**request_defaults, **body}
         req = parse_speech(body, voices, voice_aliases)
         turn_stats: list = []

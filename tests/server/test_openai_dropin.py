@@ -179,6 +179,19 @@ def test_built_in_names_cannot_be_registered_but_can_be_aliased(tts, tmp_path):
         create_app(tts, voice_aliases={"bella": "alloy"})
 
 
+def test_request_defaults_fill_what_a_request_lacks(tts):
+    with running(create_app(tts, model_name="tiny", request_defaults={"seed": 5, "max_audio_ms": 240})) as url:
+        plain = httpx.post(f"{url}/v1/audio/speech", json={"model": "tiny", "voice": "0", "input": "Hi.",
+                                                           "response_format": "pcm"}, timeout=TIMEOUT)
+        own = httpx.post(f"{url}/v1/audio/speech", json={"model": "tiny", "voice": "0", "input": "Hi.",
+                                                         "response_format": "pcm", "seed": 6}, timeout=TIMEOUT)
+    assert plain.content == expected_pcm(tts, "Hi.", seed=5, max_audio_ms=240)
+    assert own.content == expected_pcm(tts, "Hi.", seed=6, max_audio_ms=240)  # the request's own field wins
+    for bad in ({"colour": "red"}, {"seed": -1}):
+        with pytest.raises(ValueError):
+            create_app(tts, request_defaults=bad)
+
+
 def test_serve_checks_its_voice_aliases_before_loading(capsys):
     from misotts.cli import main
 
