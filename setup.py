@@ -10,8 +10,16 @@ from setuptools import setup
 SUBPACKAGES = ["kernels", "runtime", "engine", "weights", "bench", "server"]
 
 # The HTTP / WebSocket server (misotts serve); tests need them too, and a real client of each kind.
-SERVER = ["fastapi>=0.110", "uvicorn>=0.29", "av>=12", "prometheus-client>=0.20", "python-multipart>=0.0.9"]
+# audiotsm: the streaming WSOLA time stretch behind `speed`; sentencex: sentence ends for long input
+# and the WebSocket (docs/server.md says why these).
+SERVER = ["fastapi>=0.110", "uvicorn>=0.29", "av>=12", "prometheus-client>=0.20", "python-multipart>=0.0.9",
+          "audiotsm>=0.1.2", "sentencex>=1.0"]
 SERVER_TEST = ["httpx", "openai>=1.40", "websockets>=12"]
+# Voice-agent frameworks as real clients of the server (tests/server/test_agents.py).  Pipecat pins
+# protobuf<7, which breaks ray[serve]'s import (its gRPC code needs protobuf>=7.35), so only
+# LiveKit is in "test"; Pipecat's test runs where it is installed apart from [ray].
+LIVEKIT = ["livekit-agents>=1.8", "livekit-plugins-openai>=1.8"]
+AGENTS = ["pipecat-ai>=1.14", *LIVEKIT]
 # The same server on Ray Serve (misotts serve --ray): 2.60 is what the tests run (late-bound ingress apps).
 RAY = ["ray[serve]>=2.60"]
 QUALITY = ["jiwer>=3.0", "transformers>=5.0"]  # the WER of python -m misotts.bench.quality
@@ -47,8 +55,9 @@ setup(
     ],
     extras_require={
         "test": ["pytest", "pytest-xdist", "hypothesis>=6.100", "transformers>=5.0", *QUALITY, *SERVER, *SERVER_TEST,
-                 *RAY],
+                 *RAY, *LIVEKIT],
         "quality": QUALITY,  # python -m misotts.bench.quality: WER through a local ASR model
+        "agents": [*SERVER, *AGENTS],
         "server": SERVER,
         "ray": [*SERVER, *RAY],
         "dev": ["pytest", "transformers>=5.0", "matplotlib"],

@@ -164,13 +164,28 @@ def cmd_serve(args) -> int:
     if tts.untrained:
         print(f"note: the model is {tts.source}: untrained, so the audio is noise, not speech; untrained weights "
               "never end a turn, so each request runs to its max_audio_ms.", file=sys.stderr)
-    app = create_app(tts, model_name=args.model, api_key=api_key, voices=VoiceStore(args.voices_dir))
+    app = create_app(tts, model_name=args.model, api_key=api_key, voices=VoiceStore(args.voices_dir),
+                     voice_aliases=_voice_aliases(args.voice_alias))
     try:
         serve(app, sock, grace_s=args.shutdown_grace, max_connections=args.max_connections)
     finally:
         sock.close()
         tts.close()
     return 0
+
+
+def _voice_aliases(given: list[str] | None) -> dict:
+    """--voice-alias alloy=anna ... -> {"alloy": "anna"} (create_app checks the names)."""
+    from misotts.server.speech import OPENAI_VOICES
+
+    aliases = {}
+    for item in given or []:
+        name, sep, voice = item.partition("=")
+        if not sep or name not in OPENAI_VOICES or not voice:
+            raise ValueError(f"--voice-alias takes NAME=VOICE, NAME one of {', '.join(OPENAI_VOICES)} and VOICE "
+                             f"a registered voice; got {item!r}")
+        aliases[name] = voice
+    return aliases
 
 
 def _serve_on_ray(args, engine: dict, api_key: str | None) -> int:
@@ -215,6 +230,9 @@ def _check_serve_args(args) -> None:
     if args.weights is not None and args.ray:
         raise ValueError("--weights is not passed to Ray Serve replicas yet: serve quantised weights without --ray")
     checks.check_weights(args.weights, None if args.ray else resolve_device(args.device))
+    if args.voice_alias and args.ray:
+        raise ValueError("--voice-alias: not with --ray yet (the plain server only)")
+    _voice_aliases(args.voice_alias)
     if args.replicas is not None and args.autoscale is not None:
         raise ValueError("give --replicas N or --autoscale MIN:MAX, not both")
     if args.ray:
@@ -277,6 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 5; a second signal exits at once)")
     p.add_argument("--max-connections", type=int, default=None,
                    help="open connections (and requests in flight) beyond which the server answers 503 (default 512)")
+    p.add_argument("--voice-alias", action="append", metavar="NAME=VOICE",
+                   help="a built-in voice name (alloy, ...) that speaks as a registered voice; repeatable")
     ray = p.add_argument_group("Ray Serve (pip install -e \".[ray]\"): one engine per replica behind one port")
     ray.add_argument("--ray", action="store_true", help="serve on Ray Serve (a local Ray, or --ray-address)")
     ray.add_argument("--replicas", type=int, default=None, help="engine replicas (default 1; one GPU each on GPUs)")

@@ -27,20 +27,34 @@ from .errors import ApiError, bad_request, error_kind, from_exception
 from .limits import LIMITS, Limits, RequestGuard
 from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .shutdown import Draining, until_expired
-from .speech import Turns, parse_speech, speak
+from .speech import OPENAI_VOICES, Turns, parse_speech, speak
+from .stretch import stretch_chunks
 from .ws import add_stream_route
 
 log = logging.getLogger("misotts.server")
 REUSED_HEADER, COMPUTED_HEADER = "X-Prefix-Reused-Positions", "X-Prefix-Computed-Positions"
 REPLICA_HEADER = "X-Misotts-Replica"  # the engine replica that served a request (Ray Serve)
+IGNORED_HEADER = "X-Misotts-Ignored-Fields"  # request fields accepted but not honoured (instructions)
 
 
 def create_app(tts, *, model_name: str = "misotts", api_key: str | None = None, voices=None,
-               max_turn_tokens: int | None = None, limits: Limits = LIMITS) -> FastAPI:
+               max_turn_tokens: int | None = None, limits: Limits = LIMITS, voice_aliases: dict | None = None,
+               request_defaults: dict | None = None) -> FastAPI:
     """tts: a loaded misotts.TTS; voices: a VoiceStore (None: no voice routes); api_key: required
-    as `Authorization: Bearer <key>` on /v1 routes when set."""
+    as `Authorization: Bearer <key>` on /v1 routes when set; voice_aliases: built-in voice names
+    that speak as a registered voice instead ({"alloy": "anna"}), for clients that only send those;
+    request_defaults: speech request fields a request that lacks them gets ({"seed": 7,
+    "max_audio_ms": 5000}), for clients that cannot send our extensions (Pipecat, LiveKit)."""
     if api_key is not None:
         check_api_key(api_key)
+    voice_aliases = dict(voice_aliases or {})
+    if unknown := sorted(set(voice_aliases) - set(OPENAI_VOICES)):
+        raise ValueError(f"voice aliases are for built-in voice names ({', '.join(OPENAI_VOICES)}): {unknown}")
+    request_defaults = dict(request_defaults or {})
+    try:  # checked now, as a request would be, so a bad default fails at start, not on every request
+        parse_speech({"model": "-", "input": "-", "voice": "0", **request_defaults}, None)
+    except ApiError as err:
+        raise ValueError(f"request_defaults: {err.message}") from None
     # the schema names every route: behind a key it is not served at all
     app = FastAPI(title="MisoTTS", docs_url=None, redoc_url=None, openapi_url=None if api_key else "/openapi.json")
     app.state.tts, app.state.voices, app.state.limits = tts, voices, limits
@@ -112,9 +126,11 @@ def create_app(tts, *, model_name: str = "misotts", api_key: str | None = None, 
             raise ApiError(415, "the body must be sent as Content-Type: application/json", None,
                            "unsupported_media_type")
         body = await read_json(request)
-        req = await asyncio.to_thread(parse_speech, body, voices, max_context_audio_s)  # decodes audio
+        if isinstance(body, dict):
+            body = {**request_defaults, **body}
+        req = await asyncio.to_thread(parse_speech, body, voices, max_context_audio_s, voice_aliases)  # decodes audio
         turn_stats: list = []
-        chunks = until_expired(speak(tts, req, turns, turn_stats), app.state.draining)
+        chunks = until_expired(stretch_chunks(speak(tts, req, turns, turn_stats), req.speed), app.state.draining)
         try:  # up to the first chunk a failure is a status code: queue full, engine stopped, bad prompt
             first = await anext(chunks, None)
         except Exception as err:
@@ -129,6 +145,9 @@ def create_app(tts, *, model_name: str = "misotts", api_key: str | None = None, 
                        COMPUTED_HEADER: str(first_stats.computed_positions)}
             if first_stats.served_by:
                 headers[REPLICA_HEADER] = first_stats.served_by
+        if req.ignored:  # accepted for OpenAI's clients; this model cannot follow them
+            headers[IGNORED_HEADER] = ",".join(req.ignored)
+            log.info("%s ignored %s: the model takes none", _rid(request), ", ".join(req.ignored))
         counted = _counting(first, chunks, metrics, turn_stats)
         if req.stream_format is None:
             return await _whole_file(request, counted, req.response_format, headers, metrics)
@@ -139,7 +158,7 @@ def create_app(tts, *, model_name: str = "misotts", api_key: str | None = None, 
         body_iter = _sse_body(request, counted, req.response_format, input_tokens, metrics)
         return StreamingResponse(body_iter, media_type="text/event-stream", headers=headers)
 
-    add_stream_route(app, tts, voices, turns, authorize, metrics)
+    add_stream_route(app, tts, voices, turns, authorize, metrics, voice_aliases)
     if voices is not None:
         from .voice_routes import add_voice_routes
 

@@ -6,6 +6,7 @@ mp3, ogg/opus, adts/aac, flac.
 """
 from __future__ import annotations
 
+import io
 import struct
 
 import av
@@ -55,9 +56,11 @@ class _Sink:
 
 class Encoder:
     """`add(samples)` -> the bytes ready so far; `finish()` -> the rest.  Concatenated, they are
-    one file of `response_format`.  streamed: a WAV header cannot know its sizes yet."""
+    one file of `response_format`.  Streamed, a WAV header cannot know its sizes yet; seekable (a
+    whole file, nothing leaves before finish()): the muxer goes back to fill in its header, which
+    for mp3 is the LAME tag naming the encoder's delay and padding, so decoders drop them."""
 
-    def __init__(self, response_format: str, total_samples: int | None = None):
+    def __init__(self, response_format: str, total_samples: int | None = None, seekable: bool = False):
         if response_format not in FORMATS:
             raise ValueError(f"unknown response_format {response_format!r}")
         self.format, self.started = response_format, False
@@ -65,7 +68,7 @@ class Encoder:
         self.container = None
         if response_format in _PYAV:
             container, codec, self.sample_format = _PYAV[response_format]
-            self.sink = _Sink()
+            self.sink = io.BytesIO() if seekable else _Sink()
             # ogg holds pages up to 1 s by default; a short page lets opus bytes leave frame by frame
             options = {"page_duration": "20000"} if container == "ogg" else {}
             self.container = av.open(self.sink, mode="w", format=container, options=options)
@@ -91,9 +94,11 @@ class Encoder:
         for packet in self.stream.encode(None):  # flush the encoder's buffered frames
             self.container.mux(packet)
         self.container.close()
-        return self.sink.take()
+        return self.sink.getvalue() if isinstance(self.sink, io.BytesIO) else self.sink.take()
 
     def _encode(self, samples: torch.Tensor) -> bytes:
+        if samples.numel() == 0:  # a stretched chunk can be empty
+            return b""
         x = samples.detach().float().cpu().clamp(-1.0, 1.0).numpy()
         if self.sample_format.startswith("s16"):
             x = np.round(x * 32767.0).astype(np.int16)
@@ -102,7 +107,7 @@ class Encoder:
         self.pts += x.size
         for packet in self.stream.encode(frame):
             self.container.mux(packet)
-        return self.sink.take()
+        return b"" if isinstance(self.sink, io.BytesIO) else self.sink.take()
 
     def close(self) -> None:
         """Drop the encoder without finishing (the request ended early)."""
@@ -115,14 +120,12 @@ class Encoder:
 
 
 def encode_all(samples: torch.Tensor, response_format: str) -> bytes:
-    encoder = Encoder(response_format, total_samples=samples.numel())
+    encoder = Encoder(response_format, total_samples=samples.numel(), seekable=True)
     return encoder.add(samples) + encoder.finish() if samples.numel() else encoder.finish()
 
 
 def decode_audio(data: bytes, sample_rate: int = SAMPLE_RATE) -> torch.Tensor:
     """Any file FFmpeg reads -> mono float32 samples at sample_rate (for voices and context)."""
-    import io
-
     out = []
     with av.open(io.BytesIO(data)) as container:
         if not container.streams.audio:

@@ -2,25 +2,36 @@
 keep only as much of the history as fits beside the next turn."""
 from __future__ import annotations
 
-import re
+from sentencex import segment
 
-# A sentence ends at . ! ? with whitespace after it (a closing quote or bracket may come between:
-# it stays with its sentence); the CJK full stops need no space.  "3.14" stays whole; "Dr. Smith"
-# splits after "Dr.": abbreviations are not known.
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|(?<=[.!?][\"'\u201d\u2019)\]])\s+|(?<=[\u3002\uff01\uff1f])\s*")
+# Sentence ends come from sentencex (Wikimedia's rule-based segmenter: abbreviations such as "Dr."
+# or "e.g.", decimals, quotes, the CJK full stops).  Chosen over pysbd, with the same score on
+# tests/server/test_long_text.py's cases and 20x faster, maintained, no dependencies; our old regex
+# split "Dr. Smith" (docs/server.md).  Its English rules serve every input: the CJK marks split
+# whatever the language.
+LANGUAGE = "en"
 
 
 def sentences(text: str) -> list[str]:
-    return [s.strip() for s in _SENTENCE_END.split(text.strip()) if s.strip()]
+    return [s.strip() for s in segment(LANGUAGE, text.strip()) if s.strip()]
 
 
 def split_complete(text: str) -> tuple[list[str], str]:
     """Text arriving in pieces -> (the sentences already complete, the unfinished rest).  A
-    sentence is complete once whitespace follows its end: "Dr." or "3." may still go on."""
-    end = 0
-    for match in _SENTENCE_END.finditer(text):
-        end = match.end()
-    return sentences(text[:end]), text[end:]
+    sentence is complete once text follows it, or whitespace after an end that sentencex would
+    split from a next word ("Hello. " is, "Dr. " and "3 p.m. " are not); "3." may still go on."""
+    if text[-1:].isspace():
+        probe = list(segment(LANGUAGE, text + _PROBE))
+        if probe[-1] == _PROBE:  # the probe began a sentence of its own: all before it is complete
+            return sentences(text), ""
+    pieces = list(segment(LANGUAGE, text))  # they join back to the text, whitespace and all
+    last = max((i for i, p in enumerate(pieces) if p.strip()), default=None)
+    if last is None:
+        return [], text
+    return sentences("".join(pieces[:last])), "".join(pieces[last:])
+
+
+_PROBE = "X"  # a capitalised word that is no sentence starter by itself ("The" would split "Dr. The")
 
 
 def split_turns(text: str, max_tokens: int, count_tokens) -> list[str]:

@@ -23,13 +23,27 @@ from .long_text import fit_history, split_turns
 
 MAX_INPUT_CHARS = 4096  # as OpenAI
 MAX_AUDIO_MS = 60_000  # per turn
-STREAM_FORMATS = ("audio", "sse")
-# OpenAI's voice names, so clients that default to one get a speaker instead of a 400.
-OPENAI_VOICES = ("alloy", "ash", "ballad", "coral", "echo", "fable", "onyx", "nova", "sage", "shimmer", "verse")
+# OpenAI's default is `audio` (the bytes as they are made); `none` is ours: one whole file.
+STREAM_FORMATS = ("audio", "sse", "none")
+# Every built-in voice name of OpenAI's SDK, so clients that check names against that list (Pipecat)
+# or default to one get a speaker instead of a 400: speakers 0..12 in this order (the first 11
+# kept the numbers they had before marin and cedar were added).
+OPENAI_VOICES = ("alloy", "ash", "ballad", "coral", "echo", "fable", "onyx", "nova", "sage", "shimmer", "verse",
+                 "marin", "cedar")
 FIRST_CHUNK_FRAMES, CHUNK_FRAMES = 1, 4  # the first audio leaves after one frame (80 ms), then every 320 ms
 # Context audio a request may carry in all: what a 2,048-position window can hold (12.5 frames/s);
 # create_app passes its model's.
 MAX_CONTEXT_AUDIO_S = 2048 / 12.5
+# mp3's and aac's encoders (their lookahead), flac's blocks and a time stretch (speed != 1, which
+# needs a frame and its search window) give no audio back for one frame; for two they do (up to
+# speed 2), so their first chunk is two frames: audio after 160 ms, not after the second chunk's 400.
+LATE_FIRST_CHUNK_FRAMES = 2
+
+
+def first_chunk_frames(req: "SpeechRequest") -> int:
+    if req.speed == 1.0 and req.response_format in ("pcm", "wav", "opus"):
+        return FIRST_CHUNK_FRAMES
+    return LATE_FIRST_CHUNK_FRAMES
 
 
 @dataclass
@@ -37,7 +51,9 @@ class SpeechRequest:
     input: str
     speaker: int
     response_format: str = "mp3"
-    stream_format: str | None = None  # None: one whole file
+    stream_format: str | None = "audio"  # None: one whole file
+    speed: float = 1.0  # a pitch-preserving time stretch of the output (stretch.py)
+    ignored: list = field(default_factory=list)  # fields accepted but not honoured (instructions)
     seed: int = 0
     temperature: float = 0.9
     topk: int = 50
@@ -46,13 +62,14 @@ class SpeechRequest:
     voice: str = ""
 
 
-def parse_speech(body, voices, max_context_audio_s: float = MAX_CONTEXT_AUDIO_S) -> SpeechRequest:
+def parse_speech(body, voices, max_context_audio_s: float = MAX_CONTEXT_AUDIO_S,
+                 aliases: dict | None = None) -> SpeechRequest:
     """The JSON body -> a SpeechRequest; an ApiError (400 / 413) naming the first bad field.
     Blocking (context audio is decoded, voices are read from disk): call it from a thread."""
     if not isinstance(body, dict):
         raise bad_request("the body must be a JSON object", None)
     known = {"model", "input", "voice", "response_format", "speed", "stream_format", "instructions", "seed",
-             "temperature", "topk", "max_audio_ms", "context"}
+             "temperature", "topk", "max_audio_ms", "context", "strict"}
     for name in body:
         if name not in known:
             raise bad_request(f"unknown field {name!r}", name, "unknown_parameter")
@@ -66,7 +83,7 @@ def parse_speech(body, voices, max_context_audio_s: float = MAX_CONTEXT_AUDIO_S)
         raise ApiError(413, f"input is {len(text)} characters; the limit is {MAX_INPUT_CHARS}", "input",
                        "input_too_long")
     req = SpeechRequest(input=text, speaker=0)
-    _parse_voice(body.get("voice"), voices, req)
+    _parse_voice(body.get("voice"), voices, req, aliases)
     fmt = body.get("response_format", "mp3")
     if fmt not in FORMATS:
         raise bad_request(f"response_format must be one of {', '.join(FORMATS)}, got {_show(fmt)}", "response_format")
@@ -74,14 +91,22 @@ def parse_speech(body, voices, max_context_audio_s: float = MAX_CONTEXT_AUDIO_S)
     speed = body.get("speed", 1.0)
     if not _is_number(speed) or not 0.25 <= speed <= 4.0:
         raise bad_request(f"speed must be a number in 0.25..4.0, got {_show(speed)}", "speed")
-    if speed != 1.0:  # a time stretch would smear the codec's artifacts; we say so instead
-        raise bad_request("speed other than 1.0 is not supported by this server", "speed", "unsupported_value")
-    stream = body.get("stream_format")
-    if stream is not None and stream not in STREAM_FORMATS:
-        raise bad_request(f"stream_format must be 'audio' or 'sse', got {_show(stream)}", "stream_format")
-    req.stream_format = stream
-    if body.get("instructions") not in (None, ""):
-        raise bad_request("instructions are not supported by this model", "instructions", "unsupported_value")
+    req.speed = float(speed)
+    stream = body.get("stream_format", "audio")
+    if stream not in STREAM_FORMATS:
+        raise bad_request(f"stream_format must be 'audio', 'sse' or 'none', got {_show(stream)}", "stream_format")
+    req.stream_format = None if stream == "none" else stream
+    strict = body.get("strict", False)
+    if not isinstance(strict, bool):
+        raise bad_request("strict must be true or false", "strict")
+    instructions = body.get("instructions")
+    if instructions is not None and not isinstance(instructions, str):
+        raise bad_request("instructions must be a string", "instructions")
+    if instructions:  # the model takes no instructions: ignored, and the reply says so, unless strict
+        if strict:
+            raise bad_request("instructions are not supported by this model (strict: true)", "instructions",
+                              "unsupported_value")
+        req.ignored.append("instructions")
     seed = body.get("seed", 0)
     if not _is_int(seed) or not 0 <= seed < 2**63 - 1024:  # turns use seed, seed + 1, ...
         raise bad_request(f"seed must be an integer in 0..2**63-1025, got {_show(seed)}", "seed")
@@ -100,7 +125,7 @@ def parse_speech(body, voices, max_context_audio_s: float = MAX_CONTEXT_AUDIO_S)
     return req
 
 
-def _parse_voice(voice, voices, req: SpeechRequest) -> None:
+def _parse_voice(voice, voices, req: SpeechRequest, aliases: dict | None = None) -> None:
     if voice is None:
         raise bad_request("voice is required: a speaker id, a registered voice or an OpenAI voice name", "voice")
     if _is_int(voice) or (isinstance(voice, str) and voice.isascii() and voice.isdigit()):
@@ -114,12 +139,15 @@ def _parse_voice(voice, voices, req: SpeechRequest) -> None:
         voice = voice["id"]
     if not isinstance(voice, str):
         raise bad_request(f"voice must be a string, got {type(voice).__name__}", "voice")
-    if voices is not None and (stored := voices.get(voice)) is not None:
+    # A built-in name is its speaker unless the server maps it to a registered voice (--voice-alias):
+    # a registered voice can never take a built-in name by itself (the voice routes refuse those names).
+    name = (aliases or {}).get(voice, voice)
+    if voices is not None and name not in OPENAI_VOICES and (stored := voices.get(name)) is not None:
         req.speaker, req.voice = stored.speaker, voice
         req.context = [stored.segment()]
         return
-    if voice in OPENAI_VOICES:
-        req.speaker, req.voice = OPENAI_VOICES.index(voice), voice
+    if name in OPENAI_VOICES:
+        req.speaker, req.voice = OPENAI_VOICES.index(name), voice
         return
     raise bad_request(f"unknown voice {_show(voice)}: give a speaker id, a registered voice (GET /v1/audio/voices) "
                       f"or one of {', '.join(OPENAI_VOICES)}", "voice")
@@ -240,7 +268,7 @@ class Speaker:
         made = []
         stream = self.tts.astream(text, req.speaker, context, max_audio_ms=req.max_audio_ms,
                                   temperature=req.temperature, topk=req.topk, seed=seed,
-                                  first_chunk_frames=FIRST_CHUNK_FRAMES, chunk_frames=CHUNK_FRAMES)
+                                  first_chunk_frames=first_chunk_frames(req), chunk_frames=CHUNK_FRAMES)
         try:  # aclosing: a turn stopped early cancels its engine request now, not when collected
             async with aclosing(stream):
                 async for chunk in stream:

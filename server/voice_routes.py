@@ -8,6 +8,7 @@ from fastapi import FastAPI, Request
 
 from .audio_input import AudioTooLong, decode_capped
 from .errors import ApiError, bad_request
+from .speech import OPENAI_VOICES
 from .voices import NAME, VoiceExists
 
 MAX_UPLOAD_BYTES = 25 * 2**20  # as OpenAI's audio uploads
@@ -28,6 +29,9 @@ def add_voice_routes(app: FastAPI, tts, voices, authorize) -> None:
                               "name")
         if name.isdigit():
             raise bad_request("a voice name cannot be all digits (those are speaker ids)", "name")
+        if name.lower() in OPENAI_VOICES:  # built-in names stay speakers; --voice-alias maps one to a voice
+            raise bad_request(f"{name!r} is a built-in voice name; map it with --voice-alias {name.lower()}=VOICE "
+                              "instead", "name", "reserved_name")
         if not isinstance(transcript, str) or not transcript.strip():
             raise bad_request("transcript is required: the words spoken in the file", "transcript")
         speaker = form.get("speaker", "0")

@@ -2,13 +2,14 @@
 sentence can be spoken.
 
 Client -> server, JSON text messages:
-    {"type": "session.config", "voice": ..., "seed": ..., "temperature": ..., "topk": ...,
-     "max_audio_ms": ..., "context": [...]}       optional, before the first text
+    {"type": "session.config", "voice": ..., "response_format": "pcm" | "opus" | "g711_ulaw" | "g711_alaw",
+     "speed": ..., "seed": ..., "temperature": ..., "topk": ..., "max_audio_ms": ..., "context": [...]}
+                                                  optional, before the first text
     {"type": "text.delta", "text": "Hel"}         more text
     {"type": "text.done"}                         no more text: speak the rest, then end
     {"type": "cancel"}                            barge-in: stop speaking, drop the text not yet spoken
 Server -> client:
-    binary frames: pcm16 little-endian 24 kHz mono audio
+    binary frames: audio in the session's format (streaming_formats.py; pcm16 24 kHz mono by default)
     {"type": "session.ready", ...}                after the config (or at the first text)
     {"type": "segment.start", "index": i, "text": ...}  / {"type": "segment.done", "index": i, "frames": n}
     {"type": "cancelled"}                         after a cancel: the session goes on
@@ -25,19 +26,19 @@ import uuid
 
 from fastapi import FastAPI, WebSocket, WebSocketDisconnect
 
-from .audio_formats import pcm16
 from .errors import ApiError, bad_request, error_kind, from_exception
 from .limits import LIMITS
 from .long_text import split_complete
 from .shutdown import shutting_down
-from .speech import Speaker, SpeechRequest, parse_speech
+from .speech import Speaker, SpeechRequest, _show, parse_speech
+from .streaming_formats import WS_FORMATS, SegmentEncoder
 
 log = logging.getLogger("misotts.server")
 IDLE_TIMEOUT_S = 300  # a session with no message and nothing to say for this long is closed
 MAX_PENDING_CHARS = 4096  # text buffered but not yet spoken, as the HTTP route's input limit
 
 
-def add_stream_route(app: FastAPI, tts, voices, turns, authorize, metrics) -> None:
+def add_stream_route(app: FastAPI, tts, voices, turns, authorize, metrics, voice_aliases=None) -> None:
     @app.websocket("/v1/audio/speech/stream")
     async def stream(websocket: WebSocket):
         try:
@@ -47,12 +48,13 @@ def add_stream_route(app: FastAPI, tts, voices, turns, authorize, metrics) -> No
             await websocket.close(code=1008, reason=err.message[:120])
             return
         await websocket.accept()
-        await Session(websocket, tts, voices, turns, metrics).run()
+        await Session(websocket, tts, voices, turns, metrics, voice_aliases).run()
 
 
 class Session:
-    def __init__(self, websocket: WebSocket, tts, voices, turns, metrics):
+    def __init__(self, websocket: WebSocket, tts, voices, turns, metrics, voice_aliases=None):
         self.ws, self.tts, self.voices, self.turns, self.metrics = websocket, tts, voices, turns, metrics
+        self.voice_aliases = voice_aliases
         self.id = uuid.uuid4().hex[:16]
         self.speaker: Speaker | None = None
         self.pending = ""  # text received, not yet a whole sentence
@@ -60,6 +62,7 @@ class Session:
         self.frames = self.index = self.chars = 0
         self.received = 0  # characters of text.delta taken, against the session's budget
         self.current: asyncio.Task | None = None  # the sentence being spoken
+        self.format, self.speed = "pcm", 1.0
 
     async def run(self) -> None:
         talker, close_code = asyncio.create_task(self.talk()), 1000
@@ -96,7 +99,7 @@ class Session:
             await asyncio.gather(talker, return_exceptions=True)
             try:
                 await self.ws.close(code=close_code)
-            except (RuntimeError, WebSocketDisconnect):  # already closed, or the client has gone
+            except (RuntimeError, WebSocketDisconnect, OSError):  # already closed, or the client hung up
                 pass
 
     async def handle(self, raw: str) -> None:
@@ -149,18 +152,28 @@ class Session:
         else:
             await self.send_error(bad_request("type must be session.config, text.delta, text.done or cancel", "type"))
 
-    def parse_config(self, config: dict) -> SpeechRequest:
+    def parse_config(self, config: dict) -> tuple[str, SpeechRequest]:
         """Blocking (context audio is decoded, voices are read): called from a thread."""
-        if config.get("response_format", "pcm") != "pcm":
-            raise bad_request("the WebSocket sends pcm (16-bit little-endian 24 kHz mono) only", "response_format")
-        config.pop("response_format", None)
+        fmt = config.pop("response_format", "pcm")
+        if fmt not in WS_FORMATS:
+            raise bad_request(f"response_format must be one of {', '.join(WS_FORMATS)}, got {_show(fmt)}",
+                              "response_format")
+        if "stream_format" in config:
+            raise bad_request("the WebSocket always streams: no stream_format", "stream_format", "unknown_parameter")
         config.setdefault("voice", "0")
-        return parse_speech({"model": "stream", "input": "-", **config}, self.voices,
-                            self.tts.config.max_seq_len * 0.08)
+        req = parse_speech({"model": "stream", "input": "-", **config}, self.voices,
+                           self.tts.config.max_seq_len * 0.08, self.voice_aliases)
+        # the first chunk's size follows the format: these, like pcm, give audio from one frame
+        req.response_format = "opus" if fmt == "opus" else "pcm"
+        return fmt, req
 
-    def configure(self, req: SpeechRequest) -> None:
-        self.speaker = Speaker(self.tts, req, self.turns)
-        self.queue.put_nowait({"type": "session.ready", "voice": req.voice, "sample_rate": 24_000, "format": "pcm"})
+    def configure(self, parsed: tuple[str, SpeechRequest]) -> None:
+        fmt, req = parsed
+        if req.ignored:
+            log.info("%s websocket: ignored %s: the model takes none", self.id, ", ".join(req.ignored))
+        self.speaker, self.format, self.speed = Speaker(self.tts, req, self.turns), fmt, req.speed
+        self.queue.put_nowait({"type": "session.ready", "voice": req.voice, "sample_rate": WS_FORMATS[fmt],
+                               "format": fmt, "speed": req.speed, "ignored": req.ignored})
 
     async def talk(self) -> None:
         """Speak the queued sentences in order; a cancel stops the one in flight only."""
@@ -188,17 +201,22 @@ class Session:
         await self.ws.send_json({"type": "segment.start", "index": index, "text": text})
         frames, turn_stats = 0, []
         self.speaker.stats = turn_stats
+        encoder = SegmentEncoder(self.format, self.speed)
         try:
             async for chunk in self.speaker.say(text):
                 frames += len(chunk.codes)
                 self.metrics.frames.inc(len(chunk.codes))
-                await self.ws.send_bytes(pcm16(chunk.samples))
-        except asyncio.CancelledError:
+                if data := encoder.add(chunk.samples):
+                    await self.ws.send_bytes(data)
+            if data := encoder.finish():
+                await self.ws.send_bytes(data)
+        except (asyncio.CancelledError, WebSocketDisconnect):
             raise
         except Exception as err:  # the generation failed: say so, and end the session
             await self.send_error(from_exception(err))
             raise
         finally:
+            encoder.close()
             self.metrics.count_prefix(turn_stats)
         self.frames += frames
         await self.ws.send_json({"type": "segment.done", "index": index, "frames": frames})

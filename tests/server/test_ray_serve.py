@@ -201,7 +201,7 @@ def test_a_killed_replica_fails_only_its_requests_with_the_envelope_and_is_repla
     whole = {}
 
     def whole_file():
-        r = speech(url, voice="kim", input="A long answer.", max_audio_ms=4000)
+        r = speech(url, voice="kim", input="A long answer.", max_audio_ms=4000, stream_format="none")
         whole["response"] = (r.status_code, r.headers.get("content-type"), r.content)
 
     threads.append(threading.Thread(target=sse, args=(url, results, "victim"), kwargs={"voice": "kim"}))
