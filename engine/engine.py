@@ -1,7 +1,7 @@
 """The serving engine: one model, many concurrent requests, continuous batching at frame boundaries.
 
     engine = Engine(tts.model)                     # preallocates, warms up, captures graphs
-    stream = engine.submit(frames, mask, max_frames=125, seed=1)
+    stream = engine.submit(frames, mask, GenerationParams(max_audio_ms=10_000, seed=1))
     for frame in stream: ...                       # Frame(codes [32], audio) as they are made
 
 One background thread runs the loop; callers only enqueue requests and read their streams.
@@ -46,6 +46,7 @@ from dataclasses import dataclass
 import torch
 
 from misotts.runtime.generate import check_request
+from misotts.runtime.params import GenerationParams
 from misotts.runtime.sampling import is_integer, is_real
 from misotts.runtime.model import CSMModel
 
@@ -246,17 +247,18 @@ class Engine:
         return max(per_seq, int(free * self.config.kv_memory_fraction) // block)
 
     # ---- caller side ------------------------------------------------------------------------
-    def submit(self, frames: torch.Tensor, mask: torch.Tensor, max_frames: int, temperature: float = 0.9,
-               topk: int = 50, seed: int = 0, stop_on_eos: bool = True, audio: bool = False) -> Stream:
-        """Queue a generation for prompt rows frames, mask [S, n + 1]; returns its Stream at once.
+    def submit(self, frames: torch.Tensor, mask: torch.Tensor, params: GenerationParams | None = None,
+               audio: bool = False) -> Stream:
+        """Queue a generation for prompt rows frames, mask [S, n + 1] with settings `params`
+        (default GenerationParams()); returns its Stream at once.
         audio: each frame also carries its samples, decoded in the engine (needs the engine's codec).
 
         Raises ValueError for a request that can never run (bad settings, a prompt that leaves
         no room in the context, more KV than the whole pool) and EngineBusy when the queue is full.
         """
         self._check_open()
-        check_request(self.model.config, frames, mask, max_frames, temperature, topk, seed)  # the embedding would clamp ids
-        frames, mask = frames.long().cpu(), mask.bool().cpu()
+        params = check_request(self.model.config, frames, mask, params or GenerationParams())  # the embedding would clamp ids
+        frames, mask, max_frames = frames.long().cpu(), mask.bool().cpu(), params.max_frames
         if audio and self.audio is None:
             self.start_audio()
         bs, needed = self.pool.block_size, self.scheduler.blocks_needed(frames.shape[0], max_frames)
@@ -264,8 +266,7 @@ class Engine:
             raise ValueError(f"this request needs {needed} KV blocks of {bs} positions but the pool has "
                              f"{self.pool.num_blocks}: raise num_blocks")
         keys = block_keys(frames[:-1], mask[:-1], bs)  # the last row always runs in the first frame
-        req = Request(frames, mask, max_frames, float(temperature), int(topk), int(seed), stop_on_eos, bool(audio),
-                      keys)
+        req = Request(frames, mask, params, bool(audio), keys)
         req.stream = Stream(req, self._wake, self._serving)
         req.stats.prompt_positions = frames.shape[0]
         with self._cond:
@@ -307,9 +308,9 @@ class Engine:
         if decoder is not None:  # another request made one first
             decoder.close()
 
-    def generate(self, frames, mask, max_frames: int, **kwargs) -> torch.Tensor:
+    def generate(self, frames, mask, params: GenerationParams | None = None) -> torch.Tensor:
         """All frames of one request: codes [T, num_codebooks]."""
-        return self.submit(frames, mask, max_frames, **kwargs).codes()
+        return self.submit(frames, mask, params).codes()
 
     def wait_idle(self, timeout: float = 60.0) -> bool:
         """Block until no request is queued or running (True), or the timeout passes (False)."""
@@ -447,8 +448,9 @@ class Engine:
 
     # ---- lane operations (the scheduler's decisions, on the device) ----------------------------
     def join(self, lane: int, req: Request) -> None:
-        self.runner.state.set_lane(lane, req.frames[-1], req.mask[-1], req.prompt_len - 1, req.blocks, req.seed,
-                                   req.temperature, req.topk)
+        p = req.params
+        self.runner.state.set_lane(lane, req.frames[-1], req.mask[-1], req.prompt_len - 1, req.blocks, p.seed,
+                                   p.temperature, p.topk)
         if self.audio is not None:
             self.audio.reset(lane)
 

@@ -132,7 +132,7 @@ class Scheduler:
             if req.cancelled:
                 finished.append((lane, "cancelled"))
                 continue
-            if req.stop_on_eos and not frame.any():
+            if req.params.stop_on_eos and not frame.any():
                 finished.append((lane, "eos"))
                 continue
             if req.stats.frames == 0:

@@ -17,7 +17,8 @@ from misotts.runtime.config import PRESETS, ModelConfig
 from misotts.runtime.devices import resolve_device
 from misotts.runtime.hub import DEFAULT_CODEC, PRESET_HUB_IDS
 from misotts.engine import Engine, EngineConfig
-from misotts.runtime.generate import ReferenceBackend, max_frames_for
+from misotts.runtime.generate import ReferenceBackend
+from misotts.runtime.params import GenerationParams, params_of
 from misotts.runtime.model import CSMModel
 from misotts.runtime.prompt import build_prompt
 from misotts.runtime.tokenizer import ByteTokenizer, Llama3Tokenizer, check_special_ids, load_tokenizer
@@ -121,33 +122,41 @@ class TTS:
     def _encode_audio(self, audio) -> torch.Tensor:
         return self.codec.encode(load_audio(audio, SAMPLE_RATE).to(self.device)).cpu()
 
-    def submit(self, text: str, speaker: int = 0, context=(), max_audio_ms: float = 10_000,
-               temperature: float = 0.9, topk: int = 50, seed: int = 0, stop_on_eos: bool = True,
-               audio: bool = False):
-        """Start a generation; returns its stream of `Frame(codes, audio)` at once (iterate it,
-        `async for` it, `cancel()` it).  stop_on_eos=False runs to max_audio_ms."""
-        frames, mask = self.prompt(text, speaker, context)
-        return self.backend.submit(frames, mask, max_frames_for(max_audio_ms), temperature=temperature, topk=topk,
-                                   seed=seed, stop_on_eos=stop_on_eos, audio=audio)
+    def params(self, params: GenerationParams | None = None, speaker: int | None = None,
+               **settings) -> GenerationParams:
+        """`params` (default GenerationParams()) with `speaker` and `settings` (its field names:
+        max_audio_ms, temperature, topk, seed, stop_on_eos) replacing its own, validated against
+        this model's config."""
+        if speaker is not None:
+            settings["speaker"] = speaker
+        return params_of(params, **settings).validate(self.config)
 
-    def iter_codes(self, text: str, speaker: int = 0, context=(), max_audio_ms: float = 10_000,
-                   temperature: float = 0.9, topk: int = 50, seed: int = 0,
-                   stop_on_eos: bool = True) -> Iterator[torch.Tensor]:
+    def submit(self, text: str, speaker: int | None = None, context=(), params: GenerationParams | None = None, *,
+               audio: bool = False, **settings):
+        """Start a generation; returns its stream of `Frame(codes, audio)` at once (iterate it,
+        `async for` it, `cancel()` it).  Settings: `params`, or GenerationParams' fields as
+        keywords (seed=1, max_audio_ms=4000, ...); stop_on_eos=False runs to max_audio_ms."""
+        params = self.params(params, speaker, **settings)  # before the prompt: a bad setting encodes no audio
+        frames, mask = self.prompt(text, params.speaker, context)
+        return self.backend.submit(frames, mask, params, audio=audio)
+
+    def iter_codes(self, text: str, speaker: int | None = None, context=(), params: GenerationParams | None = None,
+                   **settings) -> Iterator[torch.Tensor]:
         """Codes [32] per frame, as they are generated (no audio decoding)."""
-        for frame in self.submit(text, speaker, context, max_audio_ms, temperature, topk, seed, stop_on_eos):
+        for frame in self.submit(text, speaker, context, params, **settings):
             yield frame.codes
 
-    def generate_codes(self, text: str, **kwargs) -> torch.Tensor:
-        return self.submit(text, **kwargs).codes()
+    def generate_codes(self, text: str, speaker: int | None = None, context=(),
+                       params: GenerationParams | None = None, **settings) -> torch.Tensor:
+        return self.submit(text, speaker, context, params, **settings).codes()
 
-    def stream(self, text: str, speaker: int = 0, context=(), max_audio_ms: float = 10_000,
-               temperature: float = 0.9, topk: int = 50, seed: int = 0, chunk_frames: int = 1,
-               stop_on_eos: bool = True, first_chunk_frames: int = 1) -> Iterator[Audio]:
+    def stream(self, text: str, speaker: int | None = None, context=(), params: GenerationParams | None = None, *,
+               chunk_frames: int = 1, first_chunk_frames: int = 1, **settings) -> Iterator[Audio]:
         """Yield `Audio` chunks as they are made: the first after `first_chunk_frames` frames, then
         every `chunk_frames` (the last may be shorter).  Concatenated, the chunks equal
-        `generate()` with the same arguments.  Closing the iterator early cancels the generation."""
+        `generate()` with the same settings.  Closing the iterator early cancels the generation."""
         chunker = self._chunker(first_chunk_frames, chunk_frames)
-        frames = self.submit(text, speaker, context, max_audio_ms, temperature, topk, seed, stop_on_eos, audio=True)
+        frames = self.submit(text, speaker, context, params, audio=True, **settings)
         try:
             for frame in frames:
                 if (chunk := chunker.add(frame.codes, frame.audio, frames.stats)) is not None:
@@ -157,14 +166,12 @@ class TTS:
         finally:
             frames.cancel()
 
-    async def astream(self, text: str, speaker: int = 0, context=(), max_audio_ms: float = 10_000,
-                      temperature: float = 0.9, topk: int = 50, seed: int = 0, chunk_frames: int = 1,
-                      stop_on_eos: bool = True, first_chunk_frames: int = 1) -> AsyncIterator[Audio]:
+    async def astream(self, text: str, speaker: int | None = None, context=(), params: GenerationParams | None = None,
+                      *, chunk_frames: int = 1, first_chunk_frames: int = 1, **settings) -> AsyncIterator[Audio]:
         """`stream` for asyncio: `async for chunk in tts.astream(...)`; cancelling the task
         cancels the generation."""
         chunker = self._chunker(first_chunk_frames, chunk_frames)
-        frames = await self._submit_off_loop(text, speaker, context, max_audio_ms, temperature, topk, seed,
-                                             stop_on_eos, audio=True)
+        frames = await self._submit_off_loop(text, speaker, context, params, audio=True, **settings)
         try:
             async for frame in frames:
                 if (chunk := chunker.add(frame.codes, frame.audio, frames.stats)) is not None:
@@ -187,11 +194,10 @@ class TTS:
     def _chunker(self, first_chunk_frames: int, chunk_frames: int) -> Chunker:
         return Chunker(self._new_stats(), first_chunk_frames, chunk_frames)
 
-    def generate(self, text: str, speaker: int = 0, context=(), max_audio_ms: float = 10_000,
-                 temperature: float = 0.9, topk: int = 50, seed: int = 0, stop_on_eos: bool = True) -> Audio:
+    def generate(self, text: str, speaker: int | None = None, context=(), params: GenerationParams | None = None,
+                 **settings) -> Audio:
         """Speech for `text` spoken by `speaker`, following the conversation in `context`."""
-        chunks = list(self.stream(text, speaker, context, max_audio_ms, temperature, topk, seed, chunk_frames=8,
-                                  stop_on_eos=stop_on_eos))
+        chunks = list(self.stream(text, speaker, context, params, chunk_frames=8, **settings))
         return Audio.concat(chunks, self.config.num_codebooks)
 
     def conversation(self, context=()) -> Conversation:

@@ -81,12 +81,11 @@ def cmd_speak(args) -> int:
 def _generate_with_progress(tts, text, context, args) -> list[Audio]:
     """The chunks of one generation, with a bar of frames, audio seconds and real-time factor on a
     terminal (tqdm's disable=None: nothing when stderr is piped)."""
-    from misotts.runtime.generate import max_frames_for
-
     chunks = []
-    stream = tts.stream(text, speaker=args.speaker, context=context, max_audio_ms=args.max_audio_ms,
-                        temperature=args.temperature, topk=args.topk, seed=args.seed, chunk_frames=4)
-    with tqdm(total=max_frames_for(args.max_audio_ms), unit="frame", desc="speaking", disable=None, leave=False) as bar:
+    params = tts.params(speaker=args.speaker, max_audio_ms=args.max_audio_ms, temperature=args.temperature,
+                        topk=args.topk, seed=args.seed)
+    stream = tts.stream(text, context=context, params=params, chunk_frames=4)
+    with tqdm(total=params.max_frames, unit="frame", desc="speaking", disable=None, leave=False) as bar:
         for chunk in stream:
             chunks.append(chunk)
             s = tts.last_stats

@@ -4,7 +4,6 @@ and `ReferenceBackend`, which offers it behind the engine's interface (`submit` 
 from __future__ import annotations
 
 import asyncio
-import math
 import threading
 import time
 from contextlib import nullcontext
@@ -16,14 +15,9 @@ from .audio import FRAME_MS
 from .frames import NONFINITE_CODE, Frame, RequestStats, nonfinite_error, stack_codes
 from .model import CSMModel
 from .prompt import audio_rows, check_prompt_audio_codes, check_prompt_text_ids, mimi_codes
-from .sampling import check_sampling_args, is_integer, is_real
+from .params import GenerationParams
+from .sampling import check_sampling_args, is_integer
 
-
-
-def max_frames_for(max_audio_ms: float) -> int:
-    if not is_real(max_audio_ms) or not 0 < max_audio_ms < math.inf:
-        raise ValueError(f"max_audio_ms must be a finite number > 0, got {max_audio_ms!r}")
-    return max(1, int(max_audio_ms // FRAME_MS))
 
 
 def check_context_window(prompt_len: int, max_frames: int, max_seq_len: int) -> None:
@@ -38,10 +32,18 @@ def check_context_window(prompt_len: int, max_frames: int, max_seq_len: int) -> 
         )
 
 
-def check_request(cfg, frames, mask, max_frames: int, temperature: float, topk: int, seed: int = 0) -> None:
-    """Everything about a request that can be refused before any work (both backends): nothing
-    that passes here can fail in the engine's thread for being malformed."""
-    check_sampling_args(temperature, topk, cfg.audio_vocab_size, seed)
+def check_request(cfg, frames, mask, params: GenerationParams) -> GenerationParams:
+    """Everything about a request that can be refused before any work: nothing that passes here
+    can fail in the engine's thread for being malformed.  Returns the validated params."""
+    if not isinstance(params, GenerationParams):
+        raise TypeError(f"params must be a GenerationParams, got {type(params).__name__}")
+    params = params.validate(cfg)
+    check_prompt(cfg, frames, mask, params.max_frames)
+    return params
+
+
+def check_prompt(cfg, frames, mask, max_frames: int) -> None:
+    """Prompt rows frames, mask [S, n + 1] that a model of `cfg` can run, with room for max_frames."""
     if not isinstance(frames, torch.Tensor) or not isinstance(mask, torch.Tensor):
         raise TypeError(f"prompt frames and mask must be tensors, got {type(frames).__name__} and {type(mask).__name__}")
     if frames.dtype.is_floating_point or frames.dtype.is_complex:
@@ -67,7 +69,8 @@ def iter_frames(model: CSMModel, frames: torch.Tensor, mask: torch.Tensor, max_f
     Sesame's reference.  Frame t draws its random numbers from counters t*n .. t*n + n - 1.
     """
     cfg = model.config
-    check_request(cfg, frames, mask, max_frames, temperature, topk, seed)
+    check_sampling_args(temperature, topk, cfg.audio_vocab_size, seed)
+    check_prompt(cfg, frames, mask, max_frames)
     device = model.audio_head.device
     n = cfg.num_codebooks
     model.setup_caches(1, frames.shape[0] + max_frames)
@@ -104,13 +107,13 @@ class ReferenceBackend:
         self.model, self._codec = model, codec  # codec: makes the MimiCodec on first use
         self._busy = threading.Lock()
 
-    def submit(self, frames: torch.Tensor, mask: torch.Tensor, max_frames: int, temperature: float = 0.9,
-               topk: int = 50, seed: int = 0, stop_on_eos: bool = True, audio: bool = False) -> ReferenceStream:
-        check_request(self.model.config, frames, mask, max_frames, temperature, topk, seed)
+    def submit(self, frames: torch.Tensor, mask: torch.Tensor, params: GenerationParams,
+               audio: bool = False) -> ReferenceStream:
+        params = check_request(self.model.config, frames, mask, params)
         if audio and self._codec is None:
             raise ValueError("this backend has no codec to decode audio")
-        return ReferenceStream(self, frames, mask, max_frames, dict(temperature=temperature, topk=topk, seed=seed,
-                                                                     stop_on_eos=stop_on_eos), audio)
+        return ReferenceStream(self, frames, mask, params.max_frames, dict(
+            temperature=params.temperature, topk=params.topk, seed=params.seed, stop_on_eos=params.stop_on_eos), audio)
 
     def close(self) -> None:
         pass

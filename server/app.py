@@ -92,7 +92,7 @@ def create_app(tts, *, model_name: str = "misotts", api_key: str | None = None, 
             body = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise bad_request("the body must be JSON", None, "invalid_json")
-        req = parse_speech(body, voices)
+        req = parse_speech(body, voices, tts.config)
         turn_stats: list = []
         chunks = speak(tts, req, turns, turn_stats)
         try:  # up to the first chunk a failure is a status code: queue full, engine stopped, bad prompt

@@ -20,6 +20,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 from misotts.chunks import GenerationStats
 from misotts.engine import EngineBusy, EngineStopped
+from misotts.runtime.params import GenerationParams, params_of
 
 from .ray_config import affinity_key
 
@@ -59,14 +60,20 @@ class RemoteTTS:
         """Stats of the last `astream` started in this asyncio task, filled in as chunks arrive."""
         return _last_stats.get(GenerationStats())
 
-    async def astream(self, text: str, speaker: int = 0, context=(), **options):
+    async def astream(self, text: str, speaker: int | None = None, context=(), params: GenerationParams | None = None,
+                      *, first_chunk_frames: int = 1, chunk_frames: int = 1, **settings):
+        """`TTS.astream` on a replica: the same arguments, the settings checked here first."""
+        if speaker is not None:
+            settings["speaker"] = speaker
+        params = params_of(params, **settings).validate(self.config)
         stats = GenerationStats()
         _last_stats.set(stats)
         key = affinity_key(context) if self.affinity else None
         handle = self.handle.options(stream=True, **({"multiplexed_model_id": key} if key else {}))
         calls = None
         try:
-            calls = handle.stream.remote(text, speaker, list(context), options)
+            calls = handle.stream.remote(text, list(context), params, dict(first_chunk_frames=first_chunk_frames,
+                                                                            chunk_frames=chunk_frames))
             async for chunk, remote_stats in calls:
                 for name, value in remote_stats.items():
                     setattr(stats, name, value)
@@ -85,9 +92,9 @@ class RemoteTTS:
             raise EngineStopped(f"no replica is serving: {err.message}") from err
 
 
-async def serve_stream(tts, text: str, speaker: int, context, options: dict, replica: str):
+async def serve_stream(tts, text: str, context, params: GenerationParams, chunking: dict, replica: str):
     """Replica side of `RemoteTTS.astream`: (chunk, stats so far) pairs of one generation."""
-    stream = tts.astream(text, speaker, context, **options)
+    stream = tts.astream(text, context=context, params=params, **chunking)
     async with aclosing(stream):
         async for chunk in stream:
             yield chunk, {**stats_dict(tts.last_stats), "served_by": replica}

@@ -13,6 +13,8 @@ from typing import AsyncIterator
 import torch
 
 from misotts.chunks import Audio
+from misotts.runtime.audio import FRAME_MS
+from misotts.runtime.params import GenerationParams, InvalidParam
 from misotts.runtime.prompt import MAX_SPEAKER, Segment, mimi_codes
 
 from .audio_formats import FORMATS, decode_audio
@@ -27,29 +29,38 @@ OPENAI_VOICES = ("alloy", "ash", "ballad", "coral", "echo", "fable", "onyx", "no
 FIRST_CHUNK_FRAMES, CHUNK_FRAMES = 1, 4  # the first audio leaves after one frame (80 ms), then every 320 ms
 
 
+# The fields that say how to speak, shared by POST /v1/audio/speech and the WebSocket's session.config.
+SETTINGS = ("seed", "temperature", "topk", "max_audio_ms")
+VOICE_FIELDS = ("voice", "context", *SETTINGS)
+
+
 @dataclass
 class SpeechRequest:
     input: str
-    speaker: int
+    params: GenerationParams = field(default_factory=GenerationParams)  # speaker, seed, sampling, length
     response_format: str = "mp3"
     stream_format: str | None = None  # None: one whole file
-    seed: int = 0
-    temperature: float = 0.9
-    topk: int = 50
-    max_audio_ms: float = 10_000
     context: list = field(default_factory=list)  # Segments before the input (a voice's first)
     voice: str = ""
 
+    @property
+    def speaker(self) -> int:
+        return self.params.speaker
 
-def parse_speech(body, voices) -> SpeechRequest:
-    """The JSON body -> a SpeechRequest; an ApiError (400 / 413) naming the first bad field."""
-    if not isinstance(body, dict):
-        raise bad_request("the body must be a JSON object", None)
-    known = {"model", "input", "voice", "response_format", "speed", "stream_format", "instructions", "seed",
-             "temperature", "topk", "max_audio_ms", "context"}
+
+def check_fields(body: dict, known) -> None:
     for name in body:
         if name not in known:
             raise bad_request(f"unknown field {name!r}", name, "unknown_parameter")
+
+
+def parse_speech(body, voices, config) -> SpeechRequest:
+    """The JSON body -> a SpeechRequest for a model of `config`; an ApiError (400 / 413) naming
+    the first bad field."""
+    if not isinstance(body, dict):
+        raise bad_request("the body must be a JSON object", None)
+    check_fields(body, {"model", "input", "response_format", "speed", "stream_format", "instructions",
+                        *VOICE_FIELDS})
     if not isinstance(body.get("model"), str) or not body["model"]:
         raise bad_request("model is required: a string (any name: this server serves one model)", "model")
     text = body.get("input")
@@ -58,8 +69,7 @@ def parse_speech(body, voices) -> SpeechRequest:
     if len(text) > MAX_INPUT_CHARS:
         raise ApiError(413, f"input is {len(text)} characters; the limit is {MAX_INPUT_CHARS}", "input",
                        "input_too_long")
-    req = SpeechRequest(input=text, speaker=0)
-    _parse_voice(body.get("voice"), voices, req)
+    req = SpeechRequest(input=text)
     fmt = body.get("response_format", "mp3")
     if fmt not in FORMATS:
         raise bad_request(f"response_format must be one of {', '.join(FORMATS)}, got {fmt!r}", "response_format")
@@ -75,22 +85,22 @@ def parse_speech(body, voices) -> SpeechRequest:
     req.stream_format = stream
     if body.get("instructions") not in (None, ""):
         raise bad_request("instructions are not supported by this model", "instructions", "unsupported_value")
-    seed = body.get("seed", 0)
-    if not _is_int(seed) or not 0 <= seed < 2**63 - 1024:  # turns use seed, seed + 1, ...
-        raise bad_request(f"seed must be an integer in 0..2**63-1025, got {seed!r}", "seed")
-    temperature = body.get("temperature", 0.9)
-    if not _is_number(temperature) or not (temperature == 0 or 1e-4 <= temperature <= 1e4):
-        raise bad_request(f"temperature must be 0 or in [1e-4, 1e4], got {temperature!r}", "temperature")
-    topk = body.get("topk", 50)
-    if not _is_int(topk) or not 1 <= topk <= 2051:
-        raise bad_request(f"topk must be an integer in 1..2051, got {topk!r}", "topk")
-    max_audio_ms = body.get("max_audio_ms", 10_000)
-    if not _is_number(max_audio_ms) or not 80 <= max_audio_ms <= MAX_AUDIO_MS:
-        raise bad_request(f"max_audio_ms must be a number in 80..{MAX_AUDIO_MS}, got {max_audio_ms!r}",
-                          "max_audio_ms")
-    req.seed, req.temperature, req.topk, req.max_audio_ms = int(seed), float(temperature), int(topk), float(max_audio_ms)
-    req.context = req.context + parse_context(body.get("context", []))
+    parse_voice_settings(body, voices, config, req)
     return req
+
+
+def parse_voice_settings(body: dict, voices, config, req: SpeechRequest) -> None:
+    """The voice, context and generation settings of `body` into `req`: GenerationParams checked
+    against the model's config (its bounds, not ours), then the server's own limit on length."""
+    _parse_voice(body.get("voice"), voices, req)
+    try:
+        req.params = req.params.replace(**{name: body[name] for name in SETTINGS if name in body}).validate(config)
+    except InvalidParam as err:
+        raise bad_request(str(err), err.param) from None
+    if not FRAME_MS <= req.params.max_audio_ms <= MAX_AUDIO_MS:
+        raise bad_request(f"max_audio_ms must be a number in {FRAME_MS}..{MAX_AUDIO_MS}, got "
+                          f"{req.params.max_audio_ms!r}", "max_audio_ms")
+    req.context = req.context + parse_context(body.get("context", []))
 
 
 def _parse_voice(voice, voices, req: SpeechRequest) -> None:
@@ -100,18 +110,18 @@ def _parse_voice(voice, voices, req: SpeechRequest) -> None:
         speaker = int(voice)
         if not 0 <= speaker <= MAX_SPEAKER:
             raise bad_request(f"voice as a speaker id must be in 0..{MAX_SPEAKER}, got {voice!r}", "voice")
-        req.speaker, req.voice = speaker, str(speaker)
+        req.params, req.voice = req.params.replace(speaker=speaker), str(speaker)
         return
     if isinstance(voice, dict) and isinstance(voice.get("id"), str):  # OpenAI's {"id": ...} form
         voice = voice["id"]
     if not isinstance(voice, str):
         raise bad_request(f"voice must be a string, got {type(voice).__name__}", "voice")
     if voices is not None and (stored := voices.get(voice)) is not None:
-        req.speaker, req.voice = stored.speaker, voice
+        req.params, req.voice = req.params.replace(speaker=stored.speaker), voice
         req.context = [stored.segment()]
         return
     if voice in OPENAI_VOICES:
-        req.speaker, req.voice = OPENAI_VOICES.index(voice), voice
+        req.params, req.voice = req.params.replace(speaker=OPENAI_VOICES.index(voice)), voice
         return
     raise bad_request(f"unknown voice {voice!r}: give a speaker id, a registered voice (GET /v1/audio/voices) "
                       f"or one of {', '.join(OPENAI_VOICES)}", "voice")
@@ -190,14 +200,12 @@ class Speaker:
     async def say(self, text: str) -> AsyncIterator[Audio]:
         """One turn's audio chunks; what was made of it (all, or up to a cancel) joins the history."""
         req, count = self.req, self.count
-        seed, self.index = req.seed + self.index, self.index + 1
-        room = (self.turns.max_positions - 1 - count(text) - math.ceil(req.max_audio_ms / 80)
-                - _positions(self.fixed, count))
+        params, self.index = req.params.for_turn(self.index), self.index + 1
+        room = self.turns.max_positions - 1 - count(text) - params.max_frames - _positions(self.fixed, count)
         context = self.fixed + fit_history(self.history, lambda s: _positions([s], count), room)
         made = []
-        stream = self.tts.astream(text, req.speaker, context, max_audio_ms=req.max_audio_ms,
-                                  temperature=req.temperature, topk=req.topk, seed=seed,
-                                  first_chunk_frames=FIRST_CHUNK_FRAMES, chunk_frames=CHUNK_FRAMES)
+        stream = self.tts.astream(text, context=context, params=params, first_chunk_frames=FIRST_CHUNK_FRAMES,
+                                  chunk_frames=CHUNK_FRAMES)
         try:  # aclosing: a turn stopped early cancels its engine request now, not when collected
             async with aclosing(stream):
                 async for chunk in stream:

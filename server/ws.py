@@ -28,7 +28,7 @@ from fastapi import FastAPI, WebSocket, WebSocketDisconnect
 from .audio_formats import pcm16
 from .errors import ApiError, bad_request, error_kind, from_exception
 from .long_text import split_complete
-from .speech import Speaker, parse_speech
+from .speech import VOICE_FIELDS, Speaker, SpeechRequest, check_fields, parse_voice_settings
 
 log = logging.getLogger("misotts.server")
 IDLE_TIMEOUT_S = 300  # a session with no message and nothing to say for this long is closed
@@ -135,11 +135,11 @@ class Session:
             await self.send_error(bad_request("type must be session.config, text.delta, text.done or cancel", "type"))
 
     def configure(self, config: dict) -> None:
+        check_fields(config, {"model", "response_format", *VOICE_FIELDS})
         if config.get("response_format", "pcm") != "pcm":
             raise bad_request("the WebSocket sends pcm (16-bit little-endian 24 kHz mono) only", "response_format")
-        config.pop("response_format", None)
-        config.setdefault("voice", "0")
-        req = parse_speech({"model": "stream", "input": "-", **config}, self.voices)
+        req = SpeechRequest(input="", response_format="pcm")
+        parse_voice_settings({"voice": "0", **config}, self.voices, self.tts.config, req)
         self.speaker = Speaker(self.tts, req, self.turns)
         self.queue.put_nowait({"type": "session.ready", "voice": req.voice, "sample_rate": 24_000, "format": "pcm"})
 
