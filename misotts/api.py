@@ -18,7 +18,7 @@ from misotts.runtime.devices import resolve_device
 from misotts.runtime.hub import DEFAULT_CODEC, PRESET_HUB_IDS
 from misotts.engine import Engine, EngineConfig
 from misotts.runtime.generate import ReferenceBackend
-from misotts.runtime.params import GenerationParams, params_of
+from misotts.runtime.params import KEEP, GenerationParams, params_of
 from misotts.runtime.model import CSMModel
 from misotts.runtime.prompt import build_prompt
 from misotts.runtime.tokenizer import ByteTokenizer, Llama3Tokenizer, check_special_ids, load_tokenizer
@@ -122,16 +122,14 @@ class TTS:
     def _encode_audio(self, audio) -> torch.Tensor:
         return self.codec.encode(load_audio(audio, SAMPLE_RATE).to(self.device)).cpu()
 
-    def params(self, params: GenerationParams | None = None, speaker: int | None = None,
+    def params(self, params: GenerationParams | None = None, speaker: int = KEEP,
                **settings) -> GenerationParams:
         """`params` (default GenerationParams()) with `speaker` and `settings` (its field names:
         max_audio_ms, temperature, topk, seed, stop_on_eos) replacing its own, validated against
         this model's config."""
-        if speaker is not None:
-            settings["speaker"] = speaker
-        return params_of(params, **settings).validate(self.config)
+        return params_of(params, speaker, **settings).validate(self.config)
 
-    def submit(self, text: str, speaker: int | None = None, context=(), params: GenerationParams | None = None, *,
+    def submit(self, text: str, speaker: int = KEEP, context=(), params: GenerationParams | None = None, *,
                audio: bool = False, **settings):
         """Start a generation; returns its stream of `Frame(codes, audio)` at once (iterate it,
         `async for` it, `cancel()` it).  Settings: `params`, or GenerationParams' fields as
@@ -140,17 +138,17 @@ class TTS:
         frames, mask = self.prompt(text, params.speaker, context)
         return self.backend.submit(frames, mask, params, audio=audio)
 
-    def iter_codes(self, text: str, speaker: int | None = None, context=(), params: GenerationParams | None = None,
+    def iter_codes(self, text: str, speaker: int = KEEP, context=(), params: GenerationParams | None = None,
                    **settings) -> Iterator[torch.Tensor]:
         """Codes [32] per frame, as they are generated (no audio decoding)."""
         for frame in self.submit(text, speaker, context, params, **settings):
             yield frame.codes
 
-    def generate_codes(self, text: str, speaker: int | None = None, context=(),
+    def generate_codes(self, text: str, speaker: int = KEEP, context=(),
                        params: GenerationParams | None = None, **settings) -> torch.Tensor:
         return self.submit(text, speaker, context, params, **settings).codes()
 
-    def stream(self, text: str, speaker: int | None = None, context=(), params: GenerationParams | None = None, *,
+    def stream(self, text: str, speaker: int = KEEP, context=(), params: GenerationParams | None = None, *,
                chunk_frames: int = 1, first_chunk_frames: int = 1, **settings) -> Iterator[Audio]:
         """Yield `Audio` chunks as they are made: the first after `first_chunk_frames` frames, then
         every `chunk_frames` (the last may be shorter).  Concatenated, the chunks equal
@@ -166,7 +164,7 @@ class TTS:
         finally:
             frames.cancel()
 
-    async def astream(self, text: str, speaker: int | None = None, context=(), params: GenerationParams | None = None,
+    async def astream(self, text: str, speaker: int = KEEP, context=(), params: GenerationParams | None = None,
                       *, chunk_frames: int = 1, first_chunk_frames: int = 1, **settings) -> AsyncIterator[Audio]:
         """`stream` for asyncio: `async for chunk in tts.astream(...)`; cancelling the task
         cancels the generation."""
@@ -194,7 +192,7 @@ class TTS:
     def _chunker(self, first_chunk_frames: int, chunk_frames: int) -> Chunker:
         return Chunker(self._new_stats(), first_chunk_frames, chunk_frames)
 
-    def generate(self, text: str, speaker: int | None = None, context=(), params: GenerationParams | None = None,
+    def generate(self, text: str, speaker: int = KEEP, context=(), params: GenerationParams | None = None,
                  **settings) -> Audio:
         """Speech for `text` spoken by `speaker`, following the conversation in `context`."""
         chunks = list(self.stream(text, speaker, context, params, chunk_frames=8, **settings))

@@ -17,7 +17,7 @@ from .audio import FRAME_MS
 from .prompt import check_speaker
 from .sampling import MAX_SEED, InvalidParam, check_sampling_args, is_real
 
-__all__ = ["GenerationParams", "InvalidParam", "params_of"]
+__all__ = ["GenerationParams", "InvalidParam", "KEEP", "params_of"]
 
 
 @dataclass(frozen=True)
@@ -59,9 +59,23 @@ class GenerationParams:
 FIELDS = tuple(f.name for f in dataclasses.fields(GenerationParams))
 
 
-def params_of(params: GenerationParams | None = None, **settings) -> GenerationParams:
-    """`params` (default GenerationParams()) with `settings` -- GenerationParams' field names --
-    replacing its own; a setting of another name is a TypeError that lists the known ones."""
+class _Keep:
+    """The default of a `speaker` argument beside `params`: keep the params' own speaker (None is
+    a bad speaker, refused as such)."""
+
+    def __repr__(self) -> str:
+        return "<the params' speaker>"
+
+
+KEEP = _Keep()
+
+
+def params_of(params: GenerationParams | None = None, speaker=KEEP, **settings) -> GenerationParams:
+    """`params` (default GenerationParams()) with `speaker` (unless KEEP) and `settings` --
+    GenerationParams' field names -- replacing its own; a setting of another name is a TypeError
+    that lists the known ones."""
+    if speaker is not KEEP:
+        settings["speaker"] = speaker
     unknown = sorted(set(settings) - set(FIELDS))
     if unknown:
         raise TypeError(f"unknown generation setting(s) {', '.join(unknown)}: expected {', '.join(FIELDS)}")

@@ -20,7 +20,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 from misotts.chunks import GenerationStats
 from misotts.engine import EngineBusy, EngineStopped
-from misotts.runtime.params import GenerationParams, params_of
+from misotts.runtime.params import KEEP, GenerationParams, params_of
 
 from .ray_config import affinity_key
 
@@ -60,12 +60,10 @@ class RemoteTTS:
         """Stats of the last `astream` started in this asyncio task, filled in as chunks arrive."""
         return _last_stats.get(GenerationStats())
 
-    async def astream(self, text: str, speaker: int | None = None, context=(), params: GenerationParams | None = None,
+    async def astream(self, text: str, speaker: int = KEEP, context=(), params: GenerationParams | None = None,
                       *, first_chunk_frames: int = 1, chunk_frames: int = 1, **settings):
         """`TTS.astream` on a replica: the same arguments, the settings checked here first."""
-        if speaker is not None:
-            settings["speaker"] = speaker
-        params = params_of(params, **settings).validate(self.config)
+        params = params_of(params, speaker, **settings).validate(self.config)
         stats = GenerationStats()
         _last_stats.set(stats)
         key = affinity_key(context) if self.affinity else None

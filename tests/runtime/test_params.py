@@ -64,3 +64,10 @@ def test_params_are_frozen_and_exported_by_the_package():
     with pytest.raises(dataclasses.FrozenInstanceError):
         GenerationParams().seed = 1
     assert misotts.GenerationParams is GenerationParams
+
+
+def test_a_speaker_argument_replaces_the_params_speaker_only_when_given():
+    base = GenerationParams(speaker=3)
+    assert params_of(base).speaker == 3 and params_of(base, 5).speaker == 5
+    with pytest.raises(TypeError, match="speaker must be an integer id"):  # None is a bad speaker, not "unset"
+        params_of(base, None).validate(TINY)
