@@ -2,15 +2,13 @@
 from __future__ import annotations
 
 import asyncio
-import weakref
-from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator, Iterator
 
 import torch
 
-from misotts.chunks import Audio, Chunker, GenerationStats
+from misotts.chunks import Audio, AudioStream, Chunker, GenerationStats
 from misotts.conversation import Conversation
 from misotts.runtime.audio import SAMPLE_RATE, load_audio
 from misotts.runtime.config import PRESETS, ModelConfig
@@ -25,10 +23,6 @@ from misotts.runtime.tokenizer import ByteTokenizer, Llama3Tokenizer, check_spec
 from misotts.weights import load_model, random_model
 from misotts.weights.checkpoint import bundled_codec
 from misotts.weights.load import default_dtype
-
-# {id(tts): (weakref to it, its GenerationStats)} of the last generation in this thread / task.
-_last_stats: ContextVar[dict] = ContextVar("misotts_last_stats")
-
 
 
 @dataclass
@@ -78,20 +72,6 @@ class TTS:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-    @property
-    def last_stats(self) -> GenerationStats:
-        """Timings of the last `stream` / `generate` started in this thread or asyncio task (each
-        stream's own; concurrent requests elsewhere do not touch them)."""
-        ref, stats = _last_stats.get({}).get(id(self), (None, None))
-        return stats if ref is not None and ref() is self else GenerationStats()  # not a dead TTS's with our id
-
-    def _new_stats(self) -> GenerationStats:
-        stats = GenerationStats()
-        mine = {key: (ref, s) for key, (ref, s) in _last_stats.get({}).items() if ref() is not None}
-        mine[id(self)] = (weakref.ref(self), stats)  # a fresh dict: other contexts keep theirs
-        _last_stats.set(mine)
-        return stats
 
     @property
     def config(self) -> ModelConfig:
@@ -149,35 +129,18 @@ class TTS:
         return self.submit(text, speaker, context, params, **settings).codes()
 
     def stream(self, text: str, speaker: int = KEEP, context=(), params: GenerationParams | None = None, *,
-               chunk_frames: int = 1, first_chunk_frames: int = 1, **settings) -> Iterator[Audio]:
-        """Yield `Audio` chunks as they are made: the first after `first_chunk_frames` frames, then
-        every `chunk_frames` (the last may be shorter).  Concatenated, the chunks equal
-        `generate()` with the same settings.  Closing the iterator early cancels the generation."""
-        chunker = self._chunker(first_chunk_frames, chunk_frames)
-        frames = self.submit(text, speaker, context, params, audio=True, **settings)
-        try:
-            for frame in frames:
-                if (chunk := chunker.add(frame.codes, frame.audio, frames.stats)) is not None:
-                    yield chunk
-            if (chunk := chunker.flush()) is not None:
-                yield chunk
-        finally:
-            frames.cancel()
+               chunk_frames: int = 1, first_chunk_frames: int = 1, **settings) -> AudioStream:
+        """`Audio` chunks as they are made (iterate, or `async for`): the first after
+        `first_chunk_frames` frames, then every `chunk_frames` (the last may be shorter).
+        Concatenated, the chunks equal `generate()` with the same settings.  The stream's `stats`
+        fill in as it runs.  The request is submitted at the first chunk asked for; closing the
+        stream early cancels it."""
+        chunker = Chunker(GenerationStats(), first_chunk_frames, chunk_frames)
+        args = (text, speaker, context, params)
+        return AudioStream(lambda: self.submit(*args, audio=True, **settings),
+                           lambda: self._submit_off_loop(*args, audio=True, **settings), chunker)
 
-    async def astream(self, text: str, speaker: int = KEEP, context=(), params: GenerationParams | None = None,
-                      *, chunk_frames: int = 1, first_chunk_frames: int = 1, **settings) -> AsyncIterator[Audio]:
-        """`stream` for asyncio: `async for chunk in tts.astream(...)`; cancelling the task
-        cancels the generation."""
-        chunker = self._chunker(first_chunk_frames, chunk_frames)
-        frames = await self._submit_off_loop(text, speaker, context, params, audio=True, **settings)
-        try:
-            async for frame in frames:
-                if (chunk := chunker.add(frame.codes, frame.audio, frames.stats)) is not None:
-                    yield chunk
-            if (chunk := chunker.flush()) is not None:
-                yield chunk
-        finally:
-            frames.cancel()
+    astream = stream  # `async for chunk in tts.astream(...)`: the same stream; cancelling the task cancels it
 
     async def _submit_off_loop(self, *args, **kwargs):
         """`submit` in a worker thread: building the prompt encodes context audio, which must
@@ -189,14 +152,14 @@ class TTS:
             pending.add_done_callback(lambda done: done.cancelled() or done.exception() or done.result().cancel())
             raise
 
-    def _chunker(self, first_chunk_frames: int, chunk_frames: int) -> Chunker:
-        return Chunker(self._new_stats(), first_chunk_frames, chunk_frames)
-
     def generate(self, text: str, speaker: int = KEEP, context=(), params: GenerationParams | None = None,
                  **settings) -> Audio:
-        """Speech for `text` spoken by `speaker`, following the conversation in `context`."""
-        chunks = list(self.stream(text, speaker, context, params, chunk_frames=8, **settings))
-        return Audio.concat(chunks, self.config.num_codebooks)
+        """Speech for `text` spoken by `speaker`, following the conversation in `context`; its
+        `stats` are the generation's."""
+        stream = self.stream(text, speaker, context, params, chunk_frames=8, **settings)
+        audio = Audio.concat(list(stream), self.config.num_codebooks)
+        audio.stats = stream.stats
+        return audio
 
     def conversation(self, context=()) -> Conversation:
         """A dialogue: each turn (generated or given) joins the context of the next; on the engine

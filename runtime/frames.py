@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import AsyncIterator, Iterator, NamedTuple, Protocol, runtime_checkable
 
 import torch
 
@@ -24,6 +24,23 @@ class RequestStats:
     first_frame_s: float = float("nan")  # from submit to the first frame's codes on the host
     total_s: float = float("nan")
     finish: str = ""  # "eos", "max_frames", "cancelled" or "error"
+
+
+@runtime_checkable
+class FrameStream(Protocol):
+    """A generation's frames as the engine hands them out (`engine.requests.Stream`): iterate or
+    `async for` for a `Frame` per frame; `stats` fills in as it runs (prompt positions, reused and
+    computed, timings); `cancel()` stops it; `codes()` waits for all and stacks them."""
+
+    stats: RequestStats
+
+    def __iter__(self) -> Iterator[Frame]: ...
+
+    def __aiter__(self) -> AsyncIterator[Frame]: ...
+
+    def cancel(self) -> None: ...
+
+    def codes(self) -> torch.Tensor: ...
 
 
 def stack_codes(codes: list[torch.Tensor], num_codebooks: int) -> torch.Tensor:

@@ -23,7 +23,7 @@ from misotts.chunks import Audio
 from .audio_formats import MEDIA_TYPES, Encoder, encode_all
 from .errors import ApiError, bad_request, error_kind, from_exception
 from .metrics import CONTENT_TYPE_LATEST, Metrics
-from .speech import Turns, parse_speech, speak
+from .speech import Speaker, Turns, parse_speech, speak
 from .ws import add_stream_route
 
 log = logging.getLogger("misotts.server")
@@ -93,8 +93,9 @@ def create_app(tts, *, model_name: str = "misotts", api_key: str | None = None, 
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise bad_request("the body must be JSON", None, "invalid_json")
         req = parse_speech(body, voices, tts.config)
-        turn_stats: list = []
-        chunks = speak(tts, req, turns, turn_stats)
+        speaker = Speaker(tts, req, turns)
+        turn_stats = speaker.stats  # each turn's stream's stats, read from the streams themselves
+        chunks = speak(speaker)
         try:  # up to the first chunk a failure is a status code: queue full, engine stopped, bad prompt
             first = await anext(chunks, None)
         except Exception as err:

@@ -15,7 +15,7 @@ import torch
 from misotts.chunks import Audio
 from misotts.runtime.audio import FRAME_MS
 from misotts.runtime.params import GenerationParams, InvalidParam
-from misotts.runtime.prompt import MAX_SPEAKER, Segment, mimi_codes
+from misotts.runtime.prompt import MAX_SPEAKER, Segment, mimi_codes, segment_positions, text_positions
 
 from .audio_formats import FORMATS, decode_audio
 from .errors import ApiError, bad_request
@@ -190,27 +190,31 @@ class Speaker:
     cheap.  The oldest generated turns slide out when the window fills; the request's own
     context (a voice, given turns) stays.  Turn i samples with seed + i."""
 
-    def __init__(self, tts, req: SpeechRequest, turns: Turns, stats: list | None = None):
-        self.tts, self.req, self.turns, self.stats = tts, req, turns, stats
+    def __init__(self, tts, req: SpeechRequest, turns: Turns):
+        self.tts, self.req, self.turns = tts, req, turns
         self.fixed, self.history, self.index = list(req.context), [], 0
+        self.stats: list = []  # each turn's stream's stats (prompt positions reused / computed), once it speaks
 
     def count(self, text: str) -> int:
-        return len(self.tts.tokenizer.encode(f"[{self.req.speaker}]{text}"))
+        return text_positions(text, self.req.speaker, self.tts.tokenizer)
+
+    def positions(self, segments) -> int:
+        return sum(segment_positions(s, self.tts.tokenizer) for s in segments)
 
     async def say(self, text: str) -> AsyncIterator[Audio]:
         """One turn's audio chunks; what was made of it (all, or up to a cancel) joins the history."""
-        req, count = self.req, self.count
+        req = self.req
         params, self.index = req.params.for_turn(self.index), self.index + 1
-        room = self.turns.max_positions - 1 - count(text) - params.max_frames - _positions(self.fixed, count)
-        context = self.fixed + fit_history(self.history, lambda s: _positions([s], count), room)
+        room = self.turns.max_positions - 1 - self.count(text) - params.max_frames - self.positions(self.fixed)
+        context = self.fixed + fit_history(self.history, lambda s: self.positions([s]), room)
         made = []
         stream = self.tts.astream(text, context=context, params=params, first_chunk_frames=FIRST_CHUNK_FRAMES,
                                   chunk_frames=CHUNK_FRAMES)
         try:  # aclosing: a turn stopped early cancels its engine request now, not when collected
             async with aclosing(stream):
                 async for chunk in stream:
-                    if not made and self.stats is not None:
-                        self.stats.append(self.tts.last_stats)
+                    if not made:
+                        self.stats.append(stream.stats)
                     made.append(chunk.codes)
                     yield chunk
         finally:
@@ -218,22 +222,11 @@ class Speaker:
                 self.history.append(Segment(req.speaker, text, codes=mimi_codes(torch.cat(made))))
 
 
-async def speak(tts, req: SpeechRequest, turns: Turns, stats: list | None = None) -> AsyncIterator[Audio]:
-    """Audio chunks of the whole input: one turn per group of sentences that fits max_turn_tokens.
-    stats: each turn's GenerationStats is appended (its reused / computed prompt positions)."""
-    speaker = Speaker(tts, req, turns, stats)
+async def speak(speaker: Speaker) -> AsyncIterator[Audio]:
+    """Audio chunks of the speaker's whole input: one turn per group of sentences that fits
+    max_turn_tokens; each turn's stats join `speaker.stats` as it starts speaking."""
+    req, turns = speaker.req, speaker.turns
     for text in split_turns(req.input, turns.max_turn_tokens, speaker.count):
         async with aclosing(speaker.say(text)) as turn:
             async for chunk in turn:
                 yield chunk
-
-
-def _positions(segments, count) -> int:
-    total = 0
-    for s in segments:
-        total += count(s.text)
-        if s.codes is not None:
-            total += len(s.codes) + 1
-        elif s.audio is not None:
-            total += math.ceil(len(s.audio) / 1920) + 1
-    return total

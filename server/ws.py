@@ -167,8 +167,7 @@ class Session:
         index, self.index = self.index, self.index + 1
         self.chars += len(text)
         await self.ws.send_json({"type": "segment.start", "index": index, "text": text})
-        frames, turn_stats = 0, []
-        self.speaker.stats = turn_stats
+        frames, turns_before = 0, len(self.speaker.stats)
         try:
             async for chunk in self.speaker.say(text):
                 frames += len(chunk.codes)
@@ -180,7 +179,7 @@ class Session:
             await self.send_error(from_exception(err))
             raise
         finally:
-            self.metrics.count_prefix(turn_stats)
+            self.metrics.count_prefix(self.speaker.stats[turns_before:])
         self.frames += frames
         await self.ws.send_json({"type": "segment.done", "index": index, "frames": frames})
 

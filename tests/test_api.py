@@ -45,8 +45,10 @@ def test_stream_concatenates_to_generate(tts):
     assert [c.codes.shape[0] for c in chunks] == [1, 3]  # the first chunk after one frame, then 3
     assert torch.equal(torch.cat([c.codes for c in chunks]), whole.codes)
     torch.testing.assert_close(torch.cat([c.samples for c in chunks]), whole.samples, rtol=0, atol=0)
-    stats = tts.last_stats
+    stats = whole.stats  # generate's own
     assert stats.frames == 4 and 0 < stats.first_audio_s <= stats.total_s
+    prompt_len = len(tts.prompt("Stream me.")[0])
+    assert stats.prompt_positions == prompt_len == stats.reused_positions + stats.computed_positions
 
 
 def test_seed_and_context_change_the_codes(tts):

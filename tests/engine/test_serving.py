@@ -24,9 +24,10 @@ def tts():
 
 def test_stream_chunks_concatenate_to_generate(tts):
     kw = dict(max_audio_ms=400, seed=1)  # 5 frames
-    chunks = list(tts.stream("Streaming test.", first_chunk_frames=1, chunk_frames=2, **kw))
+    stream = tts.stream("Streaming test.", first_chunk_frames=1, chunk_frames=2, **kw)
+    chunks = list(stream)
     assert [len(c.codes) for c in chunks] == [1, 2, 2]
-    assert chunks[0].samples.numel() == FRAME and tts.last_stats.first_audio_s > 0
+    assert chunks[0].samples.numel() == FRAME and stream.stats.first_audio_s > 0 and stream.stats.frames == 5
     whole = tts.generate("Streaming test.", **kw)
     assert torch.equal(torch.cat([c.codes for c in chunks]), whole.codes)
     assert torch.equal(torch.cat([c.samples for c in chunks]), whole.samples)
