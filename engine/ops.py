@@ -102,12 +102,15 @@ class TorchOps:
 
     def decode_attention(self, q, k_cache, v_cache, block_tables, context_lens, scale):
         """q [N, H, d]: each lane attends to its first context_lens[n] cached positions.
-        Gathers every lane's whole table (static shapes) and masks; no host sync."""
+        Gathers every lane's whole table (static shapes) and masks; no host sync.  Positions past a
+        lane's context are zeroed, not only masked: a freed block may still hold a past request's
+        NaN, and a masked score or weight of 0 times NaN is NaN."""
         tables = block_tables.long()
         keys = k_cache[tables].flatten(1, 2).transpose(1, 2)  # [N, K, max_blocks * block_size, d]
         values = v_cache[tables].flatten(1, 2).transpose(1, 2)
-        allowed = (self._arange(keys.shape[2], q.device)[None, :] < context_lens[:, None])[:, None, None]
-        return ref.attention_ref(q[:, :, None], keys, values, allowed, scale)[:, :, 0]
+        allowed = (self._arange(keys.shape[2], q.device)[None, :] < context_lens[:, None])[:, None, :, None]
+        keys, values = keys.where(allowed, 0.0), values.where(allowed, 0.0)
+        return ref.attention_ref(q[:, :, None], keys, values, allowed.transpose(2, 3), scale)[:, :, 0]
 
     @staticmethod
     def prefill_attention(q, k_cache, v_cache, chunk, scale):
@@ -119,7 +122,7 @@ class TorchOps:
 
 class TritonOps:
     name = "triton"
-    fused_rows = 16  # norm + GEMM in one launch up to this many rows (decode); cuBLAS above (prefill)
+    fused_rows = 64  # norm + GEMM in one launch up to this many rows (every decode bucket); cuBLAS above (prefill)
 
     def __init__(self):
         from misotts.kernels import (depth_attention, embedding, norm_linear, paged_attention, rmsnorm, rope,

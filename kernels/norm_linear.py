@@ -87,7 +87,7 @@ def norm_linear(x, norm_weight, eps, weight, swiglu=False, out=None):
     check_same_device(x=x, norm_weight=norm_weight, weight=weight, out=out)
     if rows == 0:
         return out
-    block_b = min(max(16, next_pow2(rows)), 32)
+    block_b = min(max(16, next_pow2(rows)), 64)  # up to 64 lanes: one row block, the weights read once
     block_n = 64 if triton.cdiv(cols, 64) >= 256 else 32 if triton.cdiv(cols, 32) >= 128 else 16
     block_k = 64 if swiglu else 128
     if triton.knobs.runtime.interpret:  # the CPU interpreter pays per program: fewer, wider tiles (same kernel)

@@ -119,3 +119,25 @@ def test_high_block_ids_use_int64_addresses(big_kv_cache, fill):
     out = paged_prefill(qp, cu, 4 * page, k_cache, v_cache, table, lens)
     torch.testing.assert_close(out, ref.paged_prefill_ref(qp, cu, k_cache, v_cache, table, lens, d**-0.5),
                                rtol=2e-5, atol=2e-5)
+
+
+def test_decode_never_reads_nan_past_the_context():
+    """A pool full of NaN (freed blocks keep a past request's leftovers) except each lane's context:
+    the kernel masks its loads, so the NaN never reaches a score or a weight."""
+    g = torch.Generator().manual_seed(3)
+    lengths, page, hkv, hq, d = [1, 7, 16, 21], 16, 2, 4, 16
+    blocks = [-(-n // page) + 1 for n in lengths]
+    k_cache = torch.full((sum(blocks) + 1, page, hkv, d), float("nan"))
+    v_cache = k_cache.clone()
+    table = torch.zeros(len(lengths), max(blocks), dtype=torch.int32)
+    start = 0
+    for lane, (n, count) in enumerate(zip(lengths, blocks)):
+        table[lane, :count] = torch.arange(start, start + count, dtype=torch.int32)
+        for p in range(n):
+            k_cache[start + p // page, p % page] = torch.randn(hkv, d, generator=g)
+            v_cache[start + p // page, p % page] = torch.randn(hkv, d, generator=g)
+        start += count
+    q, lens = torch.randn(len(lengths), hq, d, generator=g), torch.tensor(lengths, dtype=torch.int32)
+    got = paged_decode(q, k_cache, v_cache, table, lens, 0.25)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, ref.paged_decode_ref(q, k_cache, v_cache, table, lens, 0.25), rtol=1e-5, atol=1e-5)
