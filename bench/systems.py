@@ -33,8 +33,9 @@ class Workload:
 
 
 class Reference:
-    """The public API (`TTS.iter_codes`, `TTS.stream`) over the plain-torch reference model; the
-    batch call is the reference frame loop with a batch dimension (a static batch)."""
+    """The public API (`TTS.iter_codes`, `TTS.stream`) on the reference engine (one lane, the
+    torch ops, no CUDA graphs); the batch call is the plain model's frame loop with a batch
+    dimension (a static batch)."""
 
     name = "reference"
 

@@ -76,6 +76,13 @@ class EngineConfig:
     cuda_graphs: bool = True  # capture frames on CUDA
     compile: bool = False  # CPU: Inductor-compile the depth steps (faster frames, slower load: docs/bench.md)
 
+    @classmethod
+    def reference(cls, max_seq_len: int, block_size: int = 16) -> "EngineConfig":
+        """What `backend="reference"` serves with: one lane, the torch ops (the references in
+        misotts.kernels.reference), no CUDA graphs, a pool of one full context."""
+        return cls(max_batch=1, ops="torch", cuda_graphs=False, block_size=block_size,
+                   num_blocks=-(-max_seq_len // block_size))
+
     def __post_init__(self):
         """Refuse a bad setting here, with its name, not deep inside torch or as a spinning loop."""
         for name, low in (("max_batch", 0), ("block_size", 1), ("num_blocks", 0), ("prefill_chunk", 1),

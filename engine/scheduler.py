@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 from collections import deque
 
-from misotts.runtime.frames import NONFINITE_CODE, Frame, nonfinite_error
+from misotts.runtime.frames import Frame, frame_end
 
 from .kv_cache import BlockPool, PoolFull, block_keys
 from .requests import EngineBusy, Request
@@ -123,8 +123,9 @@ class Scheduler:
         for lane, req in enumerate(self.lanes):
             position = req.prompt_len - 1 + len(req.generated)  # the row this frame ran
             frame = codes[lane]
-            if frame[0] == NONFINITE_CODE:  # its KV is not worth keying either
-                finished.append((lane, nonfinite_error(len(req.generated))))
+            end = frame_end(frame, len(req.generated), req.params.stop_on_eos)
+            if isinstance(end, Exception):  # a non-finite frame: its KV is not worth keying either
+                finished.append((lane, end))
                 continue
             req.generated.append(frame)
             if (position + 1) % self.pool.block_size == 0:
@@ -132,8 +133,8 @@ class Scheduler:
             if req.cancelled:
                 finished.append((lane, "cancelled"))
                 continue
-            if req.params.stop_on_eos and not frame.any():
-                finished.append((lane, "eos"))
+            if end:
+                finished.append((lane, end))
                 continue
             if req.stats.frames == 0:
                 req.stats.first_frame_s = now - req.submitted

@@ -15,7 +15,6 @@ from misotts.runtime.config import PRESETS, ModelConfig
 from misotts.runtime.devices import resolve_device
 from misotts.runtime.hub import DEFAULT_CODEC, PRESET_HUB_IDS
 from misotts.engine import Engine, EngineConfig
-from misotts.runtime.generate import ReferenceBackend
 from misotts.runtime.params import KEEP, GenerationParams, params_of
 from misotts.runtime.model import CSMModel
 from misotts.runtime.prompt import build_prompt
@@ -27,28 +26,26 @@ from misotts.weights.load import default_dtype
 
 @dataclass
 class TTS:
-    """A loaded model, its tokenizer, its Mimi codec (loaded on first use) and the backend that
-    makes its frames: the engine (`misotts.engine.Engine`) or the plain reference loop
-    (`misotts.runtime.generate.ReferenceBackend`).  Both take a prompt and return a stream of
-    frames; nothing here asks which one it has."""
+    """A loaded model, its tokenizer, its Mimi codec (loaded on first use) and the engine that
+    makes its frames (`misotts.engine.Engine`: the only way frames are made).  `start_engine`
+    sizes it; a TTS used before that serves through the reference engine (one lane, the torch
+    ops, no CUDA graphs: `EngineConfig.reference`)."""
 
     model: CSMModel
     tokenizer: object
     codec_source: str | None = None  # None: the untrained Mimi
     untrained: bool = False
     source: str = ""
-    backend: object = None  # None: the reference backend, made on construction
+    backend: Engine | None = None  # made by start_engine, or on first use
     _codec: object = None
 
-    def __post_init__(self):
-        if self.backend is None:
-            self.backend = ReferenceBackend(self.model, codec=lambda: self.codec)
-
     def start_engine(self, config: EngineConfig | dict | None = None, progress: bool = False) -> Engine:
-        """Serve through the engine from now on (warm-up and, on CUDA, graph capture happen here)."""
+        """Serve through an engine of `config` from now on (warm-up and, on CUDA, graph capture
+        happen here); the engine it replaces is closed."""
         if isinstance(config, dict):
             config = EngineConfig(**config)
-        self.backend.close()
+        if self.backend is not None:
+            self.backend.close()
         self.backend = Engine(self.model, config, progress=progress, codec=lambda: self.codec)
         try:  # the audio path is ready before the first request, as the rest of the engine is
             self.backend.start_audio()
@@ -57,14 +54,17 @@ class TTS:
         return self.backend
 
     @property
-    def engine(self) -> Engine | None:
-        """The engine, when this TTS serves through one (its stats, its prefix cache)."""
-        return self.backend if isinstance(self.backend, Engine) else None
+    def engine(self) -> Engine:
+        """The engine (its stats, its prefix cache); the reference engine if none was started."""
+        if self.backend is None:
+            self.start_engine(EngineConfig.reference(self.config.max_seq_len))
+        return self.backend
 
     def close(self) -> None:
         """Stop the engine (its thread ends, queued and running requests get EngineStopped) and
         drop the codec.  Closing twice does nothing more; open engines are also closed at exit."""
-        self.backend.close()
+        if self.backend is not None:
+            self.backend.close()
         self._codec = None
 
     def __enter__(self) -> "TTS":
@@ -116,7 +116,7 @@ class TTS:
         keywords (seed=1, max_audio_ms=4000, ...); stop_on_eos=False runs to max_audio_ms."""
         params = self.params(params, speaker, **settings)  # before the prompt: a bad setting encodes no audio
         frames, mask = self.prompt(text, params.speaker, context)
-        return self.backend.submit(frames, mask, params, audio=audio)
+        return self.engine.submit(frames, mask, params, audio=audio)
 
     def iter_codes(self, text: str, speaker: int = KEEP, context=(), params: GenerationParams | None = None,
                    **settings) -> Iterator[torch.Tensor]:
@@ -173,7 +173,7 @@ class TTS:
                 "weight_bytes": nbytes, "device": str(self.device),
                 "dtype": str(self.model.audio_head.dtype).replace("torch.", ""), "untrained": self.untrained,
                 "codec": self.codec_source or "untrained Mimi (random weights)",
-                "backend": self.backend.name if self.engine is None else f"engine ({self.engine.stats()['ops']} ops)"}
+                "backend": f"engine ({self.engine.stats()['ops']} ops, {self.engine.max_batch} lanes)"}
 
 
 def load(source: str | Path = "tiny", device=None, dtype: torch.dtype | None = None, *,
@@ -189,14 +189,13 @@ def load(source: str | Path = "tiny", device=None, dtype: torch.dtype | None = N
     tokenizer: a tokenizer.json to use instead of the one beside the weights.
     backend: "auto" serves through the engine (misotts.engine: paged KV with prefix reuse,
     continuous batching; Triton kernels and CUDA graphs on CUDA, torch ops on the CPU);
-    "reference" runs the plain model frame by frame.
-    engine: EngineConfig fields for "auto", e.g. {"max_batch": 8, "num_blocks": 4096}.
+    "reference" through the reference engine: one lane, the torch ops, no CUDA graphs.
+    engine: EngineConfig fields for "auto" ("reference" is a fixed configuration), e.g. {"max_batch": 8, "num_blocks": 4096}.
     """
     if backend not in ("auto", "reference"):
         raise ValueError(f"unknown backend {backend!r}: expected 'auto' or 'reference'")
     tts = _load(source, device, dtype, random_init, seed, codec, tokenizer, progress)
-    if backend == "auto":
-        tts.start_engine(engine, progress=progress)
+    tts.start_engine(engine if backend == "auto" else EngineConfig.reference(tts.config.max_seq_len), progress=progress)
     return tts
 
 

@@ -20,7 +20,7 @@ class Conversation:
 
     The engine keeps the KV of earlier turns in its prefix cache, so a new turn prefills only
     its own text (and the audio of given turns not seen before): time to first audio does not
-    grow with the history.  Works on the reference backend too, without the reuse.
+    grow with the history.
     """
 
     def __init__(self, tts, context=()):

@@ -53,6 +53,18 @@ def stack_codes(codes: list[torch.Tensor], num_codebooks: int) -> torch.Tensor:
 NONFINITE_CODE = -1
 
 
+def frame_end(codes: torch.Tensor, frame: int, stop_on_eos: bool) -> FloatingPointError | str | None:
+    """Whether frame `frame` (codes [n], just made) ends its generation instead of being handed
+    out: the error of a frame marked non-finite, "eos" for an all-zero frame (end of speech, as in
+    Sesame's reference) when stop_on_eos, else None.  The one place these rules live (the engine's
+    scheduler and the oracle loop both ask it); the last is max_frames: that many handed out."""
+    if codes[0] == NONFINITE_CODE:
+        return nonfinite_error(frame)
+    if stop_on_eos and not codes.any():
+        return "eos"
+    return None
+
+
 def nonfinite_error(frame: int) -> FloatingPointError:
     return FloatingPointError(f"the model's logits were NaN or infinite at frame {frame}: its weights or "
                               f"inputs are broken (no codes can be sampled)")

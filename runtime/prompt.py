@@ -84,15 +84,26 @@ def check_prompt_audio_codes(frames: torch.Tensor, mask: torch.Tensor, audio_voc
 
 def audio_rows(codes: torch.Tensor, end_of_audio: bool = True):
     """codes [T, n] -> frames, mask [T (+1), n + 1] on codes' device: the backbone rows of audio
-    frames (every path that feeds frames back builds them here); the extra all-zero row marks
-    the end of a turn's audio."""
+    frames (every path that feeds frames back builds them with `write_audio_rows`); the extra
+    all-zero row marks the end of a turn's audio."""
     t, n = codes.shape
     rows = t + int(end_of_audio)
     frames = torch.zeros(rows, n + 1, dtype=torch.long, device=codes.device)
     mask = torch.zeros(rows, n + 1, dtype=torch.bool, device=codes.device)
-    frames[:t, :n] = codes
-    mask[:, :n] = True
+    write_audio_rows(codes, frames[:t], mask)
     return frames, mask
+
+
+def write_audio_rows(codes: torch.Tensor, frames: torch.Tensor, mask: torch.Tensor) -> None:
+    """In place: rows frames, mask [T, n + 1] become the audio rows of codes [T, n] (the codes,
+    text column 0; audio columns masked in, text column out).  No allocation and no sync, so the
+    engine's captured frame writes each lane's next row with it (mask may have more rows: the
+    end-of-audio row takes the same mask)."""
+    n = codes.shape[1]
+    frames[:, :n] = codes
+    frames[:, n:].zero_()
+    mask[:, :n] = True
+    mask[:, n:] = False
 
 
 def check_codes(codes: torch.Tensor, num_codebooks: int, vocab: int = 2048) -> torch.Tensor:

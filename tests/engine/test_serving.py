@@ -98,7 +98,9 @@ def test_load_backends_and_tts_conversation():
 
     reference = misotts.load("tiny", device="cpu", backend="reference")
     served = misotts.load("tiny", device="cpu", backend="auto", engine={"max_batch": 2})
-    assert reference.engine is None and served.engine is not None
+    ref_engine = reference.engine  # backend="reference": the reference engine configuration
+    assert (ref_engine.max_batch, ref_engine.runner.ops.name, ref_engine.graphs.graphs) == (1, "torch", {})
+    assert served.engine.max_batch == 2
     assert served.engine.audio is not None  # the lanes' Mimi decoder is made at load, not by the first request
     kw = dict(max_audio_ms=240, seed=1)
     assert torch.equal(served.generate_codes("Same words.", **kw), reference.generate_codes("Same words.", **kw))
