@@ -27,7 +27,7 @@ from .kv_cache import PagedKV
 from .ops import OpSet
 from misotts.runtime.frames import NONFINITE_CODE
 from misotts.runtime.model import CSMModel, rope_inv_freq
-from misotts.runtime.prompt import write_audio_rows
+from misotts.runtime.prompt import audio_row_mask, write_audio_rows
 
 
 # The engine's sampler is the reference's per-lane one (`sample_topk_ref` = lane_sampling + race_noise
@@ -74,6 +74,7 @@ class BatchState:
         self.temperature = torch.zeros(b, dtype=torch.float32, **z)
         self.topk = torch.ones(b, dtype=torch.long, **z)
         self.codes = torch.zeros(b, num_codebooks, dtype=torch.long, **z)
+        self.audio_row_mask = audio_row_mask(num_codebooks, device)
         self.scratch_block = scratch_block
 
     def lane_tensors(self):
@@ -259,6 +260,7 @@ class ModelRunner:
             x = self._depth_sample(x, self.depth_pos[i], n, self.audio_head[i - 1], frame, codes[:, i], sums[i])
         # A lane that met a NaN or infinite logit says so in its codes, read with them (no extra sync).
         codes[:, 0].masked_fill_(~torch.isfinite(sums).all(0), NONFINITE_CODE)
-        write_audio_rows(codes, st.rows[:n], st.row_mask[:n])  # the frame becomes each lane's next backbone row
+        # The frame becomes each lane's next backbone row.
+        write_audio_rows(codes, st.rows[:n], st.row_mask[:n], st.audio_row_mask)
         positions += 1
         st.counter[:n] += self.n

@@ -90,20 +90,26 @@ def audio_rows(codes: torch.Tensor, end_of_audio: bool = True):
     rows = t + int(end_of_audio)
     frames = torch.zeros(rows, n + 1, dtype=torch.long, device=codes.device)
     mask = torch.zeros(rows, n + 1, dtype=torch.bool, device=codes.device)
-    write_audio_rows(codes, frames[:t], mask)
+    write_audio_rows(codes, frames[:t], mask, audio_row_mask(n, codes.device))
     return frames, mask
 
 
-def write_audio_rows(codes: torch.Tensor, frames: torch.Tensor, mask: torch.Tensor) -> None:
+def audio_row_mask(num_codebooks: int, device=None) -> torch.Tensor:
+    """The mask [n + 1] of an audio row: the audio columns in, the text column out."""
+    mask = torch.ones(num_codebooks + 1, dtype=torch.bool, device=device)
+    mask[-1] = False
+    return mask
+
+
+def write_audio_rows(codes: torch.Tensor, frames: torch.Tensor, mask: torch.Tensor, row_mask: torch.Tensor) -> None:
     """In place: rows frames, mask [T, n + 1] become the audio rows of codes [T, n] (the codes,
-    text column 0; audio columns masked in, text column out).  No allocation and no sync, so the
-    engine's captured frame writes each lane's next row with it (mask may have more rows: the
-    end-of-audio row takes the same mask)."""
+    text column 0; mask = row_mask, `audio_row_mask(n)`).  No allocation, no host value and no
+    sync, so the engine's captured frame writes each lane's next row with it (mask may have more
+    rows than codes: an end-of-audio row takes the same mask)."""
     n = codes.shape[1]
     frames[:, :n] = codes
     frames[:, n:].zero_()
-    mask[:, :n] = True
-    mask[:, n:] = False
+    mask.copy_(row_mask.expand_as(mask))
 
 
 def check_codes(codes: torch.Tensor, num_codebooks: int, vocab: int = 2048) -> torch.Tensor:
