@@ -14,6 +14,7 @@ SERVER = ["fastapi>=0.110", "uvicorn>=0.29", "av>=12", "prometheus-client>=0.20"
 SERVER_TEST = ["httpx", "openai>=1.40", "websockets>=12"]
 # The same server on Ray Serve (misotts serve --ray): 2.60 is what the tests run (late-bound ingress apps).
 RAY = ["ray[serve]>=2.60"]
+QUALITY = ["jiwer>=3.0", "transformers>=5.0"]  # the WER of python -m misotts.bench.quality
 
 setup(
     name="misotts",
@@ -27,8 +28,11 @@ setup(
     packages=["misotts"] + [f"misotts.{name}" for name in SUBPACKAGES],
     package_dir={"misotts": "misotts", **{f"misotts.{name}": name for name in SUBPACKAGES}},
     install_requires=[
-        "torch>=2.5",  # scaled_dot_product_attention(enable_gqa=...)
-        "triton>=3.7.1",  # 3.6's interpreter fails on numpy >= 2.4 (int() of a 1-element array)
+        # The oldest the tests have passed on (docs/bench.md#tested-versions): torch 2.11 with its
+        # triton 3.6 on the GPU machine, torch 2.13 in CI.  triton 3.6's interpreter (the CPU kernel
+        # tests) needs numpy < 2.4 (int() of a 1-element array); 3.7.1 fixed it.
+        "torch>=2.11",
+        "triton>=3.6",
         "safetensors>=0.4",
         "numpy",
         "tokenizers>=0.15",
@@ -42,7 +46,9 @@ setup(
         "sentencepiece",
     ],
     extras_require={
-        "test": ["pytest", "pytest-xdist", "transformers>=5.0", *SERVER, *SERVER_TEST, *RAY],
+        "test": ["pytest", "pytest-xdist", "hypothesis>=6.100", "transformers>=5.0", *QUALITY, *SERVER, *SERVER_TEST,
+                 *RAY],
+        "quality": QUALITY,  # python -m misotts.bench.quality: WER through a local ASR model
         "server": SERVER,
         "ray": [*SERVER, *RAY],
         "dev": ["pytest", "transformers>=5.0", "matplotlib"],

@@ -1,11 +1,14 @@
 """Lower bounds on latency: the bytes a step must read over the bandwidth measured in the same run.
 
-A frame reads every backbone layer weight once (one new position per stream), then runs the
-depth decoder 31 times (positions 0-1 together, then one position per step): 31 reads of the
-decoder's layers, of `projection` and of one `audio_head` slice, plus `codebook0_head` once.
-Per stream it also reads its KV cache and a few embedding rows (the fed-back frame's 32, and the
-31 depth inputs).  The first audio reads the same depth part once more after a prefill that reads
-the backbone weights, the prompt's embedding rows and its KV, then Mimi's decoder weights.
+A frame reads every backbone layer weight once (one new position per stream), `codebook0_head`
+and `projection` once, then runs the depth decoder as the engine does: 32 passes (position 0 on
+the projected backbone state, then one position per codebook 1..31), each reading the decoder's
+layers, and 31 `audio_head` slices.  (Merging positions 0 and 1 into one pass would save one read
+of the decoder; the engine does not, so neither does its floor.)  Per stream it also reads its KV
+cache and a few embedding rows (the fed-back frame's 32, and the 31 depth inputs: rows of the
+precomputed projection of the audio embeddings).  The first audio reads the same depth part once
+more after a prefill that reads the backbone weights, the prompt's embedding rows and its KV, then
+Mimi's decoder weights.
 Norm weights are counted; RoPE tables, sampling and activations are not (they stay on chip).
 """
 from __future__ import annotations
@@ -29,11 +32,11 @@ def backbone_bytes(cfg, embed_rows: int, kv_len: int, dtype_bytes: int, streams:
 
 
 def depth_bytes(cfg, dtype_bytes: int, streams: int = 1) -> int:
-    """codebook0 head, then 31 depth steps."""
+    """codebook0 head and projection, then the depth decoder's 32 passes and 31 heads."""
     bb, t, n, v = cfg.backbone, cfg.decoder, cfg.num_codebooks, cfg.audio_vocab_size
-    weights = v * bb.dim + (n - 1) * (t.num_parameters() + bb.dim * t.dim + t.dim * v)
-    # step 1 attends positions 0..1, step i (2..n-1) attends 0..i: 2 + 3 + ... + n of them
-    per_stream = (n - 1) * bb.dim + kv_elems(t, n * (n + 1) // 2 - 1)
+    weights = v * bb.dim + bb.dim * t.dim + n * t.num_parameters() + (n - 1) * t.dim * v
+    # pass i (0..n-1) attends positions 0..i: 1 + 2 + ... + n of them; n-1 depth inputs of t.dim
+    per_stream = (n - 1) * t.dim + kv_elems(t, n * (n + 1) // 2)
     return (weights + streams * per_stream) * dtype_bytes
 
 

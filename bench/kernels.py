@@ -1,199 +1,37 @@
-"""Kernel benchmark on a CUDA GPU: each Triton kernel vs its torch reference (and flash-attn if installed).
+"""Kernel benchmark on a CUDA GPU: every kernel spec's cases (kernels/specs.py) at the presets' shapes.
 
-    python -m misotts.bench.kernels [--preset miso-8b|csm-1b] [--out DIR]
+    python -m misotts.bench.kernels [--preset csm-1b --preset miso-8b] [--batch 1 8 32 64]
+                                    [--kernel NAME ...] [--context 1024] [--no-torch] [--out DIR]
+    python -m misotts.bench.kernels --dry-run [--preset tiny] [--batch 2]   # plumbing, no timing
 
-Times are medians of CUDA-event timings (triton.testing.do_bench, which also flushes L2 between
-runs). Bandwidth is each kernel's byte floor (every input read once, every output written once)
-over its time, compared with a 1 GiB device-to-device copy measured in the same run. Prints a
-Markdown table and writes JSON to bench/results/. Refuses to run on the CPU: the Triton
-interpreter is not a timing.
+For each preset, batch and case: the Triton launcher's time (median of CUDA-event timings,
+triton.testing.do_bench, which flushes L2 between runs), the torch reference's in the same dtype
+(or the case's baseline: for linear_add, the cuBLAS addmm_ the engine runs by default),
+the case's byte floor (every input read once, every output written once), the achieved GB/s and its
+% of a 1 GiB device-to-device copy measured in the same run.  Cases that do not change with the
+batch (prefill shapes) run once per preset.  Rows are appended as they are measured to
+kernels.jsonl and kernels.md in --out (a run cut short keeps its rows); kernels.json (device,
+versions, commit, copy bandwidth, rows) is rewritten after every row.
+--dry-run runs every case once through Triton's CPU interpreter in fp32 (no timing): a broken case
+is found without a GPU.  Refuses to time on the CPU: the interpreter is not a timing.
 """
+from __future__ import annotations
+
 import argparse
 import datetime
 import json
 import os
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 
-from misotts.kernels.report import COMPILED_PRESETS
-from misotts.runtime.config import PRESETS
 from misotts.bench.provenance import code_version
+from misotts.runtime.config import PRESETS
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-@dataclass
-class Case:
-    kernel: str
-    shape: str
-    triton: Callable
-    torch: Callable
-    bytes: int  # byte floor
-    flash: Optional[Callable] = None
-    note: str = field(default="")
-
-
-def _cases(preset, device, dtype=torch.bfloat16, small=False):
-    """Benchmark cases at a preset's shapes (small=True: tiny shapes, used by the CPU wiring test)."""
-    from misotts.kernels import reference as ref
-    from misotts.kernels.embedding import rvq_embed
-    from misotts.kernels.flash_backend import flash_decode, flash_prefill
-    from misotts.kernels.paged_attention import decode_workspace, paged_decode, paged_prefill
-    from misotts.kernels.rmsnorm import rmsnorm
-    from misotts.kernels.rope import llama3_inv_freq, rope_kv_write
-    from misotts.kernels.depth_attention import depth_attention
-    from misotts.kernels.norm_linear import norm_linear
-    from misotts.kernels.sampling import depth_step, sample_next_input, sample_topk
-    from misotts.kernels.swiglu import swiglu
-
-    g = torch.Generator(device=device).manual_seed(0)
-    size = 2 if dtype in (torch.bfloat16, torch.float16) else 4
-
-    def randn(*shape, dt=dtype):
-        return torch.randn(*shape, generator=g, device=device, dtype=torch.float32).to(dt)
-
-    def ints(high, *shape, dt=torch.int64):
-        return torch.randint(0, high, shape, generator=g, device=device, dtype=dt)
-
-    cfg = PRESETS[preset]
-    n_cb, vocab = cfg.num_codebooks, cfg.audio_vocab_size
-    tokens, decode_batch, context = (8, 2, 40) if small else (512, 8, 2048)
-    cases = []
-
-    dim = cfg.backbone.dim if not small else 64
-    for rows in (decode_batch, tokens):
-        frames = ints(vocab, 1, rows, n_cb + 1)
-        mask = torch.ones_like(frames, dtype=torch.bool)
-        mask[..., -1] = False  # an audio frame: 32 codebook rows, no text
-        text, audio = randn(cfg.text_vocab_size if not small else 100, dim), randn(n_cb * vocab, dim)
-        out = torch.empty(1, rows, dim, device=device, dtype=dtype)
-        cases.append(Case("rvq_embed", f"{rows} frames D{dim}",
-                          lambda f=frames, m=mask, t=text, a=audio, o=out: rvq_embed(f, m, t, a, out=o),
-                          lambda f=frames, m=mask, t=text, a=audio: ref.rvq_embed_ref(f, m, t, a),
-                          rows * (n_cb + 1) * dim * size))
-
-    for part, tc in (("backbone", cfg.backbone), ("decoder", cfg.decoder)):
-        d, hq, hkv, ffn, hd = tc.dim, tc.n_heads, tc.n_kv_heads, tc.ffn_dim, tc.head_dim
-        if small:
-            d, hq, hkv, ffn = 64, 4, 2, 96
-        ctx = context if part == "backbone" else n_cb + 1
-        label = f"{part} Hq{hq}/Hkv{hkv}/d{hd}"
-        page, flash_page = 16, 256
-
-        def paged(lengths, page):
-            per_seq = -(-max(lengths) // page)
-            num_blocks = per_seq * len(lengths) + 1
-            k, v = randn(num_blocks, page, hkv, hd), randn(num_blocks, page, hkv, hd)
-            table = torch.randperm(num_blocks - 1, generator=g, device=device)[: per_seq * len(lengths)]
-            table = table.view(len(lengths), per_seq).to(torch.int32)
-            return k, v, table, torch.tensor(lengths, dtype=torch.int32, device=device)
-
-        # rope + kv write for a decode batch and a prefill chunk
-        for t in (decode_batch, tokens):
-            q, k, v = randn(t, hq, hd), randn(t, hkv, hd), randn(t, hkv, hd)
-            k_cache, v_cache, _, _ = paged([t], page)
-            slots = torch.arange(t, device=device)
-            pos, inv = torch.arange(t, device=device), llama3_inv_freq(hd, device=device)
-            cases.append(Case("rope_kv_write", f"{label} T{t}",
-                              lambda a=(q, k, v, pos, inv, k_cache, v_cache, slots): rope_kv_write(*a),
-                              lambda a=(q, k, v, pos, inv, k_cache, v_cache, slots): ref.rope_kv_write_ref(*a),
-                              t * (2 * hq + 4 * hkv) * hd * size))
-
-        # decode: decode_batch sequences of `ctx` tokens
-        lengths = [ctx] * decode_batch
-        k_cache, v_cache, table, lens = paged(lengths, page)
-        q, out = randn(decode_batch, hq, hd), torch.empty(decode_batch, hq, hd, device=device, dtype=dtype)
-        ws = decode_workspace(decode_batch, hq, hd, table.shape[1], page, device=device)
-        flash = None
-        if not small:
-            fk, fv, ftable, flens = paged(lengths, flash_page)
-            flash = lambda a=(q, fk, fv, ftable, flens): flash_decode(*a)  # noqa: E731
-        cases.append(Case("paged_decode", f"{label} {decode_batch}x ctx{ctx} page{page}",
-                          lambda a=(q, k_cache, v_cache, table, lens), o=out, w=ws:
-                              paged_decode(*a, out=o, workspace=w),
-                          lambda a=(q, k_cache, v_cache, table, lens): ref.paged_decode_ref(*a, hd**-0.5),
-                          2 * sum(lengths) * hkv * hd * size + 2 * q.numel() * size, flash))
-
-        # prefill: one chunk of `tokens` new tokens after a prefix of the same length
-        lengths = [2 * tokens] if part == "backbone" else [ctx] * decode_batch
-        chunk = tokens if part == "backbone" else ctx
-        k_cache, v_cache, table, lens = paged(lengths, page)
-        cu = torch.arange(0, len(lengths) + 1, device=device, dtype=torch.int32) * chunk
-        q = randn(chunk * len(lengths), hq, hd)
-        flash = None
-        if not small:
-            fk, fv, ftable, flens = paged(lengths, flash_page)
-            flash = lambda a=(q, cu, chunk, fk, fv, ftable, flens): flash_prefill(*a)  # noqa: E731
-        cases.append(Case("paged_prefill", f"{label} {len(lengths)}x chunk{chunk} ctx{lengths[0]} page{page}",
-                          lambda a=(q, cu, chunk, k_cache, v_cache, table, lens): paged_prefill(*a),
-                          lambda a=(q, cu, k_cache, v_cache, table, lens): ref.paged_prefill_ref(*a, hd**-0.5),
-                          2 * sum(lengths) * hkv * hd * size + 2 * q.numel() * size, flash,
-                          note="compute-bound: compare with flash-attn, not the copy"))
-
-        for rows in (decode_batch, tokens):
-            x, res, w = randn(rows, d), randn(rows, d), randn(d)
-            cases.append(Case("rmsnorm", f"{part} {rows}x D{d} +residual",
-                              lambda x=x, w=w, r=res: rmsnorm(x, w, 1e-5, residual=r),
-                              lambda x=x, w=w, r=res: ref.rmsnorm_ref(x, w, 1e-5, r), 4 * rows * d * size + d * size))
-            gate_up = randn(rows, 2 * ffn)
-            cases.append(Case("swiglu", f"{part} {rows}x F{ffn}", lambda a=gate_up: swiglu(a),
-                              lambda a=gate_up: ref.swiglu_ref(a), 3 * rows * ffn * size))
-
-    # The fused depth loop's kernels (the torch column: the unfused reference ops they replace).
-    for part, tc in (("backbone", cfg.backbone), ("decoder", cfg.decoder)):
-        d, hq, hkv, ffn, hd = tc.dim, tc.n_heads, tc.n_kv_heads, tc.ffn_dim, tc.head_dim
-        if small:
-            d, hq, hkv, ffn, hd = 64, 4, 2, 96, 16
-        x, nw = randn(decode_batch, d), randn(d)
-        for name, w, glu in (("qkv", randn((hq + 2 * hkv) * hd, d), False), ("gate_up+swiglu", randn(2 * ffn, d), True)):
-            reference = ref.rmsnorm_swiglu_ref if glu else ref.rmsnorm_linear_ref
-            cases.append(Case("norm_linear", f"{part} {name} B{decode_batch} D{d}->{w.shape[0]}",
-                              lambda x=x, nw=nw, w=w, glu=glu: norm_linear(x, nw, 1e-5, w, swiglu=glu),
-                              lambda x=x, nw=nw, w=w, r=reference: r(x, nw, 1e-5, w),
-                              w.numel() * size + decode_batch * (d + w.shape[0] // (2 if glu else 1)) * size))
-    dc = cfg.decoder
-    d, hq, hkv, hd = (dc.dim, dc.n_heads, dc.n_kv_heads, dc.head_dim) if not small else (64, 4, 2, 16)
-    qkv, wo, res = randn(decode_batch, (hq + 2 * hkv) * hd), randn(d, hq * hd), randn(decode_batch, d)
-    kc, vc = randn(decode_batch, hkv, n_cb, hd), randn(decode_batch, hkv, n_cb, hd)
-    angle = torch.arange(n_cb, device=device, dtype=torch.float32)[:, None] * torch.rand(hd // 2, device=device)
-    pos = torch.tensor([n_cb - 1], device=device)
-    args = (qkv, hq, hkv, kc, vc, pos, angle.cos(), angle.sin(), wo, res)
-    cases.append(Case("depth_attention", f"decoder Hq{hq}/Hkv{hkv}/d{hd} P{n_cb} +wo B{decode_batch}",
-                      lambda a=args: depth_attention(*a), lambda a=args: ref.depth_attention_out_ref(*a),
-                      wo.numel() * size + 2 * kc.numel() * size + decode_batch * (qkv.shape[1] + 2 * d) * size,
-                      note="attention recomputed per column block"))
-
-    dec = cfg.decoder.dim if not small else 64
-    batch = decode_batch
-    seed, counter = ints(2**40, batch), ints(2**20, batch)
-    for codebook in (0, 1):
-        h_dim = (cfg.backbone.dim if not small else 64) if codebook == 0 else dec
-        h, head = randn(batch, h_dim), randn(h_dim, vocab)
-        embed = randn(n_cb * vocab, dec)
-        codes = torch.zeros(batch, n_cb, dtype=torch.int64, device=device)
-        nxt, logits = randn(batch, dec), torch.empty(batch, vocab, device=device)
-        cases.append(Case("depth_step", f"codebook{codebook} B{batch} D{h_dim}->V{vocab} top50",
-                          lambda a=(h, head, codebook, embed, codes, nxt, seed, counter, 0.9, 50), lg=logits:
-                              depth_step(*a, logits=lg),
-                          lambda a=(h, head, codebook, embed, seed, counter, 0.9, 50): ref.depth_step_ref(*a),
-                          h_dim * vocab * size + batch * (h_dim + 2 * dec) * size))
-    table, nxt, codes = randn(n_cb * vocab, dec), randn(batch, dec), torch.zeros(batch, n_cb, dtype=torch.int64,
-                                                                                 device=device)
-    lg, temp, topk = randn(batch, vocab), torch.full((batch,), 0.9, device=device), torch.full((batch,), 50, device=device)
-    cb = torch.tensor([5], device=device)
-    cases.append(Case("sample_next_input", f"B{batch} V{vocab} top50 per-lane",
-                      lambda: sample_next_input(lg, temp, topk, seed, counter, cb, table, codes[:, 5], nxt),
-                      lambda: table[ref.sample_topk_ref(lg, temp, topk, seed, counter + 5) + 5 * vocab],
-                      lg.numel() * size + batch * dec * 2 * size))
-    logits = randn(batch, vocab, dt=torch.float32)
-    cases.append(Case("sample_topk", f"B{batch} V{vocab} top50",
-                      lambda: sample_topk(logits, 0.9, 50, seed, counter),
-                      lambda: ref.sample_topk_ref(logits, 0.9, 50, seed, counter), logits.numel() * 4))
-    return cases
+FULL_PRESETS = ("csm-1b", "miso-8b")
+BATCHES = (1, 8, 32, 64)
 
 
 def _median_ms(fn):
@@ -201,61 +39,130 @@ def _median_ms(fn):
     return do_bench(fn, warmup=25, rep=200, return_mode="median")
 
 
-def _copy_gbps(device):
-    src = torch.randn(2**29, device=device, dtype=torch.bfloat16)  # 1 GiB
+def copy_gbps(device) -> float:
+    """GB/s (read + written) of a 1 GiB bf16 device-to-device copy, median."""
+    src = torch.randn(2**29, device=device, dtype=torch.bfloat16)
     dst = torch.empty_like(src)
     return 2 * src.numel() * src.element_size() / _median_ms(lambda: dst.copy_(src)) / 1e6
 
 
-def _try_ms(fn):
-    if fn is None:
-        return None
-    try:
-        return _median_ms(fn)
-    except Exception as e:  # flash-attn missing or unsupported here: report, do not fail the run
-        return f"n/a ({type(e).__name__})"
+class RowWriter:
+    """Rows to <out>/<name>.jsonl and .md as they come, and <name>.json (header + rows) rewritten
+    after each: whatever a cut run leaves is readable."""
+
+    def __init__(self, out: Path, name: str, header: dict, columns: list[str]):
+        out.mkdir(parents=True, exist_ok=True)
+        self.jsonl, self.md, self.json = (out / f"{name}.{ext}" for ext in ("jsonl", "md", "json"))
+        self.header, self.columns, self.rows = header, columns, []
+        self.jsonl.write_text("")
+        self.md.write_text("".join(f"{k}: {v}\n" for k, v in header.items() if not isinstance(v, dict)) + "\n"
+                           + "| " + " | ".join(columns) + " |\n" + "|" + "---|" * len(columns) + "\n")
+        self._dump()
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        with self.jsonl.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        with self.md.open("a") as f:
+            f.write("| " + " | ".join(_fmt(row.get(c)) for c in self.columns) + " |\n")
+        self._dump()
+        print("| " + " | ".join(_fmt(row.get(c)) for c in self.columns) + " |", flush=True)
+
+    def _dump(self) -> None:
+        self.json.write_text(json.dumps(dict(self.header, rows=self.rows), indent=1))
+
+
+def _fmt(v):
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.1f}" if abs(v) >= 1 or v == 0 else f"{v:.3f}"
+    return str(v)
+
+
+COLUMNS = ["preset", "batch", "kernel", "shape", "triton_us", "torch_us", "bytes", "gbps", "pct_of_copy", "floor_us",
+           "note"]
+
+
+def run(presets, batches, kernels, context, out: Path, dry_run: bool, with_torch: bool = True) -> list[dict]:
+    from misotts.kernels import specs
+
+    if dry_run:
+        device, dtype, copy = torch.device("cpu"), torch.float32, None
+        header = dict(device="cpu (Triton interpreter, dry run: no timing)")
+    else:
+        import triton
+
+        device, dtype = torch.device("cuda"), torch.bfloat16
+        copy = copy_gbps(device)
+        header = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__)
+        print(f"device: {header['device']}, copy bandwidth {copy:.0f} GB/s (1 GiB bf16, read + written)")
+    header.update(dtype=str(dtype).removeprefix("torch."), copy_gbps=copy, context=context,
+                  started=datetime.datetime.now().isoformat(timespec="seconds"), code=code_version())
+    writer = RowWriter(out, "kernels", header, COLUMNS)
+    for preset in presets:
+        for spec, batch, case in specs.cases(PRESETS[preset], batches, kernels, context=context,
+                                             chunk=16 if dry_run else 512):
+            inputs = case.make(specs.Tensors(device, dtype, seed=0))
+            nbytes = case.bytes(inputs)
+            row = dict(preset=preset, batch=batch, kernel=case.kernel, shape=case.shape, bytes=nbytes,
+                       note=case.note, triton_us=None, torch_us=None, gbps=None, pct_of_copy=None, floor_us=None)
+            if dry_run:
+                case.run(inputs)
+                case.reference(case.make(specs.Tensors(device, dtype, seed=0)))
+                if case.baseline:
+                    case.baseline(case.make(specs.Tensors(device, dtype, seed=0)))
+            else:
+                ms = _median_ms(lambda: case.run(inputs))
+                row.update(triton_us=ms * 1e3, gbps=nbytes / ms / 1e6, floor_us=nbytes / copy / 1e3)
+                row["pct_of_copy"] = 100 * row["gbps"] / copy
+                if with_torch:
+                    reference_inputs = case.make(specs.Tensors(device, dtype, seed=0))
+                    try:
+                        torch_fn = case.baseline or case.reference
+                        row["torch_us"] = _median_ms(lambda: torch_fn(reference_inputs)) * 1e3
+                    except Exception as e:  # a reference that cannot run here: say so, keep going
+                        row["torch_us"] = f"n/a ({type(e).__name__})"
+                del inputs
+                torch.cuda.empty_cache()
+            writer.add(row)
+    print(f"\nwrote {writer.md} ({len(writer.rows)} rows)")
+    return writer.rows
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", choices=COMPILED_PRESETS, action="append")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--preset", choices=tuple(PRESETS), action="append",
+                        help=f"repeatable (default: {', '.join(FULL_PRESETS)}; tiny with --dry-run)")
+    parser.add_argument("--batch", type=int, nargs="+", help=f"decode lanes (default: {BATCHES}; 2 with --dry-run)")
+    parser.add_argument("--kernel", nargs="+", help="only these kernels (names of kernels/specs.py SPECS)")
+    parser.add_argument("--context", type=int, help="backbone positions each lane attends (default 1024; 40 with "
+                                                    "--dry-run)")
+    parser.add_argument("--no-torch", action="store_true", help="do not time the torch references")
+    parser.add_argument("--dry-run", action="store_true", help="run every case once on the CPU interpreter, fp32")
+    parser.add_argument("--out", type=Path, help="results folder (default: bench/results/kernels-<time>)")
     opts = parser.parse_args(argv)
-    if not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    from misotts.kernels.specs import SPECS
+
+    unknown = set(opts.kernel or ()) - set(SPECS)
+    if unknown:
+        parser.error(f"unknown kernel(s) {sorted(unknown)}: expected some of {sorted(SPECS)}")
+    interpreted = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    if opts.dry_run:
+        if not interpreted:
+            print("--dry-run needs TRITON_INTERPRET=1 (set before triton is imported)", file=sys.stderr)
+            return 2
+    elif not torch.cuda.is_available() or interpreted:
         print("misotts.bench.kernels needs a CUDA GPU (and TRITON_INTERPRET unset): the Triton interpreter "
-              "on the CPU is not a timing. Run the correctness tests instead: pytest tests/kernels", file=sys.stderr)
+              "on the CPU is not a timing. Run the correctness tests instead (pytest tests/kernels), or "
+              "--dry-run to check the cases run", file=sys.stderr)
         return 2
-    device = torch.device("cuda")
-    copy = _copy_gbps(device)
-    rows = []
-    for preset in opts.preset or COMPILED_PRESETS:
-        for case in _cases(preset, device):
-            ms, ref_ms, flash_ms = _median_ms(case.triton), _try_ms(case.torch), _try_ms(case.flash)
-            gbps = case.bytes / ms / 1e6
-            rows.append(dict(preset=preset, kernel=case.kernel, shape=case.shape, triton_us=ms * 1e3,
-                             torch_us=ref_ms * 1e3 if isinstance(ref_ms, float) else ref_ms,
-                             flash_us=flash_ms * 1e3 if isinstance(flash_ms, float) else flash_ms,
-                             bytes=case.bytes, gbps=gbps, pct_of_copy=100 * gbps / copy,
-                             floor_us=case.bytes / copy / 1e3, note=case.note))
-    print(f"device: {torch.cuda.get_device_name()}, copy bandwidth {copy:.0f} GB/s (1 GiB bf16, read + write)\n")
-    print("| preset | kernel | shape | triton us | torch us | flash us | GB/s | % copy | floor us | note |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-
-    def fmt(v):
-        return f"{v:.1f}" if isinstance(v, float) else ("-" if v is None else str(v))
-
-    for r in rows:
-        print(f"| {r['preset']} | {r['kernel']} | {r['shape']} | {fmt(r['triton_us'])} | {fmt(r['torch_us'])} | "
-              f"{fmt(r['flash_us'])} | {r['gbps']:.0f} | {r['pct_of_copy']:.0f}% | {fmt(r['floor_us'])} | "
-              f"{r['note']} |")
-    opts.out.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    path = opts.out / f"kernels-{stamp}.json"
-    import triton
-    path.write_text(json.dumps(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
-                                    triton=triton.__version__, code=code_version(), copy_gbps=copy, rows=rows),
-                               indent=1))
-    print(f"\nwrote {path}")
+    presets = opts.preset or (["tiny"] if opts.dry_run else list(FULL_PRESETS))
+    batches = opts.batch or ([2] if opts.dry_run else list(BATCHES))
+    out = opts.out or RESULTS / f"kernels-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    context = opts.context or (40 if opts.dry_run else 1024)
+    run(presets, batches, set(opts.kernel) if opts.kernel else None, context, out, opts.dry_run,
+        not opts.no_torch)
     return 0
 
 

@@ -8,7 +8,9 @@ interprets kernels (CPU tensors, the kernel tests) or compiles them (CUDA tensor
   CUDA tests (`-m cuda`) natively, each in its own process.
 
 `--run cpu` or `--run cuda` starts one of the two (the GPU suite gives each its own time limit);
-`--dry-run` prints the runs instead of starting them.  Exit status: 0 when every run passed.
+without CUDA, `--run cuda` still collects the CUDA tests (interpreted), which then skip: the GPU
+suite's CPU rehearsal checks that they collect.  `--dry-run` prints the runs instead of starting
+them.  Exit status: 0 when every run passed.
 """
 from __future__ import annotations
 
@@ -18,14 +20,15 @@ import sys
 import time
 
 
-def planned_runs(cuda: bool, environ: dict[str, str]) -> list[tuple[str, dict[str, str], list[str]]]:
-    """(name, environment, pytest arguments) of each process to run."""
+def planned_runs(cuda: bool, environ: dict[str, str], only: str | None = None) -> list[tuple[str, dict, list[str]]]:
+    """(name, environment, pytest arguments) of each process to run; `only`: "cpu" or "cuda"."""
     interpreted = {**environ, "TRITON_INTERPRET": "1"}
     if not cuda:
-        return [("all", interpreted, [])]
+        return [("cuda", interpreted, ["-m", "cuda"])] if only == "cuda" else [("all", interpreted, [])]
     native = {k: v for k, v in environ.items() if k != "TRITON_INTERPRET"}
-    return [("cpu", {**interpreted, "CUDA_VISIBLE_DEVICES": ""}, ["-m", "not cuda"]),  # Triton interpreted
+    runs = [("cpu", {**interpreted, "CUDA_VISIBLE_DEVICES": ""}, ["-m", "not cuda"]),  # Triton interpreted
             ("cuda", native, ["-m", "cuda"])]  # Triton compiled
+    return [run for run in runs if only in (None, run[0])]
 
 
 def parallel_args(cuda_run: bool) -> list[str]:
@@ -50,12 +53,8 @@ def main(argv: list[str] | None = None, cuda: bool | None = None, cwd: str | Non
 
         cuda = torch.cuda.is_available()
     failed = []
-    for name, env, args in planned_runs(cuda, dict(os.environ)):
-        if only not in (None, name, "all") and name != "all":
-            continue
-        if only == "cuda" and name == "all":  # no CUDA here: nothing to run
-            continue
-        command = [sys.executable, "-m", "pytest", *args, *parallel_args("cuda" in args), *argv]
+    for name, env, args in planned_runs(cuda, dict(os.environ), only):
+        command = [sys.executable, "-m", "pytest", *args, *parallel_args(name == "cuda"), *argv]
         print(f"== pytest {name}: {' '.join(command[1:])}", flush=True)
         if dry:
             continue

@@ -183,11 +183,11 @@ def floor_ms(tts, shapes: dict, plan: Plan, bandwidth: float, flops: float) -> d
     return out
 
 
-def make_system(name: str, tts, plan: Plan, max_positions: int):
+def make_system(name: str, tts, plan: Plan, max_positions: int, compile: bool | None = None):
     if name == "reference":
         return Reference(tts)
     if name == "engine":
-        return EngineSystem(tts, max(plan.streams, default=1), max_positions)
+        return EngineSystem(tts, max(plan.streams, default=1), max_positions, compile)
     if name == "transformers":
         return Transformers(tts)
     if name == "transformers-static":
@@ -195,7 +195,8 @@ def make_system(name: str, tts, plan: Plan, max_positions: int):
     raise ValueError(f"unknown system {name!r}; known: {', '.join(ALL_SYSTEMS)}")
 
 
-def run_model(model: str, systems: list[str], plan: Plan, device, dtype, seed: int, out: Path) -> dict:
+def run_model(model: str, systems: list[str], plan: Plan, device, dtype, seed: int, out: Path,
+              compile: bool | None = None) -> dict:
     import misotts
     import transformers
 
@@ -227,7 +228,7 @@ def run_model(model: str, systems: list[str], plan: Plan, device, dtype, seed: i
         try:
             log(f"{model} / {name}: building")
             start = time.perf_counter()
-            system = make_system(name, tts, plan, max_positions)
+            system = make_system(name, tts, plan, max_positions, compile)
             build_s = time.perf_counter() - start
             say = lambda msg: log(f"{model} / {name}: {msg}")  # noqa: E731
             part["systems"][name] = {"build_s": build_s, **measure(system, wls, plan, seed, device, say)}
@@ -260,6 +261,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="results folder (default: bench/results/<date>-<device>)")
+    p.add_argument("--no-compile", action="store_true", help="on the CPU, the engine without its Inductor-compiled "
+                                                            "depth step (starts at once, slower frames)")
     p.add_argument("--no-report", action="store_true", help="write the parts only (merge later with "
                                                            "python -m misotts.bench.report FOLDER)")
 
@@ -287,7 +290,7 @@ def run(args) -> int:
                      # short is always run: the warm-up and the throughput runs use it
                      "workloads": args.workloads and ("short", *args.workloads.split(","))}
         plan = replace(plan, **{k: v for k, v in overrides.items() if v})
-        part = run_model(model, systems, plan, device, dtype, args.seed, out)
+        part = run_model(model, systems, plan, device, dtype, args.seed, out, False if args.no_compile else None)
         failed += [f"{model} / {name}" for name in part["errors"]]
     if not args.no_report:
         print(write_report(out))

@@ -187,7 +187,7 @@ class EngineSystem:
 
     name = "engine"
 
-    def __init__(self, tts, max_batch: int, max_positions: int):
+    def __init__(self, tts, max_batch: int, max_positions: int, compile: bool | None = None):
         from misotts.engine import Engine, EngineConfig
 
         self.tts = tts
@@ -196,8 +196,9 @@ class EngineSystem:
         num_blocks = 2 * max_batch * -(-max_positions // block)
         # On the CPU the engine's fast path is its Inductor-compiled depth step (warm-up compiles it
         # once per batch bucket, before anything is timed); on CUDA it is the captured graphs.
-        self.engine = Engine(tts.model, EngineConfig(max_batch=max_batch, num_blocks=num_blocks,
-                                                     compile=tts.device.type == "cpu"), codec=tts.codec)
+        compile = tts.device.type == "cpu" if compile is None else compile
+        self.engine = Engine(tts.model, EngineConfig(max_batch=max_batch, num_blocks=num_blocks, compile=compile),
+                             codec=tts.codec)
 
     def forget(self):
         """Drop the prefix cache, so the next request prefills its whole prompt."""

@@ -57,6 +57,7 @@ from .graphs import FrameGraphs
 from .kv_cache import BlockPool, PagedKV, block_keys
 from .model_runner import ModelRunner
 from .ops import make_ops
+from misotts.weights.quantize import quantization
 from .requests import EngineStopped, Request, Stream
 from .scheduler import Plan, Scheduler
 
@@ -187,8 +188,8 @@ class Engine:
         cuda = device.type == "cuda"
         self.max_batch = config.max_batch or default_max_batch(cuda)
         bs = config.block_size
-        self.runner = ModelRunner(model, make_ops(config.ops, device), self.max_batch, bs,
-                                  compile=config.compile and not cuda)
+        ops = make_ops(config.ops, device, quantized=quantization(model) is not None)
+        self.runner = ModelRunner(model, ops, self.max_batch, bs, compile=config.compile and not cuda)
         num_blocks = config.num_blocks or self._default_num_blocks(model, bs, cuda)
         self.runner.allocate_kv(num_blocks)
         self.pool = BlockPool(num_blocks, bs)

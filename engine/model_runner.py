@@ -28,6 +28,8 @@ from .ops import OpSet
 from misotts.runtime.frames import NONFINITE_CODE
 from misotts.runtime.model import CSMModel, rope_inv_freq
 from misotts.runtime.prompt import audio_row_mask, write_audio_rows
+from misotts.weights import quantize
+from misotts.weights.quantize import QuantLinear
 
 
 # The engine's sampler is the reference's per-lane one (`sample_topk_ref` = lane_sampling + race_noise
@@ -59,7 +61,9 @@ class BatchState:
 
     rows, row_mask [B, n+1]: the row each lane feeds the backbone next (the last prompt row,
     then its previous frame); positions [B]: that row's position; counter [B]: the frame's first
-    RNG counter (frame index * num_codebooks); codes [B, n]: the frame just made.
+    RNG counter (frame index * num_codebooks); codes [B, n]: the frame just made; active [B]: 1 for
+    a request's lane, 0 for a padding lane (whose position stays 0: its attention reads one position,
+    not a context that grows every frame).
     """
 
     def __init__(self, max_batch: int, num_codebooks: int, max_blocks: int, scratch_block: int, device):
@@ -74,12 +78,13 @@ class BatchState:
         self.temperature = torch.zeros(b, dtype=torch.float32, **z)
         self.topk = torch.ones(b, dtype=torch.long, **z)
         self.codes = torch.zeros(b, num_codebooks, dtype=torch.long, **z)
+        self.active = torch.zeros(b, dtype=torch.long, **z)
         self.audio_row_mask = audio_row_mask(num_codebooks, device)
         self.scratch_block = scratch_block
 
     def lane_tensors(self):
         return (self.rows, self.row_mask, self.positions, self.block_tables, self.seed, self.counter,
-                self.temperature, self.topk, self.codes)
+                self.temperature, self.topk, self.codes, self.active)
 
     def set_lane(self, lane: int, row, row_mask, position: int, blocks: list[int], seed: int,
                  temperature: float, topk: int) -> None:
@@ -91,10 +96,12 @@ class BatchState:
         self.block_tables[lane] = table
         self.seed[lane], self.counter[lane] = seed, 0
         self.temperature[lane], self.topk[lane] = temperature, topk
+        self.active[lane] = 1
 
     def clear_lane(self, lane: int) -> None:
         """A padding lane: reads and writes only the scratch block, samples greedily."""
         self.set_lane(lane, 0, False, 0, [], 0, 0.0, 1)
+        self.active[lane] = 0
 
     def move_lane(self, src: int, dst: int) -> None:
         for t in self.lane_tensors():
@@ -105,7 +112,10 @@ class BatchState:
 @torch.no_grad()
 def _fuse(*linears) -> torch.Tensor:
     """One weight for several bias-free linears of the same input, rows stacked.  The modules'
-    weights become views of it, so the fused copy is the only copy (and CSMModel still works)."""
+    weights become views of it, so the fused copy is the only copy (and CSMModel still works).
+    Quantised linears fuse into one QuantLinear, the engine's weight object for them."""
+    if isinstance(linears[0], QuantLinear):
+        return quantize.fuse(linears)
     fused = torch.cat([l.weight for l in linears])
     start = 0
     for l in linears:
@@ -115,15 +125,20 @@ def _fuse(*linears) -> torch.Tensor:
     return fused
 
 
+def _weight(linear):
+    """What the op sets take for a linear: its weight tensor, or the QuantLinear itself."""
+    return linear if isinstance(linear, QuantLinear) else linear.weight
+
+
 class _Stack:
     """One transformer's weights, fused: qkv [(H + 2K) d, D], gate_up [2F, D]."""
 
     def __init__(self, module, cfg: TransformerConfig):
         self.cfg = cfg
         self.qkv = [_fuse(l.attn.wq, l.attn.wk, l.attn.wv) for l in module.layers]
-        self.wo = [l.attn.wo.weight for l in module.layers]
+        self.wo = [_weight(l.attn.wo) for l in module.layers]
         self.gate_up = [_fuse(l.mlp.w_gate, l.mlp.w_up) for l in module.layers]
-        self.down = [l.mlp.w_down.weight for l in module.layers]
+        self.down = [_weight(l.mlp.w_down) for l in module.layers]
         self.attn_norm = [l.attn_norm.weight for l in module.layers]
         self.mlp_norm = [l.mlp_norm.weight for l in module.layers]
         self.norm = module.norm.weight
@@ -242,7 +257,7 @@ class ModelRunner:
     def decode_frame(self, n: int) -> None:
         st, bs = self.state, self.block_size
         positions, tables = st.positions[:n], st.block_tables[:n]
-        # Padding lanes count up forever; clamping keeps their reads in bounds (real lanes never clamp).
+        # Padding lanes stay at position 0 (see `active`); clamping keeps any read in bounds (real lanes never clamp).
         block_index = (positions // bs).clamp(max=self.max_blocks - 1)
         slots = tables.gather(1, block_index[:, None])[:, 0].long() * bs + positions % bs
         context_lens = (positions + 1).clamp(max=self.max_blocks * bs).to(torch.int32)
@@ -262,5 +277,5 @@ class ModelRunner:
         codes[:, 0].masked_fill_(~torch.isfinite(sums).all(0), NONFINITE_CODE)
         # The frame becomes each lane's next backbone row.
         write_audio_rows(codes, st.rows[:n], st.row_mask[:n], st.audio_row_mask)
-        positions += 1
+        positions += st.active[:n]
         st.counter[:n] += self.n

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from misotts.kernels import reference as ref
+from misotts.weights.quantize import QuantLinear
 
 
 @runtime_checkable
@@ -58,20 +59,30 @@ class TorchOps:
         offsets = self._arange(n, frames.device) * (audio_table.shape[0] // n)
         return ref.rvq_embed_ref(frames, mask, text_table, audio_table, offsets)
 
+    # A weight is a tensor or a QuantLinear (weights/quantize.py), which does its own GEMM: the
+    # plain model calls the same module, so the two stay equal bit for bit.
     @staticmethod
     def norm_linear(x, norm_weight, eps, weight):
+        if isinstance(weight, QuantLinear):
+            return weight(ref.rmsnorm_ref(x, norm_weight, eps)[0])
         return ref.rmsnorm_linear_ref(x, norm_weight, eps, weight)
 
     @staticmethod
     def norm_swiglu(x, norm_weight, eps, gate_up):
+        if isinstance(gate_up, QuantLinear):
+            return ref.swiglu_ref(gate_up(ref.rmsnorm_ref(x, norm_weight, eps)[0]))
         return ref.rmsnorm_swiglu_ref(x, norm_weight, eps, gate_up)
 
     @staticmethod
     def linear_add(a, weight, residual):
+        if isinstance(weight, QuantLinear):
+            return (weight(a).float() + residual.float()).to(residual.dtype)  # as linear_residual_ref
         return ref.linear_residual_ref(a, weight, residual)
 
-    @staticmethod
-    def depth_attention(qkv, cfg, k_cache, v_cache, pos, cos, sin, allowed, wo, residual):
+    def depth_attention(self, qkv, cfg, k_cache, v_cache, pos, cos, sin, allowed, wo, residual):
+        if isinstance(wo, QuantLinear):
+            out = ref.depth_attention_ref(qkv, cfg.n_heads, cfg.n_kv_heads, k_cache, v_cache, pos, cos, sin, allowed)
+            return self.linear_add(out.flatten(1), wo, residual)
         return ref.depth_attention_out_ref(qkv, cfg.n_heads, cfg.n_kv_heads, k_cache, v_cache, pos, cos, sin, wo,
                                            residual, allowed)
 
@@ -124,9 +135,16 @@ class TritonOps:
     name = "triton"
     fused_rows = 64  # norm + GEMM in one launch up to this many rows (every decode bucket); cuBLAS above (prefill)
 
-    def __init__(self):
+    def __init__(self, gemv_rows: int = 0):
+        """gemv_rows: up to this many rows the output projections (wo, down) and their residual add run
+        as the Triton GEMV `linear_add`; above it (and by default, until a GPU profile says the GEMV
+        is faster: bench.kernels' linear_add rows) as cuBLAS's addmm_.  At most fused_rows."""
         from misotts.kernels import (depth_attention, embedding, norm_linear, paged_attention, rmsnorm, rope,
                                      sampling, swiglu)
+
+        if not 0 <= gemv_rows <= self.fused_rows:
+            raise ValueError(f"gemv_rows must be in 0..{self.fused_rows}, got {gemv_rows}")
+        self.gemv_rows = gemv_rows
 
         self.k_embed, self.k_attn, self.k_norm, self.k_rope, self.k_swiglu = (
             embedding, paged_attention, rmsnorm, rope, swiglu)
@@ -145,9 +163,11 @@ class TritonOps:
             return self.k_norm_linear.norm_linear(x, norm_weight, eps, gate_up, swiglu=True)
         return self.k_swiglu.swiglu(F.linear(self.k_norm.rmsnorm(x, norm_weight, eps)[0], gate_up))
 
-    @staticmethod
-    def linear_add(a, weight, residual):
-        """residual += a @ weight.T in cuBLAS's epilogue (one launch; in place)."""
+    def linear_add(self, a, weight, residual):
+        """residual += a @ weight.T in one launch, in place: the Triton GEMV up to gemv_rows rows,
+        else in cuBLAS's epilogue."""
+        if a.shape[0] <= self.gemv_rows:
+            return self.k_norm_linear.linear_add(a, weight, residual)
         return residual.addmm_(a, weight.t())
 
     def depth_attention(self, qkv, cfg, k_cache, v_cache, pos, cos, sin, allowed, wo, residual):
@@ -173,10 +193,16 @@ class TritonOps:
                                          chunk.context_lens, scale)
 
 
-def make_ops(kind: str, device: torch.device) -> OpSet:
-    """"auto": Triton on CUDA, torch elsewhere; or "torch" / "triton" explicitly."""
+def make_ops(kind: str, device: torch.device, quantized: bool = False) -> OpSet:
+    """"auto": Triton on CUDA, torch elsewhere; or "torch" / "triton" explicitly.  A model with
+    quantised weights: "auto" is torch (the quantised Triton op set, engine/quant_ops.py, is
+    chosen with "triton" until it has run on a GPU)."""
+    if quantized and kind == "triton":
+        from .quant_ops import QuantTritonOps
+
+        return QuantTritonOps()
     if kind == "auto":
-        kind = "triton" if device.type == "cuda" else "torch"
+        kind = "triton" if device.type == "cuda" and not quantized else "torch"
     if kind == "torch":
         return TorchOps()
     if kind == "triton":

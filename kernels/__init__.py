@@ -8,6 +8,9 @@ Modules (import them directly; nothing is imported here so `import misotts.kerne
   paged_attention  paged_decode, decode_workspace, paged_prefill
   rmsnorm          rmsnorm (optionally fused with the residual add)
   swiglu           swiglu
-  sampling         sample_topk, depth_step
+  sampling         sample_topk, depth_step, sample_next_input
+  norm_linear      norm_linear (RMSNorm + GEMV [+ SwiGLU]), linear_add (GEMV + residual)
+  depth_attention  depth_attention (a depth layer's RoPE + KV write + attention + wo + residual)
+  specs            one spec per kernel: launcher, reference, shape cases, tolerances
   report           ahead-of-time compile report (python -m misotts.kernels.report)
 """

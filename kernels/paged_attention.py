@@ -33,15 +33,23 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _partition(length, max_splits, BLOCK_N: tl.constexpr):
+    """Positions per split of a lane: its context spread over all the grid's splits (whole tiles of
+    BLOCK_N, at least one), so a short context still keeps every split busy (not one of 8)."""
+    return tl.maximum(tl.cdiv(tl.cdiv(length, max_splits), BLOCK_N), 1) * BLOCK_N
+
+
+@triton.jit
 def _decode_kernel(q, k_cache, v_cache, block_tables, context_lens, out, part_out, part_lse, qk_scale,
                    stride_qn, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                    stride_bt, stride_on, stride_oh, max_splits,
                    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
-                   BLOCK_N: tl.constexpr, PARTITION: tl.constexpr, DIRECT: tl.constexpr, IEEE: tl.constexpr):
+                   BLOCK_N: tl.constexpr, DIRECT: tl.constexpr, IEEE: tl.constexpr):
     seq, kv_head, split = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
     length = tl.load(context_lens + seq)
-    start = split * PARTITION
-    end = tl.minimum(start + PARTITION, length)  # empty when this split is past the sequence
+    part = _partition(length, max_splits, BLOCK_N)
+    start = split * part
+    end = tl.minimum(start + part, length)  # empty when this split is past the sequence
     rows = tl.arange(0, GROUP_PAD)  # the query heads sharing this kv head (padded to >= 16 rows for dot)
     heads = kv_head * GROUP + rows
     dims = tl.arange(0, HEAD_DIM)
@@ -78,9 +86,10 @@ def _decode_kernel(q, k_cache, v_cache, block_tables, context_lens, out, part_ou
 
 @triton.jit
 def _decode_merge_kernel(part_out, part_lse, context_lens, out, stride_on, stride_oh, max_splits,
-                         HEAD_DIM: tl.constexpr, PARTITION: tl.constexpr, SPLITS_PAD: tl.constexpr):
+                         HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS_PAD: tl.constexpr):
     seq, head = tl.program_id(0).to(tl.int64), tl.program_id(1)
-    num_splits = tl.cdiv(tl.load(context_lens + seq), PARTITION)
+    length = tl.load(context_lens + seq)
+    num_splits = tl.cdiv(length, _partition(length, max_splits, BLOCK_N))
     splits = tl.arange(0, SPLITS_PAD)
     used = splits < num_splits
     base = (seq * tl.num_programs(1) + head) * max_splits
@@ -128,7 +137,8 @@ def paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale=None, ou
     of q's dtype; block_tables: int32 [num_seqs, max_blocks]; context_lens: int32 [num_seqs]
     (<= max_blocks * block_size; 0 gives a zero output row). scale: default d**-0.5.
     The launch grid depends only on shapes (num_seqs, Hkv, ceil(max_blocks*block_size/partition_size)),
-    so the call can be captured in a CUDA graph. With more than one split the partials go to
+    so the call can be captured in a CUDA graph; each lane spreads its context over all those splits
+    (whole tiles; a short context uses fewer). With more than one split the partials go to
     `workspace` (see decode_workspace; allocated here when None) and a second kernel merges them.
     out: optional [num_seqs, Hq, d] of q's dtype. Returns out.
     """
@@ -162,11 +172,11 @@ def paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale=None, ou
            out, part_out, part_lse, scale * LOG2E, q.stride(0), q.stride(1), *k_cache.stride()[:3],
            *v_cache.stride()[:3], block_tables.stride(0), out.stride(0), out.stride(1), max_splits,
            GROUP=group, GROUP_PAD=max(16, next_pow2(group)), HEAD_DIM=head_dim, PAGE=page, BLOCK_N=block_n,
-           PARTITION=partition_size, DIRECT=max_splits == 1, IEEE=q.dtype == torch.float32,
+           DIRECT=max_splits == 1, IEEE=q.dtype == torch.float32,
            num_warps=4)
     if max_splits > 1:
         launch(_decode_merge_kernel, (num_seqs, num_q_heads), part_out, part_lse, context_lens, out,
-               out.stride(0), out.stride(1), max_splits, HEAD_DIM=head_dim, PARTITION=partition_size,
+               out.stride(0), out.stride(1), max_splits, HEAD_DIM=head_dim, BLOCK_N=block_n,
                SPLITS_PAD=next_pow2(max_splits), num_warps=4)
     return out
 

@@ -169,7 +169,9 @@ def depth_attention_ref(qkv, n_heads, n_kv_heads, k_cache, v_cache, pos, cos, si
     qkv [N, (H + 2K) d] (q heads, then k, then v); k_cache, v_cache [N, K, P, d], written at
     position pos (int64 [1], a device tensor); cos, sin [P, d/2] fp32 tables of every position;
     allowed: optional bool [P, P] (query position, key position) = key <= query, precomputed.
-    The rotated k and v go to the caches; the rotated q attends to positions 0..pos -> [N, H, d]."""
+    The rotated k and v go to the caches; the rotated q attends to positions 0..pos -> [N, H, d].
+    Positions past pos are zeroed before attending, not only masked: they hold an earlier frame's
+    values, perhaps a past request's NaN, and a masked score or weight of 0 times NaN is NaN."""
     head_dim = qkv.shape[-1] // (n_heads + 2 * n_kv_heads)
     q, k, v = qkv.unflatten(-1, (n_heads + 2 * n_kv_heads, head_dim)).split([n_heads, n_kv_heads, n_kv_heads], 1)
     c, s = cos[pos], sin[pos]
@@ -178,7 +180,9 @@ def depth_attention_ref(qkv, n_heads, n_kv_heads, k_cache, v_cache, pos, cos, si
         allowed = positions[None, :] <= positions[:, None]
     k_cache.index_copy_(2, pos, apply_rope(k, c, s)[:, :, None])
     v_cache.index_copy_(2, pos, v[:, :, None])
-    return attention_ref(apply_rope(q, c, s)[:, :, None], k_cache, v_cache, allowed[pos], scale)[:, :, 0]
+    seen = allowed[pos][0, :, None]  # [P, 1]: positions 0..pos
+    keys, values = k_cache.where(seen, 0.0), v_cache.where(seen, 0.0)
+    return attention_ref(apply_rope(q, c, s)[:, :, None], keys, values, allowed[pos], scale)[:, :, 0]
 
 
 def depth_attention_out_ref(qkv, n_heads, n_kv_heads, k_cache, v_cache, pos, cos, sin, wo, residual, allowed=None,
@@ -240,3 +244,35 @@ def depth_step_ref(h, head, codebook, embed_table, seed, counter, temperature, t
     logits = h.float() @ head.float()
     tokens = sample_topk_ref(logits, temperature, topk, seed, counter)
     return tokens, embed_table[tokens + codebook * head.shape[1]], logits
+
+
+# ---- weight-only quantisation: the stored forms and what they mean ----------------------------
+# A quantised linear weight [M, K] is stored as data + fp32 scales (weights/quantize.py makes them):
+#   "int8": data int8 [M, K], scale [M]            w = data * scale[m]
+#   "fp8":  data float8_e4m3fn [M, K], scale [M]   w = data * scale[m]
+#   "int4": data uint8 [M, K/2], scale [M, K/g]    two codes a byte (column 2j in the low nibble,
+#           2j+1 in the high one), each code = q + 8 for q in -8..7; w = q * scale[m, k // g]
+# The reference is "dequantise, then the model dtype's math": the weight rebuilt in fp32, rounded
+# once to the activations' dtype, then the plain F.linear.
+
+def unpack_int4_ref(data):
+    """uint8 [M, K/2] (two codes a byte, low nibble first) -> int8 [M, K] codes in -8..7."""
+    codes = torch.stack([data & 0xF, data >> 4], dim=-1).flatten(-2)
+    return codes.to(torch.int8) - 8
+
+
+def dequantize_ref(data, scale, scheme, dtype):
+    """The weight [M, K] in `dtype` that a stored (data, scale) means (see above)."""
+    if scheme in ("int8", "fp8"):
+        return (data.float() * scale.float()[:, None]).to(dtype)
+    if scheme == "int4":
+        codes = unpack_int4_ref(data).float()
+        m, k = codes.shape
+        groups = scale.shape[1]
+        return (codes.view(m, groups, k // groups) * scale.float()[:, :, None]).view(m, k).to(dtype)
+    raise ValueError(f"unknown quantisation scheme {scheme!r}")
+
+
+def quant_linear_ref(x, data, scale, scheme):
+    """F.linear(x, dequantize_ref(...)) in x's dtype: x [..., K] -> [..., M]."""
+    return F.linear(x, dequantize_ref(data, scale, scheme, x.dtype))

@@ -2,7 +2,11 @@
 
     python -m misotts.kernels.report [--arch sm_90a|sm_80|all] [--kernel NAME] [--preset NAME] [--jobs N]
 
-The real launchers are called on `meta` tensors of the presets' shapes (runtime/config.py PRESETS);
+The cases are the kernel specs' (kernels/specs.py) at the presets' shapes (runtime/config.py PRESETS),
+at 1, 8, 16, 32 and 64 decode lanes, in bf16 (and fp32 for the kernels with an IEEE-dot path); a launch
+specialized like one already listed (same kernel, argument types, alignment, meta-parameters) compiles
+to the same code and is not compiled again, so a row names the first case that needs its code.
+The real launchers are called on `meta` tensors;
 `_utils.launch` records the kernel, arguments and meta-parameters instead of running them, and each
 recorded launch is compiled with triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))
 using the same argument specialization (dtypes, 16-byte alignment, ints divisible by 16) that the
@@ -29,95 +33,29 @@ ARCHS = {"sm_90a": 90, "sm_80": 80}
 PAGE = 16  # KV block size compiled in the report (the kernels take any power of two >= 16)
 
 
-def _cases(preset):
-    """[(kernel, shape label, thunk that calls the launcher on meta tensors)] for one preset."""
-    from . import depth_attention, embedding, norm_linear, paged_attention, rmsnorm, rope, sampling, swiglu
+REPORT_BATCHES = (1, 8, 16, 32, 64)  # decode lanes compiled: the buckets whose tiles differ, up to the largest fused one
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
-    def t(*shape, dtype=torch.bfloat16):
-        return torch.empty(*shape, dtype=dtype, device="meta")
 
-    ints = dict(dtype=torch.int32)
-    longs = dict(dtype=torch.int64)
-    cfg = PRESETS[preset]
-    n_cb, vocab, dim, dec = cfg.num_codebooks, cfg.audio_vocab_size, cfg.backbone.dim, cfg.decoder.dim
-    cases = [("rvq_embed", f"{preset} D{dim}", lambda: embedding.rvq_embed(
-        t(1, 16, n_cb + 1, **longs), t(1, 16, n_cb + 1, dtype=torch.bool), t(cfg.text_vocab_size, dim),
-        t(n_cb * vocab, dim)))]
+def _cases(preset, dtype_name):
+    """[(kernel, shape label, thunk that calls the launcher on meta tensors)]: the kernel specs'
+    cases (kernels/specs.py) at the preset's shapes, for the specs compiled in this dtype."""
+    from . import specs
 
-    def cache(hkv, hd):
-        return t(4096, PAGE, hkv, hd)
+    dtype, out = DTYPES[dtype_name], []
+    for spec, batch, case in specs.cases(PRESETS[preset], REPORT_BATCHES, context=PRESETS[preset].max_seq_len,
+                                         page=PAGE):
+        if dtype in spec.report_dtypes:
+            label = f"{preset} {case.shape}" + ("" if dtype_name == "bf16" else f" {dtype_name}")
+            out.append((spec.name, label, lambda case=case: case.run(case.make(specs.Tensors("meta", dtype)))))
+    if dtype_name == "bf16":  # the weight-only quantised GEMVs (issue 26) take bf16 activations
+        from . import quant_linear
 
-    for part, tc in (("backbone", cfg.backbone), ("decoder", cfg.decoder)):
-        d, hq, hkv, ffn, hd, eps = tc.dim, tc.n_heads, tc.n_kv_heads, tc.ffn_dim, tc.head_dim, tc.norm_eps
-        ctx = tc.max_seq_len if part == "backbone" else n_cb + 1  # the depth decoder sees one frame
-        blocks = -(-ctx // PAGE)
-        label = f"{preset} {part} Hq{hq}/Hkv{hkv}/d{hd}"
+        def meta(*shape, dtype=torch.bfloat16):
+            return torch.empty(*shape, dtype=dtype, device="meta")
 
-        cases += [
-            ("rope_kv_write", label, lambda hq=hq, hkv=hkv, hd=hd: rope.rope_kv_write(
-                t(64, hq, hd), t(64, hkv, hd), t(64, hkv, hd), t(64, **longs), t(hd // 2, dtype=torch.float32),
-                cache(hkv, hd), cache(hkv, hd), t(64, **longs))),
-            ("paged_decode", f"{label} ctx{ctx} page{PAGE}", lambda hq=hq, hkv=hkv, hd=hd, blocks=blocks: (
-                paged_attention.paged_decode(t(8, hq, hd), cache(hkv, hd), cache(hkv, hd), t(8, blocks, **ints),
-                                             t(8, **ints)))),
-            ("paged_prefill", f"{label} page{PAGE}", lambda hq=hq, hkv=hkv, hd=hd, blocks=blocks: (
-                paged_attention.paged_prefill(t(512, hq, hd), t(5, **ints), 256, cache(hkv, hd), cache(hkv, hd),
-                                              t(4, blocks, **ints), t(4, **ints)))),
-            ("paged_decode", f"{label} ctx{ctx} page{PAGE} fp32 (ieee dots)", lambda hq=hq, hkv=hkv, hd=hd,
-             blocks=blocks, f=torch.float32: paged_attention.paged_decode(
-                 t(8, hq, hd, dtype=f), t(4096, PAGE, hkv, hd, dtype=f), t(4096, PAGE, hkv, hd, dtype=f),
-                 t(8, blocks, **ints), t(8, **ints))),
-            ("paged_prefill", f"{label} page{PAGE} fp32 (ieee dots)", lambda hq=hq, hkv=hkv, hd=hd, blocks=blocks,
-             f=torch.float32: paged_attention.paged_prefill(
-                 t(512, hq, hd, dtype=f), t(5, **ints), 256, t(4096, PAGE, hkv, hd, dtype=f),
-                 t(4096, PAGE, hkv, hd, dtype=f), t(4, blocks, **ints), t(4, **ints))),
-            ("rmsnorm", f"{preset} {part} D{d}", lambda d=d, eps=eps: rmsnorm.rmsnorm(t(64, d), t(d), eps,
-                                                                                    residual=t(64, d))),
-            ("swiglu", f"{preset} {part} F{ffn}", lambda ffn=ffn: swiglu.swiglu(t(64, 2 * ffn))),
-        ]
-    for part, tc in (("backbone", cfg.backbone), ("decoder", cfg.decoder)):
-        d, hq, hkv, ffn, hd, eps = tc.dim, tc.n_heads, tc.n_kv_heads, tc.ffn_dim, tc.head_dim, tc.norm_eps
-        for batch in (1, 8):
-            cases += [
-                ("norm_linear", f"{preset} {part} qkv B{batch} D{d}->{(hq + 2 * hkv) * hd}",
-                 lambda d=d, n=(hq + 2 * hkv) * hd, eps=eps, batch=batch: norm_linear.norm_linear(
-                     t(batch, d), t(d), eps, t(n, d))),
-                ("norm_linear", f"{preset} {part} gate_up+swiglu B{batch} D{d}->F{ffn}",
-                 lambda d=d, ffn=ffn, eps=eps, batch=batch: norm_linear.norm_linear(
-                     t(batch, d), t(d), eps, t(2 * ffn, d), swiglu=True)),
-            ]
-        head = ("codebook0_head", t(vocab, dim)) if part == "backbone" else ("audio_head.T", t(dec, vocab).T)
-        cases.append(("norm_linear", f"{preset} {part} {head[0]} B8 D{d}->V{vocab}",
-                      lambda d=d, eps=eps, w=head[1]: norm_linear.norm_linear(t(8, d), t(d), eps, w)))
-    dc = cfg.decoder
-    for batch in (1, 8):
-        cases.append(("depth_attention", f"{preset} decoder Hq{dc.n_heads}/Hkv{dc.n_kv_heads}/d{dc.head_dim} "
-                                         f"P{n_cb} +wo D{dc.dim} B{batch}",
-                      lambda batch=batch: depth_attention.depth_attention(
-                          t(batch, (dc.n_heads + 2 * dc.n_kv_heads) * dc.head_dim), dc.n_heads, dc.n_kv_heads,
-                          t(dc.n_layers, batch, dc.n_kv_heads, n_cb, dc.head_dim)[0],
-                          t(dc.n_layers, batch, dc.n_kv_heads, n_cb, dc.head_dim)[0], t(1, **longs),
-                          t(n_cb, dc.head_dim // 2, dtype=torch.float32), t(n_cb, dc.head_dim // 2, dtype=torch.float32),
-                          t(dc.dim, dc.n_heads * dc.head_dim), t(batch, dc.dim))))
-    cases.append(("sample_next_input", f"{preset} V{vocab} B8 per-lane params",
-                  lambda: sampling.sample_next_input(
-                      t(8, vocab), t(8, dtype=torch.float32), t(8, **longs), t(8, **longs), t(8, **longs),
-                      t(1, **longs), t(n_cb * vocab, dec), t(8, n_cb, **longs)[:, 0], t(8, dec))))
-    for codebook, h_dim in ((0, dim), (1, dec)):
-        cases.append(("depth_step", f"{preset} codebook{codebook} D{h_dim}->V{vocab} B8",
-                      lambda codebook=codebook, h_dim=h_dim: sampling.depth_step(
-                          t(8, h_dim), t(n_cb - 1, h_dim, vocab)[max(codebook - 1, 0)], codebook,
-                          t(n_cb * vocab, dec), t(8, n_cb, **longs), t(8, dec), t(8, **longs),
-                          t(8, **longs), 0.9, 50, logits=t(8, vocab, dtype=torch.float32))))
-    cases.append(("depth_step", f"{preset} codebook1 D{dec}->V{vocab} B8 per-lane params",
-                  lambda: sampling.depth_step(
-                      t(8, dec), t(n_cb - 1, dec, vocab)[0], 1, t(n_cb * vocab, dec),
-                      t(8, n_cb, **longs), t(8, dec), t(8, **longs), t(8, **longs),
-                      t(8, dtype=torch.float32), t(8, **longs), logits=t(8, vocab, dtype=torch.float32),
-                      counter_offset=1)))
-    cases.append(("sample_topk", f"{preset} V{vocab} B8", lambda: sampling.sample_topk(
-        t(8, vocab, dtype=torch.float32), 0.9, 50, t(8, **longs), t(8, **longs))))
-    return cases
+        out += quant_linear.report_cases(preset, PRESETS[preset], meta)
+    return out
 
 
 def _record(thunk):
@@ -128,6 +66,40 @@ def _record(thunk):
         return _utils._recorder
     finally:
         _utils._recorder = None
+
+
+def _distinct_jobs(presets, archs, kernel_name):
+    """One job per case with the launches no earlier case compiles (a launch specialized alike --
+    same kernel, argument types, alignment and meta-parameters -- compiles to the same code)."""
+    seen, jobs = set(), []
+    for preset in presets:
+        for dtype_name in DTYPES:
+            for index, (name, _, thunk) in enumerate(_cases(preset, dtype_name)):
+                if kernel_name not in (None, name):
+                    continue
+                try:
+                    launches = _record(thunk)
+                except Exception:  # the worker reports the launcher's error
+                    launches = [None]
+                if launches == [None]:
+                    jobs += [(preset, dtype_name, index, [], a) for a in archs]
+                    continue
+                fresh = []
+                for i, item in enumerate(launches):
+                    key = _key(item)
+                    if key not in seen:
+                        seen.add(key)
+                        fresh.append(i)
+                if fresh:
+                    jobs += [(preset, dtype_name, index, fresh, a) for a in archs]
+    return jobs
+
+
+def _key(launch):
+    kernel, _grid, args, meta = launch
+    signature, constexprs, attrs, options = _specialize(kernel, args, meta)
+    freeze = lambda d: tuple(sorted((str(k), str(v)) for k, v in d.items()))  # noqa: E731
+    return kernel.__name__, freeze(signature), freeze(constexprs), freeze(attrs), freeze(options)
 
 
 def _specialize(kernel, args, meta):
@@ -170,15 +142,15 @@ def _compile_case(job):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    preset, index, arch = job
-    name, label, thunk = _cases(preset)[index]
+    preset, dtype_name, index, launch_indices, arch = job
+    name, label, thunk = _cases(preset, dtype_name)[index]
     try:
         launches = _record(thunk)
     except Exception as e:
         return [dict(kernel=name, launch="(launcher)", shape=label, arch=arch, registers=-1, spills=-1, shared=-1,
                      ok=False, error=f"{type(e).__name__}: {e}")]
     rows = []
-    for kernel, _grid, args, meta in launches:
+    for kernel, _grid, args, meta in (launches[i] for i in launch_indices):
         cc = ARCHS[arch]
         try:
             signature, constexprs, attrs, options = _specialize(kernel, args, meta)
@@ -204,8 +176,7 @@ def main(argv=None):
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     archs = list(ARCHS) if opts.arch == "all" else [opts.arch]
     presets = [opts.preset] if opts.preset else COMPILED_PRESETS
-    jobs = [(p, i, a) for a in archs for p in presets for i, (k, _, _) in enumerate(_cases(p))
-            if opts.kernel in (None, k)]
+    jobs = _distinct_jobs(presets, archs, opts.kernel)
     if not jobs:
         parser.error(f"no kernel named {opts.kernel!r}")
     start = time.time()

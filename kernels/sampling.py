@@ -173,7 +173,8 @@ def depth_step(h, head, codebook, embed_table, codes, next_input, seed, counter,
                       counter=counter, logits=logits, **lane_params)
     if batch == 0:
         return codes, next_input
-    block_b, block_v = min(max(16, next_pow2(batch)), 64), 32
+    # fp32 (the IEEE path: CPU parity, not speed) in row blocks of 16: 32 or 64 spill registers on sm_80
+    block_b, block_v = min(max(16, next_pow2(batch)), 16 if h.dtype == torch.float32 else 64), 32
     launch(_head_logits_kernel, (triton.cdiv(vocab, block_v), triton.cdiv(batch, block_b)), h, head, logits,
            batch, dim, vocab, h.stride(0), h.stride(1), head.stride(0), head.stride(1), logits.stride(0),
            BLOCK_B=block_b, BLOCK_K=128, BLOCK_V=block_v, IEEE=h.dtype == torch.float32, num_warps=4)

@@ -12,7 +12,7 @@ from misotts.chunks import Audio, AudioStream, Chunker, GenerationStats
 from misotts.conversation import Conversation
 from misotts.runtime.audio import SAMPLE_RATE, load_audio
 from misotts.runtime.config import PRESETS, ModelConfig
-from misotts.runtime.devices import resolve_device
+from misotts.runtime.devices import DTYPES, resolve_device
 from misotts.runtime.hub import DEFAULT_CODEC, PRESET_HUB_IDS
 from misotts.engine import Engine, EngineConfig
 from misotts.runtime.params import KEEP, GenerationParams, params_of
@@ -21,7 +21,8 @@ from misotts.runtime.prompt import build_prompt
 from misotts.runtime.tokenizer import ByteTokenizer, Llama3Tokenizer, check_special_ids, load_tokenizer
 from misotts.weights import load_model, random_model
 from misotts.weights.checkpoint import bundled_codec
-from misotts.weights.load import default_dtype
+from misotts.weights.load import default_dtype, stored_scheme
+from misotts.weights.quantize import check_device, model_weights
 
 
 @dataclass
@@ -167,19 +168,20 @@ class TTS:
         return Conversation(self, context)
 
     def info(self) -> dict:
-        params = sum(p.numel() for p in self.model.parameters())
-        nbytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        return {"source": self.source, "config": self.config.to_dict(), "parameters": params,
-                "weight_bytes": nbytes, "device": str(self.device),
+        # Quantised linears hold their codes and scales as buffers; the count is the float model's.
+        tensors = [*self.model.parameters(), *self.model.buffers()]
+        return {"source": self.source, "config": self.config.to_dict(), "parameters": self.config.num_parameters(),
+                "weight_bytes": sum(t.nbytes for t in tensors), "weights": model_weights(self.model),
+                "device": str(self.device),
                 "dtype": str(self.model.audio_head.dtype).replace("torch.", ""), "untrained": self.untrained,
                 "codec": self.codec_source or "untrained Mimi (random weights)",
                 "backend": f"engine ({self.engine.stats()['ops']} ops, {self.engine.max_batch} lanes)"}
 
 
-def load(source: str | Path = "tiny", device=None, dtype: torch.dtype | None = None, *,
+def load(source: str | Path = "tiny", device=None, dtype: torch.dtype | str | None = None, *,
          random_init: bool = False, seed: int = 0, codec: str | None = None,
          tokenizer: str | Path | None = None, progress: bool = True, backend: str = "auto",
-         engine: dict | None = None) -> TTS:
+         engine: dict | None = None, weights: str | None = None) -> TTS:
     """Load a model by preset name ("tiny", "csm-1b", "miso-8b"), local path or hub id.
 
     random_init: build the named preset with seeded random weights (no download; for
@@ -187,25 +189,38 @@ def load(source: str | Path = "tiny", device=None, dtype: torch.dtype | None = N
     codec: Mimi weights (a .safetensors path or hub repo id); default the untrained Mimi for
     random models and kyutai's Mimi for real checkpoints.
     tokenizer: a tokenizer.json to use instead of the one beside the weights.
+    dtype: a torch dtype or its name ("bf16", "bfloat16", "fp32", ...).
     backend: "auto" serves through the engine (misotts.engine: paged KV with prefix reuse,
     continuous batching; Triton kernels and CUDA graphs on CUDA, torch ops on the CPU);
     "reference" through the reference engine: one lane, the torch ops, no CUDA graphs.
     engine: EngineConfig fields for "auto" ("reference" is a fixed configuration), e.g. {"max_batch": 8, "num_blocks": 4096}.
+    weights: "int8", "fp8" or "int4" quantises the transformers' linears as they load
+    (weights/quantize.py; the CPU runs int8); a quantised checkpoint loads in its own scheme.
     """
     if backend not in ("auto", "reference"):
         raise ValueError(f"unknown backend {backend!r}: expected 'auto' or 'reference'")
-    tts = _load(source, device, dtype, random_init, seed, codec, tokenizer, progress)
+    dtype = _dtype(dtype)
+    tts = _load(source, device, dtype, random_init, seed, codec, tokenizer, progress, weights)
     tts.start_engine(engine if backend == "auto" else EngineConfig.reference(tts.config.max_seq_len), progress=progress)
     return tts
 
 
-def _load(source, device, dtype, random_init, seed, codec, tokenizer, progress) -> TTS:
+def _dtype(dtype):
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str) and dtype.lower().removeprefix("torch.") in DTYPES:
+        return DTYPES[dtype.lower().removeprefix("torch.")]
+    raise ValueError(f"dtype {dtype!r}: expected a torch dtype or one of {', '.join(sorted(DTYPES))}")
+
+
+def _load(source, device, dtype, random_init, seed, codec, tokenizer, progress, weights=None) -> TTS:
     device = resolve_device(device)
     dtype = dtype or default_dtype(device)
     name = str(source)
+    check_device(weights or stored_scheme(name), device)  # before anything loads
     if name in PRESETS and (random_init or name == "tiny"):
         config = PRESETS[name]
-        model = random_model(config, seed=seed, device=device, dtype=dtype, progress=progress)
+        model = random_model(config, seed=seed, device=device, dtype=dtype, progress=progress, weights=weights)
         # Random weights make noise whatever the text; bytes stand in when no tokenizer.json is given.
         tok = Llama3Tokenizer(tokenizer, config.bos_id, config.eos_id) if tokenizer else ByteTokenizer(config.bos_id, config.eos_id)
         check_special_ids(tok, config.text_vocab_size, name)
@@ -215,7 +230,8 @@ def _load(source, device, dtype, random_init, seed, codec, tokenizer, progress) 
                          f"(--model DIR / source=DIR), or --random-init / random_init=True for seeded random "
                          f"weights of this shape")
     model, config, checkpoint_dir = load_model(PRESET_HUB_IDS.get(name, name), device=device, dtype=dtype,
-                                               progress=progress)
+                                               progress=progress, weights=weights)
+    check_device(model_weights(model), device)  # a quantised checkpoint fetched from the hub
     tok = Llama3Tokenizer(tokenizer, config.bos_id, config.eos_id) if tokenizer else load_tokenizer(config, checkpoint_dir)
     check_special_ids(tok, config.text_vocab_size, str(checkpoint_dir))
     # transformers' CSM checkpoints bundle their Mimi; kyutai's is fetched only for those that do not.

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from misotts import MOSHI_MISSING, __version__
 from misotts import cli_checks as checks
 from misotts.chunks import Audio, GenerationStats
-from misotts.runtime.devices import DTYPES
+from misotts.runtime.devices import DTYPES, resolve_device
 
 EXIT_ERROR, EXIT_NOTHING_MADE = 2, 1
 UNTRAINED_NOTE = ("note: the model is {}: untrained, so the audio is noise, not speech; untrained weights never "
@@ -40,13 +40,17 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="Mimi weights: a .safetensors file, a CSM checkpoint folder or a hub id (default: the "
                         "checkpoint's own, else kyutai/moshiko-pytorch-bf16; the untrained Mimi for random weights)")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json to use instead of the checkpoint's")
+    p.add_argument("--weights", default=None, metavar="SCHEME",
+                   help="quantise the linears as they load: int8 (CPU or GPU), fp8 (GPU, sm_89+) or int4 (GPU; "
+                        "int4 backbone, int8 depth decoder); default: the dtype's (a quantised checkpoint: its own)")
 
 
 def _load(args):
     import misotts
 
     return misotts.load(args.model, device=args.device, dtype=DTYPES[args.dtype] if args.dtype else None,
-                        random_init=args.random_init, codec=args.codec, tokenizer=args.tokenizer)
+                        random_init=args.random_init, codec=args.codec, tokenizer=args.tokenizer,
+                        weights=args.weights)
 
 
 def cmd_speak(args) -> int:
@@ -96,8 +100,9 @@ def _generate_with_progress(tts, text, context, args) -> tuple[list[Audio], Gene
 def cmd_info(args) -> int:
     from misotts.model_info import describe
 
-    checks.check_model_args(args)
-    info = describe(args.model, args.device, DTYPES[args.dtype] if args.dtype else None, args.random_init, args.codec)
+    checks.check_model_args(args, run=False)
+    info = describe(args.model, args.device, DTYPES[args.dtype] if args.dtype else None, args.random_init, args.codec,
+                    args.weights)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -109,7 +114,8 @@ def cmd_info(args) -> int:
               f"head_dim {t['head_dim']}, ffn {t['ffn_dim']}")
     print(f"vocab      text {cfg['text_vocab_size']}, audio {cfg['audio_vocab_size']} x {cfg['num_codebooks']} "
           f"codebooks; context {cfg['backbone']['max_seq_len']}")
-    print(f"parameters {info['parameters'] / 1e6:,.1f} M ({info['weight_bytes'] / 2**30:.2f} GiB as {info['dtype']})")
+    as_what = info["dtype"] + (f" with {info['weights']} weights" if info["weights"] else "")
+    print(f"parameters {info['parameters'] / 1e6:,.1f} M ({info['weight_bytes'] / 2**30:.2f} GiB as {as_what})")
     free = info["free_bytes"]
     room = "" if free is None else f" ({free / 2**30:.1f} GiB free{'' if free >= info['weight_bytes'] else ': the weights do not fit'})"
     print(f"device     {info['device']}{room}; codec {info['codec']}")
@@ -119,7 +125,13 @@ def cmd_info(args) -> int:
 def cmd_convert(args) -> int:
     from misotts.weights import convert
 
-    out = convert(args.src, args.dst, shard_size=args.shard_size, overwrite=args.overwrite)
+    checks.check_weights(args.weights)
+    checks.check_convert_source(args.src)
+
+    from misotts.runtime.hub import PRESET_HUB_IDS
+
+    out = convert(PRESET_HUB_IDS.get(args.src, args.src), args.dst, shard_size=args.shard_size,
+                  overwrite=args.overwrite, weights=args.weights)
     print(f"wrote {out or args.dst}")
     return 0
 
@@ -129,29 +141,32 @@ def cmd_serve(args) -> int:
     import os
 
     _check_serve_args(args)  # before anything loads
-    import uvicorn
-
     from misotts.server import create_app
+    from misotts.server.run import bind, serve
     from misotts.server.voices import VoiceStore
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     engine = {"max_batch": args.max_batch, "max_waiting": args.max_waiting}
     engine = {k: v for k, v in engine.items() if v is not None}
-    api_key = args.api_key or os.environ.get("MISOTTS_API_KEY") or None
+    api_key = checks.api_key(args.api_key, os.environ.get("MISOTTS_API_KEY"))
     if args.ray:
         return _serve_on_ray(args, engine, api_key)
     import misotts
 
+    sock = bind(args.host, args.port)  # a port in use is found now, not after the model loaded
+
     # Loaded and warmed (engine, graphs, the lanes' Mimi) before the port opens.
     tts = misotts.load(args.model, device=args.device, dtype=DTYPES[args.dtype] if args.dtype else None,
-                       random_init=args.random_init, codec=args.codec, tokenizer=args.tokenizer, engine=engine)
+                       random_init=args.random_init, codec=args.codec, tokenizer=args.tokenizer, engine=engine,
+                       weights=args.weights)
     if tts.untrained:
         print(f"note: the model is {tts.source}: untrained, so the audio is noise, not speech; untrained weights "
               "never end a turn, so each request runs to its max_audio_ms.", file=sys.stderr)
     app = create_app(tts, model_name=args.model, api_key=api_key, voices=VoiceStore(args.voices_dir))
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+        serve(app, sock, grace_s=args.shutdown_grace, max_connections=args.max_connections)
     finally:
+        sock.close()
         tts.close()
     return 0
 
@@ -181,11 +196,23 @@ def _ray_scaling(args):
 
 
 def _check_serve_args(args) -> None:
+    checks.require_extra(("fastapi", "uvicorn", "av", "prometheus_client", "multipart"), "server", "serve")
+    checks.check_port(args.port)
+    if not args.shutdown_grace >= 0:
+        raise ValueError(f"--shutdown-grace must be >= 0 seconds, got {args.shutdown_grace}")
+    if args.max_connections is not None and args.max_connections < 1:
+        raise ValueError(f"--max-connections must be >= 1, got {args.max_connections}")
+    for flag, value in (("--max-batch", args.max_batch), ("--max-waiting", args.max_waiting)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
     ray_only = [flag for flag, value in (("--replicas", args.replicas), ("--autoscale", args.autoscale),
                                          ("--target-ongoing", args.target_ongoing), ("--ray-address", args.ray_address),
                                          ("--threads", args.threads)) if value is not None]
     if ray_only and not args.ray:
         raise ValueError(f"{', '.join(ray_only)}: for Ray Serve only; add --ray")
+    if args.weights is not None and args.ray:
+        raise ValueError("--weights is not passed to Ray Serve replicas yet: serve quantised weights without --ray")
+    checks.check_weights(args.weights, None if args.ray else resolve_device(args.device))
     if args.replicas is not None and args.autoscale is not None:
         raise ValueError("give --replicas N or --autoscale MIN:MAX, not both")
     if args.ray:
@@ -232,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dst", help="output directory")
     p.add_argument("--shard-size", default="2GB", help="largest shard, e.g. 2GB, 500MB, 1GiB")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty dst")
+    p.add_argument("--weights", default=None, metavar="SCHEME",
+                   help="store the linears quantised: int8, fp8 or int4 (loads without quantising again)")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("serve", help="serve OpenAI's speech API (HTTP) on one warm engine")
@@ -241,6 +270,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--voices-dir", default="voices", help="where registered voices are stored")
     p.add_argument("--max-batch", type=int, default=None, help="engine lanes (default: 32 on CUDA, 8 on CPU)")
     p.add_argument("--max-waiting", type=int, default=None, help="queued requests before 429 (default 64)")
+    p.add_argument("--shutdown-grace", type=float, default=5.0, metavar="S",
+                   help="on SIGTERM / Ctrl-C, seconds streams in flight get to finish before they are ended "
+                        "(default 5; a second signal exits at once)")
+    p.add_argument("--max-connections", type=int, default=None,
+                   help="open connections (and requests in flight) beyond which the server answers 503 (default 512)")
     ray = p.add_argument_group("Ray Serve (pip install -e \".[ray]\"): one engine per replica behind one port")
     ray.add_argument("--ray", action="store_true", help="serve on Ray Serve (a local Ray, or --ray-address)")
     ray.add_argument("--replicas", type=int, default=None, help="engine replicas (default 1; one GPU each on GPUs)")
@@ -264,9 +298,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except ModuleNotFoundError as e:
-        if (e.name or "").split(".")[0] != "moshi":
+        top = (e.name or "").split(".")[0]
+        if top == "moshi":
+            print(f"misotts {args.command}: error: {MOSHI_MISSING}", file=sys.stderr)
+        elif top in checks.EXTRAS:
+            print(f"misotts {args.command}: error: {checks.missing_module(top)}", file=sys.stderr)
+        else:
             raise
-        print(f"misotts {args.command}: error: {MOSHI_MISSING}", file=sys.stderr)
         return EXIT_ERROR
     except (ValueError, OSError, RuntimeError) as e:  # OSError: missing files, folders, full disks
         print(f"misotts {args.command}: error: {e}", file=sys.stderr)

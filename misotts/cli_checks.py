@@ -49,11 +49,22 @@ def check_codec(codec: str | None) -> None:
                                 f"checkpoint folder with its codec, or a hub id)")
 
 
-def check_model_args(args) -> None:
+def check_model_args(args, run: bool = True) -> None:
+    """run=False (info): the model is described, not run, so any --weights scheme is fine."""
     check_model(args.model, args.random_init)
-    resolve_device(args.device)
+    device = resolve_device(args.device)
     check_codec(args.codec)
     check_file(args.tokenizer, "--tokenizer")
+    check_weights(args.weights, device if run else None)
+
+
+def check_weights(weights: str | None, device=None) -> None:
+    """--weights: a scheme we know, and (given the device) one it runs."""
+    from misotts.weights.quantize import check_device, check_scheme
+
+    check_scheme(weights)
+    if device is not None:
+        check_device(weights, device)
 
 
 def read_text(args) -> str:
@@ -120,12 +131,16 @@ def check_output(output: str) -> None:
     path = Path(output).expanduser()
     if path.is_dir():
         raise IsADirectoryError(f"-o {output} is a folder: name the WAV file to write")
-    parent = next((p for p in path.parents if p.exists()), None)
-    if parent is not None and not parent.is_dir():
+    parent = path.parent
+    if parent.exists() and not parent.is_dir():
         raise NotADirectoryError(f"-o {output}: {parent} is a file, not a folder")
+    if not parent.exists():  # a typo in a folder name should not become a new folder
+        raise FileNotFoundError(f"-o {output}: the folder {parent} does not exist")
 
 
 def check_generation_args(args) -> None:
+    if not 0 <= args.seed <= 2**63 - 1:
+        raise ValueError(f"--seed must be in 0..2**63-1, got {args.seed}")
     if args.speaker < 0:
         raise ValueError(f"--speaker must be >= 0, got {args.speaker}")
     if not args.temperature >= 0:
@@ -134,3 +149,58 @@ def check_generation_args(args) -> None:
         raise ValueError(f"--topk must be >= 1 (1 is greedy), got {args.topk}")
     if not args.max_audio_ms > 0:
         raise ValueError(f"--max-audio-ms must be > 0, got {args.max_audio_ms}")
+
+
+def check_port(port: int) -> None:
+    if not 1 <= port <= 65535:
+        raise ValueError(f"--port must be in 1..65535, got {port}")
+
+
+def api_key(flag: str | None, env: str | None) -> str | None:
+    """--api-key, else MISOTTS_API_KEY, else None (no key); an empty or unsendable key is refused."""
+    from misotts.server.auth import check_api_key
+
+    if flag is not None:
+        try:
+            return check_api_key(flag)
+        except ValueError as e:
+            raise ValueError(f"--api-key: {e}") from None
+    if env is not None:
+        try:
+            return check_api_key(env)
+        except ValueError as e:
+            raise ValueError(f"MISOTTS_API_KEY: {e}") from None
+    return None
+
+
+def require_extra(modules: tuple[str, ...], extra: str, command: str) -> None:
+    """Each module importable, or one line naming the pip command that installs them."""
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ValueError(f"{command} needs {', '.join(missing)}, from the {extra!r} extra: "
+                         f'pip install "misotts[{extra}]" (in a checkout: pip install -e ".[{extra}]")')
+
+
+# Optional packages, and the pip command that brings each.
+EXTRAS = {"transformers": '"transformers>=5.0" (or pip install -e ".[dev]")', "fastapi": '-e ".[server]"',
+          "uvicorn": '-e ".[server]"', "av": '-e ".[server]"', "prometheus_client": '-e ".[server]"',
+          "multipart": '-e ".[server]"', "ray": '-e ".[ray]"', "matplotlib": "matplotlib"}
+
+
+def missing_module(name: str) -> str:
+    return f"the {name} package is needed here and is not installed: pip install {EXTRAS[name]}"
+
+
+def check_convert_source(src: str) -> None:
+    """convert SRC: a checkpoint folder or a hub id; a preset other than one naming a public
+    checkpoint is only a shape (random weights), nothing to convert."""
+    if src in PRESETS:
+        if src in PRESET_HUB_IDS:
+            return
+        raise ValueError(f"{src!r} is a preset with random weights only: there is no checkpoint to convert; give a "
+                         "checkpoint folder or a hub id (owner/name)")
+    path = Path(src).expanduser()
+    if not path.is_dir() and not HUB_ID.fullmatch(src):
+        raise FileNotFoundError(f"{src}: no such checkpoint folder (SRC is a folder or a hub id owner/name)")

@@ -89,9 +89,10 @@ def read_audio_file(path: Path) -> tuple[np.ndarray, int]:
         raise FileNotFoundError(f"audio file not found: {path}")
     try:
         samples, rate = soundfile.read(str(path), dtype="float32", always_2d=True)  # [N, channels]
-    except soundfile.SoundFileError as e:
-        raise ValueError(f"cannot read audio file {path}: {e} (truncated, or not a format libsndfile reads: "
-                         "WAV, FLAC, MP3, OGG, AIFF, ...)") from None
+    except soundfile.SoundFileError:
+        # libsndfile says "File does not exist" of a file it cannot parse: the file is there (checked above)
+        raise ValueError(f"cannot read audio file {path}: cannot decode it (truncated, or not a format libsndfile "
+                         "reads: WAV, FLAC, MP3, OGG, AIFF, ...)") from None
     if samples.shape[1] > 1:
         warnings.warn(f"{path} has {samples.shape[1]} channels: mixed down to mono (their average)", stacklevel=3)
     return samples.mean(axis=1, dtype=np.float32), rate

@@ -119,6 +119,11 @@ def _weights_file(weights: str | os.PathLike) -> str:
     cached = try_to_load_from_cache(repo, loaders.MIMI_NAME)
     if isinstance(cached, str):
         return cached
+    from misotts.runtime.hub import check_reachable
+
+    check_reachable(f"the Mimi codec ({repo}/{loaders.MIMI_NAME})",
+                    f"Without network access, pass a local file instead ({CODEC_ARG}), "
+                    f"e.g. --codec /path/to/{loaders.MIMI_NAME}")
     try:
         return hf_hub_download(repo, loaders.MIMI_NAME)
     except OSError as err:  # offline, missing repo, HTTP errors: all subclass OSError

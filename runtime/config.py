@@ -98,7 +98,8 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
-        d = {k: v for k, v in d.items() if k != "format"}
+        # "quantization": a quantised checkpoint's scheme (weights/quantize.py reads it), not a shape.
+        d = {k: v for k, v in d.items() if k not in ("format", "quantization")}
 
         def transformer(key: str) -> TransformerConfig:
             if key not in d:

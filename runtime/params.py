@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from .audio import FRAME_MS
 from .prompt import check_speaker
-from .sampling import MAX_SEED, InvalidParam, check_sampling_args, is_real
+from .sampling import MAX_SEED, InvalidParam, check_sampling_args, is_real, shown
 
 __all__ = ["GenerationParams", "InvalidParam", "KEEP", "params_of"]
 
@@ -40,10 +40,10 @@ class GenerationParams:
         check_speaker(self.speaker)
         ms = self.max_audio_ms
         if not is_real(ms) or not 0 < ms < math.inf:
-            raise InvalidParam(f"max_audio_ms must be a finite number > 0, got {ms!r}", "max_audio_ms")
+            raise InvalidParam(f"max_audio_ms must be a finite number > 0, got {shown(ms)}", "max_audio_ms")
         check_sampling_args(self.temperature, self.topk, config.audio_vocab_size, self.seed)
         if not isinstance(self.stop_on_eos, bool):
-            raise InvalidParam(f"stop_on_eos must be True or False, got {self.stop_on_eos!r}", "stop_on_eos")
+            raise InvalidParam(f"stop_on_eos must be True or False, got {shown(self.stop_on_eos)}", "stop_on_eos")
         return dataclasses.replace(self, speaker=int(self.speaker), max_audio_ms=float(ms), temperature=float(self.temperature),
                                    topk=int(self.topk), seed=int(self.seed))
 

@@ -17,12 +17,16 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from misotts.chunks import Audio
 
 from .audio_formats import MEDIA_TYPES, Encoder, encode_all
+from .auth import check_api_key, foreign_origin
 from .errors import ApiError, bad_request, error_kind, from_exception
+from .limits import LIMITS, Limits, RequestGuard
 from .metrics import CONTENT_TYPE_LATEST, Metrics
+from .shutdown import Draining, until_expired
 from .speech import Speaker, Turns, parse_speech, speak
 from .ws import add_stream_route
 
@@ -32,17 +36,25 @@ REPLICA_HEADER = "X-Misotts-Replica"  # the engine replica that served a request
 
 
 def create_app(tts, *, model_name: str = "misotts", api_key: str | None = None, voices=None,
-               max_turn_tokens: int | None = None) -> FastAPI:
+               max_turn_tokens: int | None = None, limits: Limits = LIMITS) -> FastAPI:
     """tts: a loaded misotts.TTS; voices: a VoiceStore (None: no voice routes); api_key: required
     as `Authorization: Bearer <key>` on /v1 routes when set."""
-    app = FastAPI(title="MisoTTS", docs_url=None, redoc_url=None)
-    app.state.tts, app.state.voices = tts, voices
+    if api_key is not None:
+        check_api_key(api_key)
+    # the schema names every route: behind a key it is not served at all
+    app = FastAPI(title="MisoTTS", docs_url=None, redoc_url=None, openapi_url=None if api_key else "/openapi.json")
+    app.state.tts, app.state.voices, app.state.limits = tts, voices, limits
+    app.state.draining = Draining()  # a GracefulServer's shutdown ends streams through it
     app.state.metrics = metrics = Metrics(tts.engine)
     turns = Turns.for_model(tts, max_turn_tokens)
+    max_context_audio_s = tts.config.max_seq_len * 0.08  # what the window holds: 12.5 frames/s
     created = int(time.time())
 
     def authorize(request) -> None:
-        if api_key is None:
+        if api_key is None:  # keyless: no browser page from another site (see auth.py)
+            if (origin := foreign_origin(request.headers, request.headers.get("host"))) is not None:
+                raise ApiError(403, f"requests from web pages of another origin ({origin[:80]}) are refused by a "
+                               "server without an API key", None, "origin_refused", type="permission_error")
             return
         given = request.headers.get("authorization", "")
         token = given[7:] if given.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
@@ -53,22 +65,30 @@ def create_app(tts, *, model_name: str = "misotts", api_key: str | None = None, 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, err: ApiError):
         metrics.errors.labels(error_kind(err)).inc()
-        log.info("%s %s -> %d %s", _rid(request), request.url.path, err.status, err.message)
+        request.state.note = err.message  # RequestIds writes it in the request's one log line
         return err.response()
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_left(request: Request, err: ClientDisconnect):  # normal life, not an error
+        route = "speech" if request.url.path == "/v1/audio/speech" else "voices"
+        metrics.requests.labels(route, "disconnected").inc()
+        request.state.note = "the client left before its body was read"
+        return Response(status_code=499)  # never sent: nobody is there
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, err: StarletteHTTPException):
         return await api_error(request, ApiError(err.status_code, str(err.detail), code=str(err.status_code),
-                                                 type="invalid_request_error"))
+                                                 type="invalid_request_error", headers=err.headers))  # 405: Allow
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, err: Exception):
         log.exception("%s %s failed", _rid(request), request.url.path)
         return await api_error(request, from_exception(err))
 
+    app.add_middleware(RequestGuard, limits=limits)  # inside RequestIds: a refused request still gets its id and log line
     app.add_middleware(RequestIds)
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
         engine = tts.engine
         state = engine.health() if engine is not None else {"ok": True, "state": "serving", "error": None}
@@ -88,14 +108,14 @@ def create_app(tts, *, model_name: str = "misotts", api_key: str | None = None, 
     async def speech(request: Request):
         authorize(request)
         received = time.perf_counter()
-        try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise bad_request("the body must be JSON", None, "invalid_json")
-        req = parse_speech(body, voices, tts.config)
+        if api_key is None and not _is_json(request.headers.get("content-type", "")):
+            raise ApiError(415, "the body must be sent as Content-Type: application/json", None,
+                           "unsupported_media_type")
+        body = await read_json(request)
+        req = await asyncio.to_thread(parse_speech, body, voices, tts.config, max_context_audio_s)  # decodes audio
         speaker = Speaker(tts, req, turns)
         turn_stats = speaker.stats  # each turn's stream's stats, read from the streams themselves
-        chunks = speak(speaker)
+        chunks = until_expired(speak(speaker), app.state.draining)
         try:  # up to the first chunk a failure is a status code: queue full, engine stopped, bad prompt
             first = await anext(chunks, None)
         except Exception as err:
@@ -152,8 +172,24 @@ class RequestIds:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
-            log.info("%s %s %s -> %d in %.0f ms", rid, scope["method"], scope["path"], status[0],
-                     (time.perf_counter() - start) * 1000)
+            note = scope["state"].get("note")
+            log.info("%s %s %s -> %d in %.0f ms%s", rid, scope["method"], scope["path"], status[0],
+                     (time.perf_counter() - start) * 1000, f": {note}" if note else "")
+
+
+async def read_json(request: Request):
+    """The body as JSON, parsed off the event loop (it may be megabytes); 400 for anything else."""
+    raw = await request.body()
+    try:
+        return await asyncio.to_thread(json.loads, raw)
+    except RecursionError:
+        raise bad_request("the JSON is nested too deeply", None, "invalid_json") from None
+    except ValueError as err:  # not JSON, not UTF-8, an integer over 4,300 digits
+        raise bad_request(f"the body must be JSON ({str(err)[:80]})", None, "invalid_json") from None
+
+
+def _is_json(content_type: str) -> bool:
+    return content_type.split(";")[0].strip().lower() == "application/json"
 
 
 def _rid(request: Request) -> str:
@@ -207,6 +243,9 @@ async def _audio_body(request: Request, chunks, response_format: str, metrics):
         if data := encoder.finish():
             yield data
         metrics.requests.labels("speech", "ok").inc()
+    except asyncio.CancelledError:  # the client left (Starlette cancels the stream): not an error
+        _left(request, metrics)
+        raise
     except Exception as err:
         metrics.errors.labels(error_kind(from_exception(err))).inc()
         log.warning("%s speech stream failed: %s", _rid(request), err)
@@ -233,6 +272,9 @@ async def _sse_body(request: Request, chunks, response_format: str, input_tokens
         usage = {"input_tokens": input_tokens, "output_tokens": frames, "total_tokens": input_tokens + frames}
         yield _event({"type": "speech.audio.done", "usage": usage})
         metrics.requests.labels("speech", "ok").inc()
+    except asyncio.CancelledError:
+        _left(request, metrics)
+        raise
     except Exception as err:
         error = from_exception(err)
         metrics.errors.labels(error_kind(error)).inc()
@@ -240,6 +282,11 @@ async def _sse_body(request: Request, chunks, response_format: str, input_tokens
     finally:
         encoder.close()
         await chunks.aclose()
+
+
+def _left(request: Request, metrics) -> None:
+    metrics.requests.labels("speech", "disconnected").inc()
+    request.state.note = "the client left mid-stream"
 
 
 def _event(payload: dict) -> str:

@@ -18,12 +18,13 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serving(app, start_timeout_s: float = 30.0, log_level: str = "warning"):
-    """Yields the base URL (http://127.0.0.1:PORT); the server stops when the block ends."""
+def serving(app, start_timeout_s: float = 30.0, log_level: str = "warning", settings: dict | None = None):
+    """Yields the base URL (http://127.0.0.1:PORT); the server stops when the block ends.
+    settings: more uvicorn.Config arguments (limits.uvicorn_settings(): as `misotts serve`)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))  # loopback only
-    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5))
+    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5, **(settings or {})))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="misotts-server", daemon=True)
     thread.start()
     deadline = time.monotonic() + start_timeout_s

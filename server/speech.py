@@ -17,8 +17,10 @@ from misotts.runtime.audio import FRAME_MS
 from misotts.runtime.params import GenerationParams, InvalidParam
 from misotts.runtime.prompt import MAX_SPEAKER, Segment, mimi_codes, segment_positions, text_positions
 
-from .audio_formats import FORMATS, decode_audio
+from .audio_formats import FORMATS
+from .audio_input import AudioTooLong, decode_capped
 from .errors import ApiError, bad_request
+from .limits import LIMITS
 from .long_text import fit_history, split_turns
 
 MAX_INPUT_CHARS = 4096  # as OpenAI
@@ -27,6 +29,9 @@ STREAM_FORMATS = ("audio", "sse")
 # OpenAI's voice names, so clients that default to one get a speaker instead of a 400.
 OPENAI_VOICES = ("alloy", "ash", "ballad", "coral", "echo", "fable", "onyx", "nova", "sage", "shimmer", "verse")
 FIRST_CHUNK_FRAMES, CHUNK_FRAMES = 1, 4  # the first audio leaves after one frame (80 ms), then every 320 ms
+# Context audio a request may carry in all: what a 2,048-position window can hold (12.5 frames/s);
+# create_app passes its model's.
+MAX_CONTEXT_AUDIO_S = 2048 / 12.5
 
 
 # The fields that say how to speak, shared by POST /v1/audio/speech and the WebSocket's session.config.
@@ -54,9 +59,10 @@ def check_fields(body: dict, known) -> None:
             raise bad_request(f"unknown field {name!r}", name, "unknown_parameter")
 
 
-def parse_speech(body, voices, config) -> SpeechRequest:
+def parse_speech(body, voices, config, max_context_audio_s: float = MAX_CONTEXT_AUDIO_S) -> SpeechRequest:
     """The JSON body -> a SpeechRequest for a model of `config`; an ApiError (400 / 413) naming
-    the first bad field."""
+    the first bad field.  Blocking (context audio is decoded, voices are read from disk): call it
+    from a thread."""
     if not isinstance(body, dict):
         raise bad_request("the body must be a JSON object", None)
     check_fields(body, {"model", "input", "response_format", "speed", "stream_format", "instructions",
@@ -66,30 +72,32 @@ def parse_speech(body, voices, config) -> SpeechRequest:
     text = body.get("input")
     if not isinstance(text, str) or not text.strip():
         raise bad_request("input is required: a non-empty string", "input")
+    _check_unicode(text, "input")
     if len(text) > MAX_INPUT_CHARS:
         raise ApiError(413, f"input is {len(text)} characters; the limit is {MAX_INPUT_CHARS}", "input",
                        "input_too_long")
     req = SpeechRequest(input=text)
     fmt = body.get("response_format", "mp3")
     if fmt not in FORMATS:
-        raise bad_request(f"response_format must be one of {', '.join(FORMATS)}, got {fmt!r}", "response_format")
+        raise bad_request(f"response_format must be one of {', '.join(FORMATS)}, got {_show(fmt)}", "response_format")
     req.response_format = fmt
     speed = body.get("speed", 1.0)
     if not _is_number(speed) or not 0.25 <= speed <= 4.0:
-        raise bad_request(f"speed must be a number in 0.25..4.0, got {speed!r}", "speed")
+        raise bad_request(f"speed must be a number in 0.25..4.0, got {_show(speed)}", "speed")
     if speed != 1.0:  # a time stretch would smear the codec's artifacts; we say so instead
         raise bad_request("speed other than 1.0 is not supported by this server", "speed", "unsupported_value")
     stream = body.get("stream_format")
     if stream is not None and stream not in STREAM_FORMATS:
-        raise bad_request(f"stream_format must be 'audio' or 'sse', got {stream!r}", "stream_format")
+        raise bad_request(f"stream_format must be 'audio' or 'sse', got {_show(stream)}", "stream_format")
     req.stream_format = stream
     if body.get("instructions") not in (None, ""):
         raise bad_request("instructions are not supported by this model", "instructions", "unsupported_value")
-    parse_voice_settings(body, voices, config, req)
+    parse_voice_settings(body, voices, config, req, max_context_audio_s)
     return req
 
 
-def parse_voice_settings(body: dict, voices, config, req: SpeechRequest) -> None:
+def parse_voice_settings(body: dict, voices, config, req: SpeechRequest,
+                         max_context_audio_s: float = MAX_CONTEXT_AUDIO_S) -> None:
     """The voice, context and generation settings of `body` into `req`: GenerationParams checked
     against the model's config (its bounds, not ours), then the server's own limit on length."""
     _parse_voice(body.get("voice"), voices, req)
@@ -99,17 +107,18 @@ def parse_voice_settings(body: dict, voices, config, req: SpeechRequest) -> None
         raise bad_request(str(err), err.param) from None
     if not FRAME_MS <= req.params.max_audio_ms <= MAX_AUDIO_MS:
         raise bad_request(f"max_audio_ms must be a number in {FRAME_MS}..{MAX_AUDIO_MS}, got "
-                          f"{req.params.max_audio_ms!r}", "max_audio_ms")
-    req.context = req.context + parse_context(body.get("context", []))
+                          f"{_show(req.params.max_audio_ms)}", "max_audio_ms")
+    req.context = req.context + parse_context(body.get("context", []), max_context_audio_s)
 
 
 def _parse_voice(voice, voices, req: SpeechRequest) -> None:
     if voice is None:
         raise bad_request("voice is required: a speaker id, a registered voice or an OpenAI voice name", "voice")
-    if _is_int(voice) or (isinstance(voice, str) and voice.isdigit()):
-        speaker = int(voice)
+    if _is_int(voice) or (isinstance(voice, str) and voice.isascii() and voice.isdigit()):
+        too_long = isinstance(voice, str) and len(voice) > 9  # int() of a 5,000-digit string raises
+        speaker = MAX_SPEAKER + 1 if too_long else int(voice)
         if not 0 <= speaker <= MAX_SPEAKER:
-            raise bad_request(f"voice as a speaker id must be in 0..{MAX_SPEAKER}, got {voice!r}", "voice")
+            raise bad_request(f"voice as a speaker id must be in 0..{MAX_SPEAKER}, got {_show(voice)}", "voice")
         req.params, req.voice = req.params.replace(speaker=speaker), str(speaker)
         return
     if isinstance(voice, dict) and isinstance(voice.get("id"), str):  # OpenAI's {"id": ...} form
@@ -123,15 +132,16 @@ def _parse_voice(voice, voices, req: SpeechRequest) -> None:
     if voice in OPENAI_VOICES:
         req.params, req.voice = req.params.replace(speaker=OPENAI_VOICES.index(voice)), voice
         return
-    raise bad_request(f"unknown voice {voice!r}: give a speaker id, a registered voice (GET /v1/audio/voices) "
+    raise bad_request(f"unknown voice {_show(voice)}: give a speaker id, a registered voice (GET /v1/audio/voices) "
                       f"or one of {', '.join(OPENAI_VOICES)}", "voice")
 
 
-def parse_context(items) -> list[Segment]:
-    """[{"speaker": int, "text": str, "codes": [[32 ints], ...] | "audio": base64 of an audio file}]."""
+def parse_context(items, max_audio_s: float = MAX_CONTEXT_AUDIO_S) -> list[Segment]:
+    """[{"speaker": int, "text": str, "codes": [[32 ints], ...] | "audio": base64 of an audio file}].
+    The turns' audio is decoded up to max_audio_s in all, and refused past it."""
     if not isinstance(items, list):
         raise bad_request("context must be a list of turns", "context")
-    segments = []
+    segments, audio_left_s = [], max_audio_s
     for i, item in enumerate(items):
         param = f"context[{i}]"
         if not isinstance(item, dict):
@@ -141,21 +151,30 @@ def parse_context(items) -> list[Segment]:
             raise bad_request(f"speaker must be an integer in 0..{MAX_SPEAKER}", f"{param}.speaker")
         if not isinstance(text, str):
             raise bad_request("text must be a string", f"{param}.text")
+        _check_unicode(text, f"{param}.text")
         codes, audio = item.get("codes"), item.get("audio")
         if codes is not None and audio is not None:
             raise bad_request("give a turn codes or audio, not both", param)
         if codes is not None:
             try:
-                codes = torch.tensor(codes, dtype=torch.long)
-            except (TypeError, ValueError, RuntimeError):
+                codes = torch.tensor(codes)
+            except (TypeError, ValueError, RuntimeError, OverflowError, RecursionError):
                 raise bad_request("codes must be a list of frames, each a list of integers", f"{param}.codes")
-            if codes.ndim != 2 or codes.shape[0] == 0 or codes.min() < 0 or codes.max() >= 2048:
+            if (codes.dtype != torch.long or codes.ndim != 2 or codes.numel() == 0
+                    or codes.min() < 0 or codes.max() >= 2048):
                 raise bad_request("codes must be [frames][codebooks] integers in 0..2047", f"{param}.codes")
         if audio is not None:
+            if isinstance(audio, str) and len(audio) > (LIMITS.max_audio_bytes + 2) // 3 * 4:
+                raise ApiError(413, f"audio is over {LIMITS.max_audio_bytes} bytes", f"{param}.audio",
+                               "file_too_large")
             try:
-                audio = decode_audio(base64.b64decode(audio, validate=True))
+                audio = decode_capped(base64.b64decode(audio, validate=True), audio_left_s)
+            except AudioTooLong:
+                raise bad_request(f"the context's audio is longer than the context window holds "
+                                  f"({max_audio_s:.0f} s in all)", f"{param}.audio", "audio_too_long") from None
             except (binascii.Error, TypeError, ValueError, OSError) as err:
                 raise bad_request(f"audio must be a base64 audio file FFmpeg can read ({err})", f"{param}.audio")
+            audio_left_s -= audio.numel() / 24_000
         segments.append(Segment(int(speaker), text, audio=audio, codes=codes))
     return segments
 
@@ -165,7 +184,32 @@ def _is_int(x) -> bool:
 
 
 def _is_number(x) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
+    if not isinstance(x, numbers.Real) or isinstance(x, bool):
+        return False
+    try:
+        return math.isfinite(x)
+    except OverflowError:  # an integer too large for a float
+        return False
+
+
+def _check_unicode(text: str, param: str) -> None:
+    """JSON can carry lone surrogates ("\\ud800"), which no tokenizer or UTF-8 encoder takes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise bad_request("the text is not valid Unicode (a lone surrogate)", param) from None
+
+
+def _show(x, limit: int = 60) -> str:
+    """A client's value for an error message: short, and safe for any JSON value (a
+    5,000-digit integer has no repr; a deep list's would recurse)."""
+    if isinstance(x, (list, dict)):
+        return f"a JSON {'array' if isinstance(x, list) else 'object'}"
+    try:
+        text = repr(x[:limit + 1] if isinstance(x, str) else x)
+    except ValueError:
+        return "an integer too long to show"
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 # ---- generation -------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import asyncio
 import torch
 from fastapi import FastAPI, Request
 
-from .audio_formats import decode_audio
+from .audio_input import AudioTooLong, decode_capped
 from .errors import ApiError, bad_request
 from .voices import NAME, VoiceExists
 
@@ -23,7 +23,7 @@ def add_voice_routes(app: FastAPI, tts, voices, authorize) -> None:
         authorize(request)
         form = await request.form(max_part_size=MAX_UPLOAD_BYTES)
         name, transcript, upload = form.get("name"), form.get("transcript"), form.get("file")
-        if not isinstance(name, str) or not NAME.match(name):
+        if not isinstance(name, str) or not NAME.fullmatch(name):
             raise bad_request("name must be 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit",
                               "name")
         if name.isdigit():
@@ -31,7 +31,8 @@ def add_voice_routes(app: FastAPI, tts, voices, authorize) -> None:
         if not isinstance(transcript, str) or not transcript.strip():
             raise bad_request("transcript is required: the words spoken in the file", "transcript")
         speaker = form.get("speaker", "0")
-        if not isinstance(speaker, str) or not speaker.isdigit() or int(speaker) > 65535:
+        if not isinstance(speaker, str) or not (speaker.isascii() and speaker.isdigit() and len(speaker) <= 5) \
+                or int(speaker) > 65535:
             raise bad_request("speaker must be an integer id in 0..65535", "speaker")
         if upload is None or isinstance(upload, str):
             raise bad_request("file is required: an audio file (WAV, MP3, FLAC, ...)", "file")
@@ -40,13 +41,16 @@ def add_voice_routes(app: FastAPI, tts, voices, authorize) -> None:
             raise ApiError(413, f"the file is over {MAX_UPLOAD_BYTES >> 20} MB", "file", "file_too_large")
         if voices.get(name) is not None:
             raise _exists(name)
-        try:
-            samples = await asyncio.to_thread(decode_audio, data)
+        try:  # decoding stops at the longest clip a voice may be
+            samples = await asyncio.to_thread(decode_capped, data, max_frames / 12.5)
+            seconds = samples.numel() / 24_000
+        except AudioTooLong:
+            seconds = float("inf")
         except Exception as err:  # noqa: BLE001 -- whatever FFmpeg says about a file it cannot read
             raise bad_request(f"could not read the audio file: {err}", "file", "invalid_audio")
-        seconds = samples.numel() / 24_000
         if seconds < MIN_VOICE_S or seconds * 12.5 > max_frames:
-            raise bad_request(f"the clip is {seconds:.1f} s; a voice takes {MIN_VOICE_S}..{max_frames / 12.5:.0f} s",
+            shown = f"over {max_frames / 12.5:.0f}" if seconds == float("inf") else f"{seconds:.1f}"
+            raise bad_request(f"the clip is {shown} s; a voice takes {MIN_VOICE_S}..{max_frames / 12.5:.0f} s",
                               "file", "invalid_audio")
         codes = await asyncio.to_thread(encode_clip, tts, samples)
         try:

@@ -3,6 +3,7 @@ transcript.  A request with the voice gets it as the first context turn, so the 
 cache holds its KV after the first use."""
 from __future__ import annotations
 
+import logging
 import os
 import re
 import tempfile
@@ -17,7 +18,8 @@ from safetensors.torch import save_file
 
 from misotts.runtime.prompt import Segment
 
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+log = logging.getLogger("misotts.server")
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # always fullmatch: "$" lets a trailing newline by
 
 
 @dataclass
@@ -57,12 +59,13 @@ class VoiceStore:
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._cache: dict[str, tuple[tuple, Voice]] = {}  # name -> (the file's identity, its voice)
+        self._unreadable: dict[str, tuple] = {}  # name -> the identity of a file already logged as unreadable
 
     def list(self) -> list[Voice]:
         return [v for p in sorted(self.root.glob("*.safetensors")) if (v := self.get(p.stem)) is not None]
 
     def get(self, name: str) -> Voice | None:
-        if not NAME.match(name):
+        if not NAME.fullmatch(name):
             return None
         path = self._path(name)
         with self._lock:
@@ -76,12 +79,20 @@ class VoiceStore:
             except FileNotFoundError:  # never registered, or deleted (here or by another process)
                 self._cache.pop(name, None)
                 return None
+            except Exception as err:  # noqa: BLE001 -- unreadable or not a voice: absent, for everyone alike
+                self._cache.pop(name, None)
+                if self._unreadable.get(name) == identity:  # said once per file, not on every request
+                    return None
+                self._unreadable[name] = identity
+                log.warning("voice %r: skipping %s, which cannot be read as a voice (%s: %s)", name, path,
+                            type(err).__name__, err)
+                return None
             self._cache[name] = (identity, voice)
             return voice
 
     def add(self, name: str, speaker: int, transcript: str, codes: torch.Tensor) -> Voice:
         """Raises VoiceExists when the name is taken."""
-        if not NAME.match(name):
+        if not NAME.fullmatch(name):
             raise ValueError(f"bad voice name {name!r}")
         voice = Voice(name, speaker, transcript, int(codes.shape[0]), time.time(), codes.long().contiguous())
         meta = {"name": name, "speaker": str(speaker), "transcript": transcript, "created": repr(voice.created)}
@@ -99,7 +110,7 @@ class VoiceStore:
     def delete(self, name: str) -> bool:
         with self._lock:
             self._cache.pop(name, None)
-            if not NAME.match(name):
+            if not NAME.fullmatch(name):
                 return False
             try:
                 self._path(name).unlink()
@@ -114,5 +125,7 @@ class VoiceStore:
 def _read(path: Path) -> Voice:
     with safe_open(path, "pt") as f:
         meta, codes = f.metadata() or {}, f.get_tensor("codes")
+    if codes.ndim != 2 or codes.dtype != torch.long or codes.numel() == 0:
+        raise ValueError(f"its codes are {codes.dtype} {tuple(codes.shape)}, not [frames, codebooks] integers")
     return Voice(meta["name"], int(meta["speaker"]), meta["transcript"], int(codes.shape[0]),
                  float(meta["created"]), codes)

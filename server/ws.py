@@ -27,7 +27,9 @@ from fastapi import FastAPI, WebSocket, WebSocketDisconnect
 
 from .audio_formats import pcm16
 from .errors import ApiError, bad_request, error_kind, from_exception
+from .limits import LIMITS
 from .long_text import split_complete
+from .shutdown import shutting_down
 from .speech import VOICE_FIELDS, Speaker, SpeechRequest, check_fields, parse_voice_settings
 
 log = logging.getLogger("misotts.server")
@@ -56,18 +58,24 @@ class Session:
         self.pending = ""  # text received, not yet a whole sentence
         self.queue: asyncio.Queue = asyncio.Queue()  # sentences to speak, then None after text.done
         self.frames = self.index = self.chars = 0
+        self.received = 0  # characters of text.delta taken, against the session's budget
         self.current: asyncio.Task | None = None  # the sentence being spoken
 
     async def run(self) -> None:
-        talker = asyncio.create_task(self.talk())
+        talker, close_code = asyncio.create_task(self.talk()), 1000
+        draining = getattr(self.ws.app.state, "draining", None)
+        expired = asyncio.create_task(draining.expired().wait()) if draining is not None else asyncio.Future()
         try:
             while not talker.done():
                 receive = asyncio.create_task(self.ws.receive())
-                done, _ = await asyncio.wait({receive, talker}, timeout=IDLE_TIMEOUT_S,
+                done, _ = await asyncio.wait({receive, talker, expired}, timeout=IDLE_TIMEOUT_S,
                                              return_when=asyncio.FIRST_COMPLETED)
                 if receive not in done:
                     receive.cancel()
-                    if not done:  # idle: nothing said, nothing to say
+                    if expired in done:  # the server's shutdown grace is over
+                        await self.send_error(shutting_down())
+                        close_code = 1012  # "service restart": reconnect elsewhere
+                    elif not done:  # idle: nothing said, nothing to say
                         await self.send_error(ApiError(408, "the session was idle too long", code="idle_timeout"))
                     break
                 message = receive.result()
@@ -83,24 +91,26 @@ class Session:
         except Exception as err:  # noqa: BLE001 -- whatever it was, the client hears of it
             await self.send_error(from_exception(err))
         finally:
+            expired.cancel()
             talker.cancel()  # a generation in flight is cancelled: its blocks are freed
             await asyncio.gather(talker, return_exceptions=True)
             try:
-                await self.ws.close()
-            except RuntimeError:  # already closed
+                await self.ws.close(code=close_code)
+            except (RuntimeError, WebSocketDisconnect):  # already closed, or the client has gone
                 pass
 
     async def handle(self, raw: str) -> None:
         try:
             message = json.loads(raw)
             kind = message.get("type") if isinstance(message, dict) else None
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # not JSON, nested too deeply, an integer over 4,300 digits
             kind = None
         if kind == "session.config":
             if self.speaker is not None:
                 return await self.send_error(bad_request("session.config must come before any text", "type"))
-            try:
-                self.configure({k: v for k, v in message.items() if k != "type"})
+            try:  # off the event loop: the context's audio is decoded, voices are read from disk
+                config = {k: v for k, v in message.items() if k != "type"}
+                self.configure(await asyncio.to_thread(self.parse_config, config))
             except ApiError as err:
                 return await self.send_error(err)
         elif kind == "text.delta":
@@ -108,7 +118,12 @@ class Session:
             if not isinstance(text, str):
                 return await self.send_error(bad_request("text.delta needs a string text", "text"))
             if self.speaker is None:
-                self.configure({})
+                self.configure(self.parse_config({}))
+            budget = getattr(self.ws.app.state, "limits", LIMITS).ws_max_session_chars
+            if self.received + len(text) > budget:
+                return await self.send_error(ApiError(413, f"the session's text is over {budget} "
+                                                           "characters: start another", "text", "session_too_long"))
+            self.received += len(text)
             self.pending += text
             if len(self.pending) > MAX_PENDING_CHARS:
                 self.pending = ""
@@ -119,7 +134,7 @@ class Session:
                 self.queue.put_nowait(sentence)
         elif kind == "text.done":
             if self.speaker is None:
-                self.configure({})
+                self.configure(self.parse_config({}))
             if self.pending.strip():
                 self.queue.put_nowait(self.pending.strip())
             self.pending = ""
@@ -134,12 +149,17 @@ class Session:
         else:
             await self.send_error(bad_request("type must be session.config, text.delta, text.done or cancel", "type"))
 
-    def configure(self, config: dict) -> None:
+    def parse_config(self, config: dict) -> SpeechRequest:
+        """Blocking (context audio is decoded, voices are read): called from a thread."""
         check_fields(config, {"model", "response_format", *VOICE_FIELDS})
         if config.get("response_format", "pcm") != "pcm":
             raise bad_request("the WebSocket sends pcm (16-bit little-endian 24 kHz mono) only", "response_format")
         req = SpeechRequest(input="", response_format="pcm")
-        parse_voice_settings({"voice": "0", **config}, self.voices, self.tts.config, req)
+        parse_voice_settings({"voice": "0", **config}, self.voices, self.tts.config, req,
+                             self.tts.config.max_seq_len * 0.08)
+        return req
+
+    def configure(self, req: SpeechRequest) -> None:
         self.speaker = Speaker(self.tts, req, self.turns)
         self.queue.put_nowait({"type": "session.ready", "voice": req.voice, "sample_rate": 24_000, "format": "pcm"})
 

@@ -49,6 +49,15 @@ def no_loading(monkeypatch):
     (["speak", "hi", "--text-file", "nope.txt"], r"give the text .*one of them"),
     (["speak", "--text-file", "nope.txt"], r"--text-file nope\.txt: no such file"),
     (["info", "--model", "csm1b"], r"Did you mean 'csm-1b'"),
+    (["speak", "hi", "--seed", "-5"], r"--seed must be in 0\.\.2\*\*63-1, got -5"),
+    (["speak", "hi", "-o", "nodir/x.wav"], r"-o nodir/x\.wav: the folder nodir does not exist"),
+    (["serve", "--port", "70000"], r"--port must be in 1\.\.65535, got 70000"),
+    (["serve", "--api-key", ""], r"--api-key: the API key is empty"),
+    (["serve", "--api-key", "clé"], r"--api-key: the API key must be printable ASCII"),
+    (["serve", "--shutdown-grace", "-1"], r"--shutdown-grace must be >= 0"),
+    (["serve", "--max-batch", "0"], r"--max-batch must be >= 1"),
+    (["convert", "tiny", "out"], r"'tiny' is a preset with random weights only: there is no checkpoint to convert"),
+    (["convert", "nothere", "out"], r"nothere: no such checkpoint folder"),
 ])
 def test_bad_arguments_fail_before_loading_with_exit_2(argv, message, no_loading, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -151,3 +160,61 @@ def test_moshi_missing_is_one_line(tmp_path):
     assert run.returncode == 2
     assert run.stderr.strip().count("\n") == 0, run.stderr
     assert "pip install --no-deps moshi==0.2.13" in run.stderr
+
+
+def test_serve_finds_a_port_in_use_before_loading(no_loading, capsys, tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--port", str(port), "--device", "cpu", "--voices-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--port {port}: cannot listen on 127.0.0.1:{port}" in err, err
+
+
+def test_missing_extras_are_named_with_the_pip_command(no_loading, capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "uvicorn" else real(name, *a))
+    assert main(["serve"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and 'serve needs uvicorn' in err and 'pip install "misotts[server]"' in err, err
+
+    def needs_transformers(args):
+        raise ModuleNotFoundError("No module named 'transformers'", name="transformers")
+
+    monkeypatch.setattr(cli, "cmd_info", needs_transformers)
+    assert main(["info"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install \"transformers>=5.0\"" in err, err
+
+
+def test_offline_hub_lookups_fail_at_once_with_the_fix(monkeypatch, no_loading, capsys):
+    import huggingface_hub
+
+    from misotts.weights.load import download
+
+    def never(*args, **kwargs):
+        raise AssertionError("the hub was asked (and retried) although it cannot be reached")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", never)
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: None)  # nothing cached
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # discard port: nothing listens
+    with pytest.raises(FileNotFoundError, match=r"cannot be reached.*hf download someone/model --local-dir DIR"):
+        download("someone/model")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match=r"HF_HUB_OFFLINE is set"):
+        download("someone/model")
+    # a preset's shape needs no hub: info works offline
+    assert main(["info", "--model", "csm-1b", "--device", "cpu", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["parameters"] == PRESETS["csm-1b"].num_parameters()
+
+
+def test_load_takes_dtype_names():
+    tts = misotts.load("tiny", device="cpu", dtype="fp32", progress=False, backend="reference")
+    assert tts.model.text_embeddings.weight.dtype == torch.float32
+    with pytest.raises(ValueError, match="dtype 'half8': expected a torch dtype or one of bf16"):
+        misotts.load("tiny", device="cpu", dtype="half8")

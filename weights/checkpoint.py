@@ -17,7 +17,7 @@ from safetensors import SafetensorError, safe_open
 from misotts.runtime.config import ModelConfig
 
 from .formats import (INDEX_FILE, NAME_MAPS, TORCH_FILE, detect_format, interleaved_to_halves, read_config,
-                      rope_heads, weight_file)
+                      read_config_json, rope_heads, weight_file)
 
 
 class SafetensorsFile:
@@ -129,6 +129,7 @@ class Checkpoint:
         self.format = detect_format(self.dir)
         self.names = NAME_MAPS[self.format]
         self.config: ModelConfig = read_config(self.dir, self.format)
+        self.quantization = read_quantization(self.dir, self.format, self.config)
         files = open_weight_files(self.dir)
         self.sources: dict[str, tuple[str, SafetensorsFile | TorchFile]] = {}  # ours -> (file's name, file)
         self.unknown: list[str] = []  # the file's names that mean nothing to us
@@ -148,8 +149,10 @@ class Checkpoint:
         name, f = self.sources[ours]
         return f"{name!r} in {f.path.name}"
 
-    def check(self, expected: dict[str, tuple[int, ...]]) -> None:
-        """Raise if the tensors are not exactly `expected` (our name -> shape)."""
+    def check(self, expected: dict[str, tuple[int, ...]], stored: dict[str, torch.dtype] | None = None) -> None:
+        """Raise if the tensors are not exactly `expected` (our name -> shape).  stored: the
+        quantised tensors' exact dtypes (a quantised checkpoint); every other tensor is a float."""
+        stored = stored or {}
         where = f"{self.dir} ({self.format} format, config {self.config.name!r})"
         missing = [self.names.from_canonical(n) for n in expected if n not in self.sources]
         if missing:
@@ -163,9 +166,14 @@ class Checkpoint:
             raise ValueError(f"{where}: {len(wrong)} tensor(s) do not fit the config: {_few(wrong, sep='; ')}")
         # Every weight is a float: integers would be cast to nonsense without a word.
         not_float = [f"{self._where(n)} is {self._file(n).dtype_name(self.sources[n][0])}" for n in expected
-                     if not self._file(n).is_float(self.sources[n][0])]
+                     if n not in stored and not self._file(n).is_float(self.sources[n][0])]
         if not_float:
             raise ValueError(f"{where}: {len(not_float)} tensor(s) are not floating point: {_few(not_float, sep='; ')}")
+        wrong = [f"{self._where(n)} is {self._file(n).dtype_name(self.sources[n][0])}, expected {want}"
+                 for n, want in stored.items() if self._file(n).dtype_name(self.sources[n][0]) not in _names(want)]
+        if wrong:
+            raise ValueError(f"{where}: {len(wrong)} quantised tensor(s) have the wrong dtype for "
+                             f"{self.quantization.weights if self.quantization else 'the scheme'}: {_few(wrong, sep='; ')}")
 
     def _file(self, ours: str):
         return self.sources[ours][1]
@@ -180,6 +188,24 @@ class Checkpoint:
         t = f.read(name)
         heads = rope_heads(ours, self.config) if self.format == "sesame" else None
         return t if heads is None else interleaved_to_halves(t, heads)
+
+
+def read_quantization(path: Path, fmt: str, config: ModelConfig):
+    """The QuantConfig named by a quantised checkpoint's config.json (ours only), else None."""
+    from .quantize import QuantConfig
+
+    d = read_config_json(path) if fmt == "misotts" else None
+    if not d or d.get("quantization") is None:
+        return None
+    return QuantConfig.from_dict(d["quantization"], str(path / "config.json"))
+
+
+# A dtype as safetensors names it, and as torch does (ckpt.pt).
+_SAFETENSORS_DTYPES = {torch.int8: "I8", torch.uint8: "U8", torch.float8_e4m3fn: "F8_E4M3", torch.float32: "F32"}
+
+
+def _names(dtype: torch.dtype) -> tuple[str, str]:
+    return _SAFETENSORS_DTYPES.get(dtype, ""), str(dtype).removeprefix("torch.")
 
 
 def _few(items: list[str], n: int = 8, sep: str = ", ") -> str:

@@ -16,7 +16,8 @@ from tqdm.auto import tqdm
 
 from .checkpoint import Checkpoint
 from .formats import INDEX_FILE, SINGLE_FILE
-from .load import expected_shapes, resolve_source
+from .load import expected_shapes, quantized_dtypes, resolve_source, stored_quantization
+from .quantize import QuantConfig, check_scheme, quantize_state
 
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
@@ -36,13 +37,16 @@ def parse_size(size: int | str) -> int:
 
 
 def convert(src: str | Path, dst: str | Path, shard_size: int | str = "2GB", progress: bool = True,
-            overwrite: bool = False, dtype: torch.dtype | None = None) -> Path:
+            overwrite: bool = False, dtype: torch.dtype | None = None, weights: str | None = None) -> Path:
     """Write the checkpoint `src` (directory or hub id, any format we read) to `dst` in ours.
 
     One model.safetensors if it fits in shard_size, else model-0000i-of-0000N.safetensors and
     model.safetensors.index.json; config.json; tokenizer.json copied when src has one.  dtype
-    casts every tensor (None keeps the file's).  Returns dst.
+    casts every float tensor (None keeps the file's).  weights: "int8", "fp8" or "int4" stores
+    the linears quantised (codes + "<name>_scale", the scheme in config.json's "quantization"),
+    so that the checkpoint loads without quantising again.  Returns dst.
     """
+    check_scheme(weights)
     src_dir, dst = resolve_source(src), Path(dst)
     limit = parse_size(shard_size)
     if dst.exists() and dst.resolve() == src_dir.resolve():
@@ -52,8 +56,10 @@ def convert(src: str | Path, dst: str | Path, shard_size: int | str = "2GB", pro
     if dst.is_dir() and any(dst.iterdir()) and not overwrite:
         raise FileExistsError(f"{dst} is not empty: pass --overwrite (overwrite=True) to write into it")
     ckpt = Checkpoint(src_dir)
-    expected = expected_shapes(ckpt.config)
-    ckpt.check(expected)
+    qc = stored_quantization(ckpt, weights) or (QuantConfig.make(weights, ckpt.config) if weights else None)
+    expected = expected_shapes(ckpt.config, qc if ckpt.quantization else None)
+    stored = quantized_dtypes(ckpt.config, qc) if ckpt.quantization else {}
+    ckpt.check(expected, stored)
     dst.mkdir(parents=True, exist_ok=True)
     # A previous conversion's weights would mix with ours (the index is read before model.safetensors).
     for stale in [dst / SINGLE_FILE, dst / INDEX_FILE, *dst.glob("model-*.safetensors*")]:
@@ -72,13 +78,19 @@ def convert(src: str | Path, dst: str | Path, shard_size: int | str = "2GB", pro
     for name in tqdm(expected, desc=f"converting {src_dir.name}", unit="tensor",
                      disable=None if progress else True):  # None: shown on a terminal only
         t = ckpt.read(name)
-        t = (t if dtype is None else t.to(dtype)).contiguous()
-        if shard and shard_bytes + t.nbytes > limit:
-            flush()
-            shard_bytes = 0
-        shard[name] = t
-        shard_bytes += t.nbytes
-        total += t.nbytes
+        if name in stored:  # codes and scales of a quantised source, as they are
+            tensors = {name: t}
+        else:
+            t = t if dtype is None else t.to(dtype)
+            tensors = quantize_state(name, t, qc) if qc is not None else {name: t}
+        for out_name, t in tensors.items():
+            t = t.contiguous()
+            if shard and shard_bytes + t.nbytes > limit:
+                flush()
+                shard_bytes = 0
+            shard[out_name] = t
+            shard_bytes += t.nbytes
+            total += t.nbytes
     flush()
 
     n = len(written)
@@ -90,7 +102,8 @@ def convert(src: str | Path, dst: str | Path, shard_size: int | str = "2GB", pro
     if n > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (dst / INDEX_FILE).write_text(json.dumps(index, indent=2))
-    (dst / "config.json").write_text(json.dumps(ckpt.config.to_dict(), indent=2))
+    config = ckpt.config.to_dict() | ({"quantization": qc.to_dict()} if qc else {})
+    (dst / "config.json").write_text(json.dumps(config, indent=2))
     if (src_dir / "tokenizer.json").is_file():
         shutil.copyfile(src_dir / "tokenizer.json", dst / "tokenizer.json")
     return dst

@@ -6,7 +6,6 @@ to its target dtype and device, so an 8B model never exists in fp32 (or twice) o
 from __future__ import annotations
 
 import difflib
-import math
 from pathlib import Path
 
 import torch
@@ -16,9 +15,10 @@ from misotts.runtime.config import PRESETS, ModelConfig
 from misotts.runtime.hub import HUB_ID
 from misotts.runtime.model import CSMModel
 
-from .checkpoint import Checkpoint
-from .formats import weight_file
-from .memory import check_fits
+from .checkpoint import Checkpoint, read_quantization
+from .formats import detect_format, weight_file
+from .memory import check_fits, weight_bytes
+from .quantize import QuantConfig, QuantLinear, check_scheme, quantize_modules, quantize_state
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -47,9 +47,15 @@ def not_found_message(name: str) -> str:
 
 
 def download(repo_id: str) -> Path:
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download, try_to_load_from_cache
     from huggingface_hub.errors import HFValidationError
 
+    from misotts.runtime.hub import check_reachable
+
+    if not isinstance(try_to_load_from_cache(repo_id, "config.json"), str):  # not cached: the hub is needed
+        check_reachable(f"{repo_id!r} is not a local directory nor in the hub cache",
+                        f"Pass a local checkpoint directory instead (--model DIR / source=DIR), downloaded where "
+                        f"the hub is reachable, e.g. `hf download {repo_id} --local-dir DIR`")
     try:
         path = Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors"]))
         if weight_file(path) is None:  # Sesame's first release: ckpt.pt only
@@ -64,35 +70,78 @@ def download(repo_id: str) -> Path:
     return path
 
 
-def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Our name -> shape of every tensor a model with this config holds (nothing allocated)."""
+def expected_shapes(config: ModelConfig, qc: QuantConfig | None = None) -> dict[str, tuple[int, ...]]:
+    """Our name -> shape of every tensor a model with this config holds (nothing allocated);
+    with `qc`, its quantised linears' codes and scales instead of their float weights."""
+    return {name: tuple(t.shape) for name, t in meta_model(config, qc).state_dict().items()}
+
+
+def quantized_dtypes(config: ModelConfig, qc: QuantConfig) -> dict[str, torch.dtype]:
+    """Our name -> dtype of every tensor that `qc` stores quantised (codes and their scales)."""
+    model = meta_model(config, qc)
+    return {f"{name}.{buffer}": t.dtype for name, m in model.named_modules() if isinstance(m, QuantLinear)
+            for buffer, t in m.named_buffers()}
+
+
+def meta_model(config: ModelConfig, qc: QuantConfig | None = None) -> CSMModel:
+    """The model's modules with no storage (meta device), its linears swapped as `qc` says."""
     with torch.device("meta"):
-        return {name: tuple(t.shape) for name, t in CSMModel(config).state_dict().items()}
+        model = CSMModel(config)
+    return quantize_modules(model, qc) if qc else model
 
 
 def load_model(source: str | Path, device="cpu", dtype: torch.dtype | None = None,
-               progress: bool = True) -> tuple[CSMModel, ModelConfig, Path | None]:
+               progress: bool = True, weights: str | None = None) -> tuple[CSMModel, ModelConfig, Path | None]:
     """Load a checkpoint in any format we read (ours, transformers CSM, Sesame's original).
 
     source: a checkpoint directory or a hub repo id ("sesame/csm-1b").  dtype: default float32
-    on the CPU, bfloat16 on CUDA.  Returns (model in eval mode, its config, the folder the
-    weights came from, where tokenizer.json is looked up).
+    on the CPU, bfloat16 on CUDA.  weights: "int8", "fp8" or "int4" quantises the linears as
+    they load (weights/quantize.py; one tensor at a time); a quantised checkpoint loads as it is
+    stored.  Returns (model in eval mode, its config, the folder the weights came from, where
+    tokenizer.json is looked up).
     """
+    check_scheme(weights)
     checkpoint_dir = resolve_source(source)
     ckpt = Checkpoint(checkpoint_dir)
     device = torch.device(device)
     dtype = dtype or default_dtype(device)
-    expected = expected_shapes(ckpt.config)
-    ckpt.check(expected)
-    check_fits(ckpt.config, dtype, device)
-    with torch.device("meta"):
-        model = CSMModel(ckpt.config)
+    qc = stored_quantization(ckpt, weights) or (QuantConfig.make(weights, ckpt.config) if weights else None)
+    expected = expected_shapes(ckpt.config, qc if ckpt.quantization else None)
+    stored = quantized_dtypes(ckpt.config, qc) if ckpt.quantization else {}
+    ckpt.check(expected, stored)
+    check_fits(ckpt.config, dtype, device, qc)
+    model = meta_model(ckpt.config, qc)
     state = {}
-    total = sum(math.prod(s) for s in expected.values()) * dtype.itemsize
-    with tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {checkpoint_dir.name}",
-              disable=None if progress else True) as bar:  # None: shown on a terminal only
-        for name, shape in expected.items():
-            state[name] = ckpt.read(name).to(device=device, dtype=dtype)
-            bar.update(math.prod(shape) * dtype.itemsize)
+    with tqdm(total=weight_bytes(ckpt.config, dtype, qc), unit="B", unit_scale=True,
+              desc=f"loading {checkpoint_dir.name}", disable=None if progress else True) as bar:  # None: a terminal only
+        for name in expected:
+            t = ckpt.read(name)
+            if name in stored:  # a quantised checkpoint's codes and fp32 scales, as they are
+                tensors = {name: t.to(device)}
+            elif qc is not None and qc.scheme_for(name):  # fp32 math on one tensor, on the device
+                tensors = quantize_state(name, t.to(device), qc)
+            else:
+                tensors = {name: t.to(device=device, dtype=dtype)}
+            state.update(tensors)
+            bar.update(sum(v.nbytes for v in tensors.values()))
     model.load_state_dict(state, assign=True)
     return model.eval().requires_grad_(False), ckpt.config, checkpoint_dir
+
+
+def stored_scheme(source) -> str | None:
+    """The scheme a local quantised checkpoint folder is stored in (None: not one, or not local)."""
+    path = Path(str(source)).expanduser()
+    if not path.is_dir():
+        return None
+    fmt = detect_format(path)
+    qc = read_quantization(path, fmt, None)
+    return qc.weights if qc else None
+
+
+def stored_quantization(ckpt: Checkpoint, weights: str | None) -> QuantConfig | None:
+    """A quantised checkpoint's QuantConfig; refused when another scheme is asked for."""
+    stored = ckpt.quantization
+    if stored is not None and weights is not None and weights != stored.weights:
+        raise ValueError(f"{ckpt.dir} is stored quantised as {stored.weights}: it loads as {stored.weights} only "
+                         f"(--weights {stored.weights}, or none); for {weights}, convert the original checkpoint")
+    return stored

@@ -11,8 +11,26 @@ from misotts.runtime.config import ModelConfig
 GIB = 2**30
 
 
-def weight_bytes(config: ModelConfig, dtype: torch.dtype) -> int:
-    return config.num_parameters() * dtype.itemsize
+def weight_bytes(config: ModelConfig, dtype: torch.dtype, qc=None) -> int:
+    """The weights' bytes in `dtype`; with a QuantConfig `qc`, its linears' codes and fp32 scales."""
+    if qc is None:
+        return config.num_parameters() * dtype.itemsize
+    from .quantize import quantized_bytes
+
+    # From the config alone (nothing built, not even on the meta device).
+    quantized, params = 0, 0
+    for t, scheme in ((config.backbone, qc.backbone), (config.decoder, qc.decoder)):
+        for m, k in layer_linear_shapes(t):
+            quantized += t.n_layers * quantized_bytes(scheme, m, k, qc.group_size)
+            params += t.n_layers * m * k
+    return (config.num_parameters() - params) * dtype.itemsize + quantized
+
+
+def layer_linear_shapes(t) -> list[tuple[int, int]]:
+    """[out, in] of one layer's linears: wq, wk, wv, wo, w_gate, w_up, w_down."""
+    q, kv = t.n_heads * t.head_dim, t.n_kv_heads * t.head_dim
+    return [(q, t.dim), (kv, t.dim), (kv, t.dim), (t.dim, q), (t.ffn_dim, t.dim), (t.ffn_dim, t.dim),
+            (t.dim, t.ffn_dim)]
 
 
 def available_bytes(device: torch.device) -> int | None:
@@ -33,18 +51,37 @@ def available_bytes(device: torch.device) -> int | None:
         return None
 
 
-def check_fits(config: ModelConfig, dtype: torch.dtype, device: torch.device) -> None:
-    """ValueError if the weights alone need more memory than `device` has free."""
-    need, have = weight_bytes(config, dtype), available_bytes(device)
+def check_fits(config: ModelConfig, dtype: torch.dtype, device: torch.device, qc=None) -> None:
+    """ValueError if the weights alone need more memory than `device` has free (with `qc`: as
+    quantised); the advice names what would fit, quantised weights included."""
+    need, have = weight_bytes(config, dtype, qc), available_bytes(device)
     if have is None or need <= have:
         return
     dtype_name = str(dtype).removeprefix("torch.")
     advice = []
     if dtype.itemsize > 2:
         advice.append(f"a 2-byte dtype halves it (--dtype bf16 / dtype=torch.bfloat16: "
-                      f"{need // dtype.itemsize * 2 / GIB:.1f} GiB)")
+                      f"{weight_bytes(config, torch.bfloat16, qc) / GIB:.1f} GiB)")
+    if qc is None or qc.weights != "int4":
+        advice += quantized_advice(config, dtype, device, have, after=qc.weights if qc else None)
     if device.type == "cpu" and torch.cuda.is_available():
         advice.append("a GPU may have room (--device cuda / device='cuda')")
     advice.append("or pick a smaller model (--model / source=)")
-    raise ValueError(f"{config.name} needs {need / GIB:.1f} GiB for its weights in {dtype_name} but {device} has "
-                     f"{have / GIB:.1f} GiB free: " + "; ".join(advice))
+    weights = f" with {qc.weights} weights" if qc else ""
+    raise ValueError(f"{config.name} needs {need / GIB:.1f} GiB for its weights in {dtype_name}{weights} but {device} "
+                     f"has {have / GIB:.1f} GiB free: " + "; ".join(advice))
+
+
+def quantized_advice(config: ModelConfig, dtype: torch.dtype, device: torch.device, have: int,
+                     after: str | None) -> list[str]:
+    """The smallest quantised form the device runs that would fit, as advice (or nothing)."""
+    from .quantize import QuantConfig
+
+    # The CPU runs int8 only; a GPU int8 (or fp8: the same bytes) or int4 (smaller).
+    schemes = ["int8"] if device.type == "cpu" else ["int8", "int4"]
+    schemes = schemes[schemes.index(after) + 1:] if after in schemes else schemes
+    for scheme in schemes:
+        size = weight_bytes(config, dtype, QuantConfig.make(scheme, config))
+        if size <= have:
+            return [f"quantised weights fit (--weights {scheme} / weights={scheme!r}: {size / GIB:.1f} GiB)"]
+    return []

@@ -2,6 +2,8 @@
 import argparse
 import json
 
+import pytest
+
 from misotts.bench.cli import add_parser
 
 
@@ -22,3 +24,19 @@ def test_bench_subcommand_smoke(tmp_path, capsys):
         assert set(r["throughput"]) == {"1", "2"}
     assert "| reference |" in (tmp_path / "results.md").read_text()
     assert "| reference |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flag, compile", [([], None), (["--no-compile"], False)])
+def test_no_compile_reaches_the_engine(tmp_path, monkeypatch, flag, compile):
+    """--no-compile (the GPU suite's CPU rehearsal) builds the engine without its Inductor-compiled
+    depth step; without it the engine picks its default (compiled on the CPU)."""
+    import misotts.bench.run as run
+
+    runs, built = [], []
+    monkeypatch.setattr(run, "run_model", lambda *args: runs.append(args[-1]) or {"errors": {}})
+    assert run.main(["--models", "tiny", "--systems", "engine", "--device", "cpu", "--out", str(tmp_path),
+                     "--no-report", *flag]) == 0
+    assert runs == [compile]
+    monkeypatch.setattr(run, "EngineSystem", lambda tts, batch, positions, compile=None: built.append(compile))
+    run.make_system("engine", None, run.Plan(), 64, runs[0])
+    assert built == [compile]

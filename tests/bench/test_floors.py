@@ -15,10 +15,12 @@ CFG = ModelConfig(
 # By hand:
 #   backbone layer: q 8*8 + k 8*4 + v 8*4 + o 8*8 = 192, mlp 3*8*16 = 384, norms 2*8 = 16; final norm 8 -> 600
 #   decoder layer: q,k,v,o 4*4 each = 64, mlp 3*4*8 = 96, norms 8; final norm 4 -> 172
-#   depth weights: codebook0 head 5*8 = 40, then 2 steps of (decoder 172 + projection 8*4 + head slice 4*5) -> 488
-#   depth per stream: 2 embedding rows of 8 = 16; decoder KV over 2 + 3 = 5 positions: 2*1*4*5 = 40 -> 56
+#   depth weights: codebook0 head 5*8 = 40, projection 8*4 = 32, then 3 decoder passes (positions 0, 1, 2:
+#   3 * 172 = 516) and 2 head slices 4*5 -> 628
+#   depth per stream: 2 depth inputs (projected embedding rows) of 4 = 8; decoder KV over 1 + 2 + 3 = 6
+#   positions: 2*1*4*6 = 48 -> 56
 #   backbone per stream at 10 cached positions: 3 embedding rows of 8 = 24, KV 2*1*4*10 = 80 -> 104
-BACKBONE, DECODER, DEPTH_WEIGHTS, DEPTH_PER_STREAM = 600, 172, 488, 56
+BACKBONE, DECODER, DEPTH_WEIGHTS, DEPTH_PER_STREAM = 600, 172, 628, 56
 
 
 def test_parameter_counts_match_the_model():
@@ -26,20 +28,20 @@ def test_parameter_counts_match_the_model():
         model = CSMModel(CFG)
     count = lambda prefix: sum(p.numel() for n, p in model.named_parameters() if n.startswith(prefix))  # noqa: E731
     assert count("backbone.") == BACKBONE and count("decoder.") == DECODER
-    assert 40 + 2 * (DECODER + model.projection.weight.numel() + model.audio_head[0].numel()) == DEPTH_WEIGHTS
+    assert 40 + model.projection.weight.numel() + 3 * DECODER + 2 * model.audio_head[0].numel() == DEPTH_WEIGHTS
 
 
 def test_frame_bytes_by_hand():
-    assert floors.frame_bytes(CFG, kv_len=10, dtype_bytes=2) == (600 + 104 + 488 + 56) * 2 == 2496
+    assert floors.frame_bytes(CFG, kv_len=10, dtype_bytes=2) == (600 + 104 + 628 + 56) * 2 == 2776
     # weights are read once for the batch, the KV and embedding rows once per stream
-    assert floors.frame_bytes(CFG, kv_len=10, dtype_bytes=2, streams=4) == (600 + 4 * 104 + 488 + 4 * 56) * 2
+    assert floors.frame_bytes(CFG, kv_len=10, dtype_bytes=2, streams=4) == (600 + 4 * 104 + 628 + 4 * 56) * 2
 
 
 def test_first_audio_bytes_by_hand():
     # 5 text rows (1 embedding each) + 2 audio rows (3 each) = 11 rows of 8; KV over 7 positions: 2*4*7 = 56
     prefill = 600 + 11 * 8 + 56
     assert floors.first_audio_bytes(CFG, text_rows=5, audio_rows=2, dtype_bytes=2, mimi_bytes=100) == \
-        (prefill + DEPTH_WEIGHTS + DEPTH_PER_STREAM) * 2 + 100 == 2676
+        (prefill + DEPTH_WEIGHTS + DEPTH_PER_STREAM) * 2 + 100 == 2956
 
 
 def test_prefill_flops_by_hand():

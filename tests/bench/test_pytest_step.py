@@ -52,3 +52,16 @@ def test_without_cuda_one_interpreted_run_as_ci(tmp_path, monkeypatch):
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     assert main(["-q", "-p", "no:cacheprovider"], cuda=False, cwd=folder) == 0
     assert seen(folder, "cpu") == seen(folder, "cuda") == {"TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": None}
+
+
+def test_without_cuda_the_cuda_selection_still_collects(tmp_path, monkeypatch):
+    """The GPU suite's CPU rehearsal: `--run cuda` on a machine without CUDA runs the CUDA selection
+    (interpreted), not nothing -- so a CUDA test module that fails to import is found on the CPU."""
+    folder = suite(tmp_path)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert main(["--run", "cuda", "-q", "-p", "no:cacheprovider"], cuda=False, cwd=folder) == 0
+    assert seen(folder, "cpu") is None  # -m cuda: the CPU test was not selected
+    assert seen(folder, "cuda") == {"TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": None}
+    (folder / "test_broken.py").write_text("import a_module_this_machine_lacks\n")
+    assert main(["--run", "cuda", "-q", "-p", "no:cacheprovider"], cuda=False, cwd=folder) == 1

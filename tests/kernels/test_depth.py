@@ -205,3 +205,21 @@ def test_sample_next_input_cuda(dtype):
     want = ref.sample_topk_ref(logits, temperature, topk, seed, counter + 7)
     assert (codes[:, 7] != want).sum() <= 1
     assert torch.equal(nxt, table[codes[:, 7] + 7 * vocab])
+
+
+def test_depth_attention_never_reads_nan_past_the_position():
+    """Positions past pos may hold a past request's NaN (a reused lane): the kernel masks those loads."""
+    lanes, heads, kv_heads, d, positions, dim, pos = 2, 4, 2, 8, 6, 20, 3
+    angle = torch.arange(positions, dtype=torch.float32)[:, None] * (500.0 ** -(torch.arange(d // 2) / (d // 2)))
+    cache = randn(lanes, kv_heads, positions, d, seed=21)
+    cache[:, :, pos + 1:] = float("nan")
+    qkv, wo = randn(lanes, (heads + 2 * kv_heads) * d, seed=22), randn(dim, heads * d, seed=23, scale=0.2)
+    residual = randn(lanes, dim, seed=24)
+    p = torch.tensor([pos])
+    clean = cache.nan_to_num(0.0)
+    want = ref.depth_attention_out_ref(qkv, heads, kv_heads, clean.clone(), clean.clone(), p, angle.cos(),
+                                       angle.sin(), wo, residual)
+    got = depth_attention(qkv, heads, kv_heads, cache.clone(), cache.clone(), p, angle.cos(), angle.sin(), wo,
+                          residual.clone())
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, **TOL)

@@ -141,3 +141,21 @@ def test_decode_never_reads_nan_past_the_context():
     got = paged_decode(q, k_cache, v_cache, table, lens, 0.25)
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, ref.paged_decode_ref(q, k_cache, v_cache, table, lens, 0.25), rtol=1e-5, atol=1e-5)
+
+
+def test_decode_spreads_a_short_context_over_every_split():
+    """The grid has ceil(table width / partition) splits per lane; a lane's context is spread over all of
+    them in whole tiles (fp32 tiles: 16 positions), so a short context keeps them busy. The workspace's
+    per-split log-sum-exp shows which splits worked (-inf: none), and the merged output is the reference's."""
+    g = torch.Generator().manual_seed(4)
+    lengths, page, partition = [40, 100, 3], 16, 64
+    k_cache, v_cache, table, lens = make_paged(lengths, 1, 16, page, g)
+    table = torch.cat([table, torch.full((3, 16 - table.shape[1]), PAD_BLOCK, dtype=torch.int32)], 1)  # 256 wide
+    q = torch.randn(3, 2, 16, generator=g)
+    workspace = decode_workspace(3, 2, 16, table.shape[1], page, partition)
+    got = paged_decode(q, k_cache, v_cache, table, lens, 0.3, workspace=workspace, partition_size=partition)
+    torch.testing.assert_close(got, ref.paged_decode_ref(q, k_cache, v_cache, table, lens, 0.3), rtol=1e-5, atol=1e-5)
+    used = torch.isfinite(workspace[1]).sum(-1)  # [lane, head]: splits with positions (4 in the grid)
+    # 40 positions: 4 splits of one 16-position tile would need 48 > 40, so ceil(40 / 16) = 3 splits;
+    # 100: ceil(100 / 4) = 25 -> 2 tiles (32) per split -> 4 splits; 3: one split.
+    assert used.tolist() == [[3, 3], [4, 4], [1, 1]]

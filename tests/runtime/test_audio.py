@@ -167,6 +167,13 @@ def test_unreadable_files_are_named(tmp_path):
         load_audio(tmp_path / "notes.txt")
 
 
+def test_a_corrupt_file_cannot_be_decoded_rather_than_does_not_exist(tmp_path):
+    (tmp_path / "bad.mp3").write_bytes(b"garbage")  # libsndfile calls this "File does not exist"
+    with pytest.raises(ValueError, match=r"bad\.mp3: cannot decode it") as caught:
+        load_audio(tmp_path / "bad.mp3")
+    assert "does not exist" not in str(caught.value)
+
+
 def test_input_errors(tmp_path):
     with pytest.raises(ValueError, match="mix down to mono"):
         load_audio(torch.zeros(2, 100))

@@ -101,7 +101,8 @@ def test_each_bad_field_gets_a_400_naming_it(server, field, value):
 
 
 def test_bad_json_and_a_prompt_too_long_are_400s(server):
-    response = httpx.post(f"{server}/v1/audio/speech", content=b"{nope", timeout=TIMEOUT)
+    response = httpx.post(f"{server}/v1/audio/speech", content=b"{nope", timeout=TIMEOUT,
+                          headers={"content-type": "application/json"})  # a keyless server takes JSON only
     assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_json"
     codes = [[1] * 32] * 3000  # context audio past the 2,048-position window
     response = speech(server, context=[{"speaker": 0, "text": "a", "codes": codes}])

@@ -63,3 +63,28 @@ def test_temporary_files_are_not_voices(tmp_path):
     assert store.list() == [] and store.get(".anna") is None
     with pytest.raises(ValueError):
         store.add("../anna", 0, "t", codes(0))
+
+
+def test_an_unreadable_voice_file_is_absent_and_logged_once(tmp_path, caplog):
+    store = VoiceStore(tmp_path)
+    store.add("anna", 0, "t", codes(0))
+    (tmp_path / "broken.safetensors").write_bytes(b"\x00" * 64)  # not a safetensors file
+    bad = tmp_path / "shape.safetensors"
+    VoiceStore(tmp_path).add("shape", 0, "t", codes(1))
+    from safetensors.torch import save_file
+    save_file({"codes": torch.zeros(3)}, bad, metadata={"name": "shape", "speaker": "0", "transcript": "t",
+                                                        "created": "0.0"})  # 1-D codes: not a voice
+    with caplog.at_level("WARNING", logger="misotts.server"):
+        assert [v.name for v in store.list()] == ["anna"]
+        assert store.get("broken") is None and store.get("shape") is None
+    said = [r.getMessage() for r in caplog.records]
+    assert len([m for m in said if "'broken'" in m]) == 1 and len([m for m in said if "'shape'" in m]) == 1
+    assert store.delete("broken") and store.get("broken") is None  # and it can be deleted
+
+
+def test_a_name_must_match_whole(tmp_path):
+    store = VoiceStore(tmp_path)
+    with pytest.raises(ValueError):
+        store.add("anna\n", 0, "t", codes(0))
+    store.add("anna", 0, "t", codes(0))
+    assert store.get("anna\n") is None and not store.delete("anna\n")

@@ -73,7 +73,8 @@ def test_a_registered_voice_is_stored_listed_used_reused_and_deleted(server, tts
 
 
 def test_bad_uploads_are_400s_naming_the_field(server):
-    for kwargs, param in [(dict(name="../x"), "name"), (dict(name="123"), "name"), (dict(transcript=" "), "transcript"),
+    for kwargs, param in [(dict(name="../x"), "name"), (dict(name="123"), "name"), (dict(name="anna\n"), "name"),
+                          (dict(speaker="\u00b2"), "speaker"), (dict(speaker="1" * 5000), "speaker"), (dict(transcript=" "), "transcript"),
                           (dict(speaker="x"), "speaker"), (dict(data=b"not audio"), "file"),
                           (dict(data=wav_bytes(0.1)), "file"), (dict(data=wav_bytes(60)), "file")]:
         response = upload(server, **kwargs)
