@@ -201,7 +201,7 @@ def run_model(model: str, systems: list[str], plan: Plan, device, dtype, seed: i
     import transformers
 
     log(f"{model}: loading seeded random weights ({dtype} on {device})")
-    # The reference system is the plain API path: no engine attached, where the API could attach one.
+    # The reference system is the plain API path on the reference engine (one lane, torch ops, no graphs).
     tts = misotts.load(model, device=device, dtype=dtype, random_init=True, seed=seed, backend="reference")
     tts.codec  # load Mimi now, not inside a measurement
     wls = workloads(seed, tts.config.num_codebooks)

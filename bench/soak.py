@@ -20,8 +20,10 @@ from dataclasses import dataclass, field
 import torch
 
 from misotts.engine import Engine, EngineConfig
+from misotts.runtime.audio import FRAME_MS
 from misotts.runtime.config import PRESETS
 from misotts.runtime.generate import generate_codes
+from misotts.runtime.params import GenerationParams
 from misotts.runtime.prompt import Segment, build_prompt
 from misotts.runtime.tokenizer import ByteTokenizer
 from misotts.weights import random_model
@@ -29,7 +31,7 @@ from misotts.weights import random_model
 INJECTED = "injected step fault"
 # Requests the door must refuse (seed, sampling, frame count), each with its ValueError.
 BAD_REQUESTS = [dict(seed=2**63), dict(temperature=float("nan")), dict(temperature=1e-41), dict(topk=0),
-                dict(max_frames=2.5), dict(seed=-1)]
+                dict(max_audio_ms=float("nan")), dict(seed=-1)]
 
 
 @dataclass
@@ -92,12 +94,18 @@ def _inject_faults(engine: Engine, every: int) -> None:
     engine.graphs.run = flaky
 
 
+def _submit(engine: Engine, frames, mask, max_frames: int, **settings):
+    """A request of `max_frames` frames (unless a bad request's max_audio_ms says otherwise)."""
+    settings.setdefault("max_audio_ms", max_frames * FRAME_MS)
+    return engine.submit(frames, mask, GenerationParams(**settings))
+
+
 def _serve_one(engine: Engine, kinds: list[dict], i: int, result: SoakResult, lock: threading.Lock) -> None:
     kind = kinds[i % len(kinds)]
     request = {k: v for k, v in kind.items() if k != "expected"}
     if i % 11 == 5:  # malformed
         try:
-            engine.submit(**(request | BAD_REQUESTS[i % len(BAD_REQUESTS)]))
+            _submit(engine, **(request | BAD_REQUESTS[i % len(BAD_REQUESTS)]))
         except ValueError:
             with lock:
                 result.refused += 1
@@ -106,7 +114,7 @@ def _serve_one(engine: Engine, kinds: list[dict], i: int, result: SoakResult, lo
             result.unexpected_errors.append(f"request {i}: a malformed request was accepted")
         return
     made, outcome = [], "completed"
-    stream = engine.submit(**request)
+    stream = _submit(engine, **request)
     try:
         for frame in stream:
             made.append(frame.codes)

@@ -12,13 +12,13 @@ Every system answers two calls:
 """
 from __future__ import annotations
 
-import inspect
 import time
 from dataclasses import dataclass
 
 import torch
 
 from misotts.runtime.audio import FRAME_MS
+from misotts.runtime.params import GenerationParams
 from misotts.runtime.prompt import audio_rows, mimi_codes
 
 SAMPLING = dict(temperature=0.9, topk=50)
@@ -32,14 +32,10 @@ class Workload:
     context: tuple = ()
 
 
-def _no_eos(fn) -> dict:
-    """stop_on_eos=False where the API takes it (random weights could sample an end frame)."""
-    return {"stop_on_eos": False} if "stop_on_eos" in inspect.signature(fn).parameters else {}
-
-
 class Reference:
-    """The public API (`TTS.iter_codes`, `TTS.stream`) over the plain-torch reference model; the
-    batch call is the reference frame loop with a batch dimension (a static batch)."""
+    """The public API (`TTS.iter_codes`, `TTS.stream`) on the reference engine (one lane, the
+    torch ops, no CUDA graphs); the batch call is the plain model's frame loop with a batch
+    dimension (a static batch)."""
 
     name = "reference"
 
@@ -51,12 +47,12 @@ class Reference:
         start = time.perf_counter()
         if audio:
             for chunk in tts.stream(wl.text, wl.speaker, wl.context, max_audio_ms=frames * FRAME_MS, seed=seed,
-                                    chunk_frames=1, **SAMPLING, **_no_eos(tts.stream)):
+                                    chunk_frames=1, stop_on_eos=False, **SAMPLING):
                 times.append(time.perf_counter() - start)
                 codes.append(chunk.codes)
         else:
             for c in tts.iter_codes(wl.text, wl.speaker, wl.context, max_audio_ms=frames * FRAME_MS, seed=seed,
-                                    **SAMPLING, **_no_eos(tts.iter_codes)):
+                                    stop_on_eos=False, **SAMPLING):
                 codes.append(c[None].cpu())
                 times.append(time.perf_counter() - start)
         return times, torch.cat(codes)
@@ -214,7 +210,8 @@ class EngineSystem:
 
     def _submit(self, wl, frames, seed, audio):
         rows, mask = self.tts.prompt(wl.text, wl.speaker, wl.context)
-        return self.engine.submit(rows, mask, frames, seed=seed, stop_on_eos=False, audio=audio, **SAMPLING)
+        params = GenerationParams(max_audio_ms=frames * FRAME_MS, seed=seed, stop_on_eos=False, **SAMPLING)
+        return self.engine.submit(rows, mask, params, audio=audio)
 
     @torch.inference_mode()
     def stream(self, wl: Workload, frames: int, seed: int, audio: bool):

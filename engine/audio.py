@@ -4,12 +4,12 @@ from __future__ import annotations
 import copy
 
 import torch
-from moshi.modules.streaming import StreamingModule
-from moshi.modules.transformer import RingKVCache
-from moshi.utils.compile import CUDAGraphed
 
 from misotts.runtime.codec import MimiCodec
 from misotts.runtime.prompt import mimi_codes
+
+from . import mimi_state
+from .graphs import capture_buckets
 
 
 class LaneDecoder:
@@ -21,8 +21,9 @@ class LaneDecoder:
     when a request takes it and moves a lane's state when it compacts its lanes.  Decoding runs in
     the engine's thread only; moshi's own per-state CUDA graphs are off (it would capture them in
     whatever thread decodes, with global capture mode: the failure seen on the first GPU run).
-    On CUDA, `capture` records the decode once per batch bucket instead (ours: on a side stream,
-    thread-local capture mode), and `decode` replays it.
+    On CUDA, `capture` records the decode once per batch bucket instead (`graphs.capture_buckets`,
+    as the frame is), and `decode` replays it.  What this needs of moshi's states beyond its
+    public streaming calls is in `mimi_state.py`.
     """
 
     def __init__(self, codec: MimiCodec, max_batch: int):
@@ -34,31 +35,19 @@ class LaneDecoder:
         with torch.inference_mode(False):
             self._streaming = self.mimi.streaming(max_batch)
             self._codes = torch.zeros(max_batch, codec.num_codebooks, dtype=torch.long, device=codec.device)
-        self.states = [(m, m._streaming_state) for m in self.mimi.modules()
-                       if isinstance(m, StreamingModule) and m._streaming_state is not None]
-        self._views: dict[int, tuple[list, list]] = {}
+        self.states = mimi_state.states(self.mimi)  # by module name, max_batch lanes each
+        mimi_state.check_layout(self.states)
+        self._views: dict[int, tuple[dict, list]] = {}
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # bucket -> (graph, its pcm)
 
     def _lane_views(self, lanes: int):
-        """Per module, a copy of its state whose batch tensors are views of the first `lanes` rows;
-        and the (object, attribute, view) triples to restore if moshi reassigns an attribute."""
+        """Per module, a view of its state on the first `lanes` lanes; and what to restore if
+        moshi reassigns an attribute of a view."""
         if lanes not in self._views:
-            views, watched = [], []
-            for module, state in self.states:
-                view = copy.copy(state)
-                view.batch_size = lanes
-                for name, value in vars(state).items():
-                    if _is_batch_tensor(value, state.batch_size):
-                        setattr(view, name, value[:lanes])
-                        watched.append((view, name, value[:lanes]))
-                    elif isinstance(value, RingKVCache):
-                        kv = copy.copy(value)
-                        kv.cache, kv.end_offset = value.cache[:, :lanes], value.end_offset[:lanes]
-                        setattr(view, name, kv)
-                        watched += [(kv, "cache", kv.cache), (kv, "end_offset", kv.end_offset)]
-                    elif isinstance(value, CUDAGraphed):
-                        setattr(view, name, CUDAGraphed(value.func, disable=True))
-                views.append((module, view))
+            views, watched = {}, []
+            for name, state in self.states.items():
+                views[name], restore = mimi_state.lane_view(state, lanes)
+                watched += restore
             self._views[lanes] = views, watched
         return self._views[lanes]
 
@@ -69,19 +58,7 @@ class LaneDecoder:
         and cuDNN picks its kernels outside capture); every lane is reset afterwards.  Outside
         inference_mode, whatever the caller's: the engine thread writes the graphs' input."""
         device = self._codes.device
-        pool = None
-        for b in sorted(buckets, reverse=True):  # largest first: the smaller ones fit in its pool
-            side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    self._decode(self._codes[:b])
-            torch.cuda.current_stream(device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
-                pcm = self._decode(self._codes[:b])
-            pool = graph.pool()
-            self._graphs[b] = (graph, pcm)
+        self._graphs = capture_buckets(lambda b: self._decode(self._codes[:b]), buckets, device)
         self._reset(torch.ones(self.max_batch, dtype=torch.bool, device=device))
         torch.cuda.synchronize(device)
 
@@ -99,14 +76,9 @@ class LaneDecoder:
 
     def _decode(self, codes: torch.Tensor) -> torch.Tensor:
         views, watched = self._lane_views(codes.shape[0])
-        for module, view in views:
-            module._streaming_state = view
+        mimi_state.install(self.mimi, views)
         pcm = self.mimi.decode(mimi_codes(codes, self.cardinality)[:, :, None])[:, 0].float()
-        for obj, name, view in watched:  # an attribute moshi replaced: its value goes back into the view
-            value = getattr(obj, name)
-            if value is not view:
-                view.copy_(value)
-                setattr(obj, name, view)
+        mimi_state.restore(watched)
         return pcm
 
     @torch.no_grad()
@@ -118,24 +90,16 @@ class LaneDecoder:
         self._reset(mask)
 
     def _reset(self, mask: torch.Tensor) -> None:
-        for _, state in self.states:  # in place (moshi's resets are), so captured graphs still see the state
-            state.reset(mask)
+        # moshi's own reset, on the full states (in place, as moshi's resets are: captured graphs
+        # still see the state)
+        mimi_state.install(self.mimi, self.states)
+        self.mimi.reset_streaming(mask)
 
     @torch.no_grad()
     def move(self, src: int, dst: int) -> None:
         """Lane dst takes over lane src's stream."""
-        for _, state in self.states:
-            for value in vars(state).values():
-                if _is_batch_tensor(value, state.batch_size):
-                    value[dst] = value[src]
-                elif isinstance(value, RingKVCache):
-                    value.cache[:, dst] = value.cache[:, src]
-                    value.end_offset[dst] = value.end_offset[src]
+        for state in self.states.values():
+            mimi_state.move_lane(state, src, dst)
 
     def close(self) -> None:
         self._streaming.close()
-
-
-def _is_batch_tensor(value, batch_size: int) -> bool:
-    # moshi's streaming states keep their per-item tensors batch-first
-    return isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == batch_size

@@ -1,26 +1,28 @@
 """The serving engine: one model, many concurrent requests, continuous batching at frame boundaries.
 
     engine = Engine(tts.model)                     # preallocates, warms up, captures graphs
-    stream = engine.submit(frames, mask, max_frames=125, seed=1)
+    stream = engine.submit(frames, mask, GenerationParams(max_audio_ms=10_000, seed=1))
     for frame in stream: ...                       # Frame(codes [32], audio) as they are made
 
 One background thread runs the loop; callers only enqueue requests and read their streams.
-Each turn of the loop is a frame boundary:
+Each turn of the loop is a frame boundary (nano-vllm's schedule -> run -> postprocess):
 
-1. admit waiting requests while a lane and their KV blocks are free (cached prefix blocks are
-   matched first, so a prompt that starts like an earlier one skips those positions);
-2. prefill up to `prefill_chunk` prompt positions of admitted requests; a request whose prompt is
-   prefilled (all but its last row, which the first frame runs) joins the batch;
-3. run one frame for every lane (a CUDA graph replay on CUDA), decode every lane's audio in one
-   batched streaming Mimi call (when a running request asked for audio), then read the codes --
-   the one host sync per frame -- hand the frames to the streams, register completed blocks in the
-   prefix cache, and let finished or cancelled requests leave (their lane is refilled at once
-   by the last lane, so lanes 0..n-1 are always the running ones).
+1. the scheduler admits waiting requests while a lane and their KV blocks are free (cached
+   prefix blocks are matched first, so a prompt that starts like an earlier one skips those
+   positions) and returns a `Plan`: lane states to move and clear (lanes left by finished
+   requests, compacted so that lanes 0..n-1 are always the running ones) and prompt chunks to
+   prefill (up to `prefill_chunk` positions);
+2. the engine applies the plan on the device; the requests whose prompt is written (all but its
+   last row, which the first frame runs) join the lanes the scheduler gives them;
+3. one frame for every lane (a CUDA graph replay on CUDA), every lane's audio in one batched
+   streaming Mimi call (when a running request asked for audio), then the codes are read -- the
+   one host sync per frame -- and `postprocess` keys the blocks they complete and decides who
+   ends; the engine hands the frames and ends in its outbox to the streams.
 
-The policy of steps 1-3 (who is admitted, what is prefilled, who leaves) is `scheduler.py`; the
-device side is `model_runner.py` (prefill and the batched frame), `graphs.py` (one CUDA graph per
-batch-size bucket), `kv_cache.py` (the paged pool) and `audio.py` (the lanes' Mimi decode); this
-file is the thread, `submit`, and `step()`.
+The scheduler (`scheduler.py`) is host-side policy that returns data and never calls the engine;
+the device side is `model_runner.py` (prefill and the batched frame), `graphs.py` (one CUDA
+graph per batch-size bucket), `kv_cache.py` (the paged pool) and `audio.py` (the lanes' Mimi
+decode); this file is the thread, `submit`, and the plan applied.
 
 Nothing a request carries stops the loop: a bad request is refused by `submit`, a failing step
 fails the requests it served (by host bookkeeping alone: after a device fault the device may not
@@ -45,7 +47,9 @@ from dataclasses import dataclass
 
 import torch
 
+from misotts.runtime.frames import Frame
 from misotts.runtime.generate import check_request
+from misotts.runtime.params import GenerationParams
 from misotts.runtime.sampling import is_integer, is_real
 from misotts.runtime.model import CSMModel
 
@@ -55,7 +59,7 @@ from .model_runner import ModelRunner
 from .ops import make_ops
 from misotts.weights.quantize import quantization
 from .requests import EngineStopped, Request, Stream
-from .scheduler import Scheduler
+from .scheduler import Plan, Scheduler
 
 _log = logging.getLogger("misotts.engine")
 
@@ -75,6 +79,13 @@ class EngineConfig:
     ops: str = "auto"  # "auto" (Triton on CUDA, torch elsewhere), "torch" or "triton"
     cuda_graphs: bool = True  # capture frames on CUDA
     compile: bool = False  # CPU: Inductor-compile the depth steps (faster frames, slower load: docs/bench.md)
+
+    @classmethod
+    def reference(cls, max_seq_len: int, block_size: int = 16) -> "EngineConfig":
+        """What `backend="reference"` serves with: one lane, the torch ops (the references in
+        misotts.kernels.reference), no CUDA graphs, a pool of one full context."""
+        return cls(max_batch=1, ops="torch", cuda_graphs=False, block_size=block_size,
+                   num_blocks=-(-max_seq_len // block_size))
 
     def __post_init__(self):
         """Refuse a bad setting here, with its name, not deep inside torch or as a spinning loop."""
@@ -190,14 +201,13 @@ class Engine:
             self._warm_up(progress)
             self._clear_lanes()
         self._codec, self.audio = codec, None
-        self.scheduler = Scheduler(self.pool, self, self.max_batch, config.max_waiting, config.wait_timeout_s,
+        self.scheduler = Scheduler(self.pool, self.max_batch, config.max_waiting, config.wait_timeout_s,
                                    config.prefill_chunk)
         self._wakeup = _Wakeup()
         self._cond = self._wakeup.cond  # guards the scheduler's queues
         self._thread: threading.Thread | None = None
         self._closed = False
         self._stopped: BaseException | None = None  # why the loop ended, once it has
-        self._lanes_dirty = False  # a step failed: the lanes' device state must be cleared before the next
         self.frames_run = 0
         _open_engines.add(self)
 
@@ -247,17 +257,18 @@ class Engine:
         return max(per_seq, int(free * self.config.kv_memory_fraction) // block)
 
     # ---- caller side ------------------------------------------------------------------------
-    def submit(self, frames: torch.Tensor, mask: torch.Tensor, max_frames: int, temperature: float = 0.9,
-               topk: int = 50, seed: int = 0, stop_on_eos: bool = True, audio: bool = False) -> Stream:
-        """Queue a generation for prompt rows frames, mask [S, n + 1]; returns its Stream at once.
+    def submit(self, frames: torch.Tensor, mask: torch.Tensor, params: GenerationParams | None = None,
+               audio: bool = False) -> Stream:
+        """Queue a generation for prompt rows frames, mask [S, n + 1] with settings `params`
+        (default GenerationParams()); returns its Stream at once.
         audio: each frame also carries its samples, decoded in the engine (needs the engine's codec).
 
         Raises ValueError for a request that can never run (bad settings, a prompt that leaves
         no room in the context, more KV than the whole pool) and EngineBusy when the queue is full.
         """
         self._check_open()
-        check_request(self.model.config, frames, mask, max_frames, temperature, topk, seed)  # the embedding would clamp ids
-        frames, mask = frames.long().cpu(), mask.bool().cpu()
+        params = check_request(self.model.config, frames, mask, params or GenerationParams())  # the embedding would clamp ids
+        frames, mask, max_frames = frames.long().cpu(), mask.bool().cpu(), params.max_frames
         if audio and self.audio is None:
             self.start_audio()
         bs, needed = self.pool.block_size, self.scheduler.blocks_needed(frames.shape[0], max_frames)
@@ -265,8 +276,7 @@ class Engine:
             raise ValueError(f"this request needs {needed} KV blocks of {bs} positions but the pool has "
                              f"{self.pool.num_blocks}: raise num_blocks")
         keys = block_keys(frames[:-1], mask[:-1], bs)  # the last row always runs in the first frame
-        req = Request(frames, mask, max_frames, float(temperature), int(topk), int(seed), stop_on_eos, bool(audio),
-                      keys)
+        req = Request(frames, mask, params, bool(audio), keys)
         req.stream = Stream(req, self._wake, self._serving)
         req.stats.prompt_positions = frames.shape[0]
         with self._cond:
@@ -308,9 +318,9 @@ class Engine:
         if decoder is not None:  # another request made one first
             decoder.close()
 
-    def generate(self, frames, mask, max_frames: int, **kwargs) -> torch.Tensor:
+    def generate(self, frames, mask, params: GenerationParams | None = None) -> torch.Tensor:
         """All frames of one request: codes [T, num_codebooks]."""
-        return self.submit(frames, mask, max_frames, **kwargs).codes()
+        return self.submit(frames, mask, params).codes()
 
     def wait_idle(self, timeout: float = 60.0) -> bool:
         """Block until no request is queued or running (True), or the timeout passes (False)."""
@@ -385,8 +395,6 @@ class Engine:
         (or an exception that is not an Exception) stops the engine, and then every stream gets
         the error."""
         try:
-            if self._lanes_dirty:  # at once, not at the next request: health() then tells a dead device
-                self._clear_lanes()
             with self._cond:
                 if self._closed:
                     self._stop(EngineStopped("the engine was closed"))
@@ -395,28 +403,41 @@ class Engine:
                 if not self.scheduler.working():
                     self._cond.notify_all()  # wake wait_idle()
                     return 0.05 if self.scheduler.waiting else IDLE_WAIT_S
+            plan = self.scheduler.schedule()
+            # Moving and clearing lane states are small writes that fail only on a device that
+            # cannot be used any more (after a failed step they clear every lane): a failure here
+            # stops the engine, below.
+            self._move_and_clear(plan)
             try:
-                self.step()
+                self.step(plan)
             except Exception as err:  # noqa: BLE001 -- the requests in flight get the error; the loop goes on
                 self._fail_in_flight(err)
             return 0.0
         except BaseException as err:  # noqa: BLE001 -- the device is unusable, or the thread is being torn down
             self._stop(err)
             return None
+        finally:
+            self._hand_out()
+
+    def _hand_out(self) -> None:
+        """Give the streams what the scheduler decided for them: frames, and ends."""
+        for req, item in self.scheduler.take_outbox():
+            if isinstance(item, Frame):
+                req.stream._put(item)
+            else:
+                req.stream._end(item)
 
     def _fail_in_flight(self, err: Exception) -> None:
         """A step failed: its requests get the error.  Host bookkeeping only -- after a sticky
         device fault (illegal address, device-side assert) any device op raises again -- and the
-        lanes are cleared on the device before the next step, where a failure stops the engine."""
+        next plan clears every lane, where a failure stops the engine."""
         _report(f"a step failed, its requests get the error: {_describe(err)}")
-        self._lanes_dirty = True
         with self._cond:
             self.scheduler.drop_in_flight(err)
 
     def _clear_lanes(self) -> None:
         for lane in range(self.max_batch):
             self.runner.state.clear_lane(lane)
-        self._lanes_dirty = False
 
     def _stop(self, err: BaseException) -> None:
         """The loop ends: every request still queued or running gets EngineStopped (host only)."""
@@ -426,13 +447,25 @@ class Engine:
             _report(f"the engine has stopped: {_describe(err)}")
         with self._cond:
             self.scheduler.drop_all(stopped)
+            self._hand_out()
             self._stopped = err  # after the streams have the error: a reader that sees it finds it there
             self._cond.notify_all()
 
-    def step(self) -> None:
-        """One frame boundary: prefill what the scheduler plans, then one frame for every lane."""
-        self.scheduler.prefill(lambda req, start, end: self.runner.prefill(
-            req.frames[start:end], req.mask[start:end], start, req.blocks))
+    # ---- a frame boundary: the scheduler's plan applied on the device ---------------------------
+    def step(self, plan: Plan) -> None:
+        """Prefill the plan's chunks (a chunk that fails fails its request alone), set up the
+        requests that join, then one frame for every lane and its codes to the scheduler."""
+        failed = {}
+        for chunk in plan.prefill:
+            if chunk.end > chunk.start:
+                req = chunk.req
+                try:
+                    self.runner.prefill(req.frames[chunk.start:chunk.end], req.mask[chunk.start:chunk.end],
+                                        chunk.start, req.blocks)
+                except Exception as err:  # noqa: BLE001 -- this request fails, the others go on
+                    failed[req] = err
+        for lane, req in self.scheduler.prefilled(plan, failed):
+            self._join(lane, req)
         if self.scheduler.lanes:
             self._frame()
 
@@ -444,22 +477,22 @@ class Engine:
         if self.audio is not None and any(req.audio for req in self.scheduler.lanes):
             audio = self.audio.decode(codes[:bucket])[:n].to("cpu")
         self.frames_run += 1
-        self.scheduler.frame_done(codes[:n].to("cpu", copy=True), audio)  # the one host sync of a frame
+        self.scheduler.postprocess(codes[:n].to("cpu", copy=True), audio)  # the one host sync of a frame
 
-    # ---- lane operations (the scheduler's decisions, on the device) ----------------------------
-    def join(self, lane: int, req: Request) -> None:
-        self.runner.state.set_lane(lane, req.frames[-1], req.mask[-1], req.prompt_len - 1, req.blocks, req.seed,
-                                   req.temperature, req.topk)
+    def _move_and_clear(self, plan: Plan) -> None:
+        for src, dst in plan.moves:
+            self.runner.state.move_lane(src, dst)
+            if self.audio is not None:
+                self.audio.move(src, dst)
+        for lane in plan.clears:
+            self.runner.state.clear_lane(lane)
+
+    def _join(self, lane: int, req: Request) -> None:
+        p = req.params
+        self.runner.state.set_lane(lane, req.frames[-1], req.mask[-1], req.prompt_len - 1, req.blocks, p.seed,
+                                   p.temperature, p.topk)
         if self.audio is not None:
             self.audio.reset(lane)
-
-    def move(self, src: int, dst: int) -> None:
-        self.runner.state.move_lane(src, dst)
-        if self.audio is not None:
-            self.audio.move(src, dst)
-
-    def clear(self, lane: int) -> None:
-        self.runner.state.clear_lane(lane)
 
 
 def _describe(err: BaseException) -> str:

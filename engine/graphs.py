@@ -1,4 +1,5 @@
-"""CUDA graphs of one frame (`ModelRunner.decode_frame`), one per batch-size bucket.
+"""CUDA graphs of one frame (`ModelRunner.decode_frame`), one per batch-size bucket; and
+`capture_buckets`, the one capture loop (the frame here, the lanes' Mimi decode in `audio.py`).
 
 A frame is ~30 small launches per layer of the backbone and 31 depth steps of the decoder: at
 small batch the GPU would mostly wait for the host to launch them.  Captured once per bucket
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import sys
 import time
+from typing import Callable
 
 import torch
 
@@ -22,6 +24,33 @@ def batch_buckets(max_batch: int) -> list[int]:
         buckets.append(b)
         b *= 2
     return buckets + [max_batch]
+
+
+def capture_buckets(step: Callable[[int], object], buckets: list[int], device=None,
+                    on_bucket: Callable[[int, int], None] | None = None) -> dict[int, tuple]:
+    """CUDA only: {b: (graph, its output)} of `step(b)` for each batch size b in `buckets`.
+
+    Each is warmed up twice on a side stream first (Triton compiles, cuBLAS / cuDNN pick their
+    kernels, outside capture), then captured in thread-local mode (other threads may use CUDA
+    meanwhile).  Largest first, all in one memory pool, so the smaller ones fit in its blocks.
+    on_bucket(i, b) is called before each (progress)."""
+    graphs, pool = {}, None
+    for i, b in enumerate(sorted(buckets, reverse=True)):
+        if on_bucket is not None:
+            on_bucket(i, b)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                step(b)
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+            out = step(b)
+        pool = graph.pool()
+        graphs[b] = (graph, out)
+    torch.cuda.synchronize(device)
+    return graphs
 
 
 class FrameGraphs:
@@ -35,22 +64,14 @@ class FrameGraphs:
 
     def capture(self, progress: bool = False) -> None:
         """Warm up and capture every bucket (CUDA only). The step's writes land on padding lanes."""
-        pool, start = None, time.perf_counter()
-        for i, n in enumerate(sorted(self.buckets, reverse=True)):
+        start = time.perf_counter()
+
+        def report(i: int, n: int) -> None:
             if progress:
                 print(f"\rcapturing CUDA graphs: batch {n:>3} ({i + 1}/{len(self.buckets)})", end="", file=sys.stderr)
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up: Triton compiles, cuBLAS picks kernels, outside capture
-                for _ in range(2):
-                    self.step(n)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):  # other threads may use CUDA
-                self.step(n)
-            pool = graph.pool()
-            self.graphs[n] = graph
-        torch.cuda.synchronize()
+
+        captured = capture_buckets(self.step, self.buckets, on_bucket=report)
+        self.graphs.update({n: graph for n, (graph, _) in captured.items()})
         if progress:
             print(f"\rcaptured {len(self.graphs)} CUDA graphs in {time.perf_counter() - start:.1f} s" + " " * 20,
                   file=sys.stderr)

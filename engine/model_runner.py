@@ -27,6 +27,7 @@ from .kv_cache import PagedKV
 from .ops import OpSet
 from misotts.runtime.frames import NONFINITE_CODE
 from misotts.runtime.model import CSMModel, rope_inv_freq
+from misotts.runtime.prompt import audio_row_mask, write_audio_rows
 from misotts.weights import quantize
 from misotts.weights.quantize import QuantLinear
 
@@ -78,8 +79,7 @@ class BatchState:
         self.topk = torch.ones(b, dtype=torch.long, **z)
         self.codes = torch.zeros(b, num_codebooks, dtype=torch.long, **z)
         self.active = torch.zeros(b, dtype=torch.long, **z)
-        self.audio_row_mask = torch.ones(w, dtype=torch.bool, **z)
-        self.audio_row_mask[-1] = False
+        self.audio_row_mask = audio_row_mask(num_codebooks, device)
         self.scratch_block = scratch_block
 
     def lane_tensors(self):
@@ -276,8 +276,6 @@ class ModelRunner:
         # A lane that met a NaN or infinite logit says so in its codes, read with them (no extra sync).
         codes[:, 0].masked_fill_(~torch.isfinite(sums).all(0), NONFINITE_CODE)
         # The frame becomes each lane's next backbone row.
-        st.rows[:n, :self.n] = codes
-        st.rows[:n, self.n].zero_()
-        st.row_mask[:n] = st.audio_row_mask
+        write_audio_rows(codes, st.rows[:n], st.row_mask[:n], st.audio_row_mask)
         positions += st.active[:n]
         st.counter[:n] += self.n

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from misotts.runtime.frames import RequestStats, stack_codes
+from misotts.runtime.params import GenerationParams
 from misotts.runtime.prompt import audio_rows
 
 
@@ -36,11 +37,7 @@ WAIT_POLL_S = 0.1  # a reader waiting for a frame looks this often whether the e
 class Request:
     frames: torch.Tensor  # prompt rows [S, n + 1] (CPU)
     mask: torch.Tensor
-    max_frames: int
-    temperature: float
-    topk: int
-    seed: int
-    stop_on_eos: bool
+    params: GenerationParams  # validated
     audio: bool  # decode each frame to samples in the engine
     keys: list  # chained keys of the prompt's full blocks (kv_cache.block_keys)
     submitted: float = field(default_factory=time.perf_counter)
@@ -50,6 +47,10 @@ class Request:
     cancelled: bool = False
     stats: RequestStats = field(default_factory=RequestStats)
     stream: "Stream" = None
+
+    @property
+    def max_frames(self) -> int:
+        return self.params.max_frames
 
     @property
     def prompt_len(self) -> int:

@@ -1,9 +1,12 @@
 """Who runs when: the waiting queue, admission, prefill planning, the running lanes, finishing,
 and the prefix cache's bookkeeping.
 
-Host side only.  The device work that a decision implies -- a request taking a lane, a lane's
-state moving when lanes are compacted, a lane cleared -- goes through `lane_ops` (the engine's
-model runner and audio decoder), so this file reads as the policy:
+Host side only, and it never calls the engine: it returns data (nano-vllm's shape).  Each frame
+boundary the engine asks `schedule()` for a `Plan` -- lane states to move and clear (lanes left
+by finished requests, compacted), then prompt chunks to prefill -- applies it on the device,
+tells `prefilled()` which chunks failed and gets back the requests that join the lanes (and
+their lanes), runs the frame, and hands its codes to `postprocess()`.  What the callers must be
+told -- each frame, and each request's end -- waits in `outbox` for the engine to hand out.
 
 - admission is first come, first served: the head of the queue takes a lane and its KV blocks
   (cached prefix blocks first) or everyone behind it waits; a request that waits longer than
@@ -17,29 +20,52 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from dataclasses import dataclass, field
 
-from misotts.runtime.frames import NONFINITE_CODE, Frame, nonfinite_error
+from misotts.runtime.frames import Frame, frame_end
 
 from .kv_cache import BlockPool, PoolFull, block_keys
 from .requests import EngineBusy, Request
 
 
+@dataclass
+class Chunk:
+    """Prompt positions start..end-1 of `req` to prefill (end == start: nothing left to write,
+    the request only joins)."""
+
+    req: Request
+    start: int
+    end: int
+
+
+@dataclass
+class Plan:
+    """One frame boundary's device work, in the order the engine applies it."""
+
+    moves: list[tuple[int, int]] = field(default_factory=list)  # (src, dst): lane dst takes over src's state
+    clears: list[int] = field(default_factory=list)  # lanes to make padding, after the moves
+    prefill: list[Chunk] = field(default_factory=list)
+
+
 class Scheduler:
-    def __init__(self, pool: BlockPool, lane_ops, max_batch: int, max_waiting: int, wait_timeout_s: float,
+    def __init__(self, pool: BlockPool, max_batch: int, max_waiting: int, wait_timeout_s: float,
                  prefill_chunk: int):
-        self.pool, self.lane_ops = pool, lane_ops
+        self.pool = pool
         self.max_batch, self.max_waiting = max_batch, max_waiting
         self.wait_timeout_s, self.prefill_chunk = wait_timeout_s, prefill_chunk
         self.waiting: deque[Request] = deque()
         self.prefilling: list[Request] = []
         self.lanes: list[Request] = []
+        self.outbox: list[tuple[Request, object]] = []  # (request, a Frame | None: the end | the error), in order
+        self._moves: list[tuple[int, int]] = []  # lane work decided since the last plan
+        self._clears: list[int] = []
 
     def busy(self) -> bool:
         return bool(self.waiting or self.prefilling or self.lanes)
 
     def working(self) -> bool:
-        """Something to prefill or a frame to run."""
-        return bool(self.prefilling or self.lanes)
+        """Something to prefill, a frame to run, or lane states to move or clear."""
+        return bool(self.prefilling or self.lanes or self._moves or self._clears)
 
     def blocks_needed(self, prompt_len: int, max_frames: int) -> int:
         # positions written: the prompt, then every frame but the last is fed back
@@ -94,37 +120,55 @@ class Scheduler:
         self.pool.computed_positions += req.stats.computed_positions
         return True
 
-    def prefill(self, run) -> None:
-        """Plan this boundary's prefill and have `run(req, start, end)` write each chunk's KV."""
+    def schedule(self) -> Plan:
+        """This boundary's plan: the lane moves and clears decided since the last one, and up to
+        `prefill_chunk` prompt positions of the oldest requests being prefilled."""
+        plan, self._moves, self._clears = Plan(self._moves, self._clears), [], []
         budget = self.prefill_chunk
-        while self.prefilling and budget > 0:
-            req = self.prefilling[0]
+        for req in list(self.prefilling):
+            if budget <= 0:
+                break
             if req.cancelled:
                 self.finish(req, "cancelled")
                 continue
             end = min(req.prompt_len - 1, req.prefilled + budget)
+            plan.prefill.append(Chunk(req, req.prefilled, end))
+            budget -= end - req.prefilled
+        return plan
+
+    def prefilled(self, plan: Plan, failed: dict) -> list[tuple[int, Request]]:
+        """The engine wrote `plan`'s chunks but those of the requests in `failed` ({request:
+        error}; they fail alone).  Returns the requests whose prompt is now written, each with
+        the lane it joins: the engine sets them up on the device before the frame."""
+        joins = []
+        for chunk in plan.prefill:
+            req = chunk.req
+            if req in failed:
+                self.finish(req, "error", failed[req])
+                continue
             try:
-                if end > req.prefilled:
-                    run(req, req.prefilled, end)
-                    budget -= end - req.prefilled
-                    self._register_blocks(req, req.prefilled, end)
-                    req.prefilled = end
-                if req.prefilled == req.prompt_len - 1:
-                    self.lane_ops.join(len(self.lanes), req)
-                    self.lanes.append(req)
-                    self.prefilling.pop(0)
+                self._register_blocks(req, chunk.start, chunk.end)
             except Exception as err:  # noqa: BLE001 -- this request fails, the others go on
                 self.finish(req, "error", err)
+                continue
+            req.prefilled = chunk.end
+            if req.prefilled == req.prompt_len - 1:
+                joins.append((len(self.lanes), req))
+                self.lanes.append(req)
+                self.prefilling.remove(req)
+        return joins
 
-    def frame_done(self, codes, audio) -> None:
-        """Lanes 0..n-1 made codes [n, num_codebooks] (CPU) and audio [n, samples] or None: hand
-        out the frames, key the blocks they complete, let finished requests leave."""
+    def postprocess(self, codes, audio) -> None:
+        """Lanes 0..n-1 made codes [n, num_codebooks] (CPU) and audio [n, samples] or None: the
+        frames go to the outbox, the blocks they complete are keyed, finished requests leave
+        (their ends to the outbox, their lanes compacted by the next plan's moves and clears)."""
         now, finished = time.perf_counter(), []
         for lane, req in enumerate(self.lanes):
             position = req.prompt_len - 1 + len(req.generated)  # the row this frame ran
             frame = codes[lane]
-            if frame[0] == NONFINITE_CODE:  # its KV is not worth keying either
-                finished.append((lane, nonfinite_error(len(req.generated))))
+            end = frame_end(frame, len(req.generated), req.params.stop_on_eos)
+            if isinstance(end, Exception):  # a non-finite frame: its KV is not worth keying either
+                finished.append((lane, end))
                 continue
             req.generated.append(frame)
             if (position + 1) % self.pool.block_size == 0:
@@ -132,13 +176,13 @@ class Scheduler:
             if req.cancelled:
                 finished.append((lane, "cancelled"))
                 continue
-            if req.stop_on_eos and not frame.any():
-                finished.append((lane, "eos"))
+            if end:
+                finished.append((lane, end))
                 continue
             if req.stats.frames == 0:
                 req.stats.first_frame_s = now - req.submitted
             req.stats.frames += 1
-            req.stream._put(Frame(frame, audio[lane] if req.audio else None))
+            self.outbox.append((req, Frame(frame, audio[lane] if req.audio else None)))
             if req.stats.frames == req.max_frames:
                 finished.append((lane, "max_frames"))
         for lane, reason in reversed(finished):  # highest lane first, so moves never touch a finished lane
@@ -156,39 +200,40 @@ class Scheduler:
                 req.keys += block_keys(frames, mask, bs, parent=req.keys[-1] if req.keys else b"")
             self.pool.register(req.blocks[i], req.keys[i])
 
-    def finish(self, req: Request, reason: str, error: BaseException | None = None, device: bool = True) -> None:
-        """End a request wherever it is: free its lane and blocks, close its stream (even if the
-        device fails meanwhile: a caller never waits forever).  device=False: host bookkeeping
-        only, the lane's device state is left as it is (the caller clears it, or the engine stops)."""
-        try:
-            if req in self.lanes and not device:
-                self.lanes.remove(req)
-            elif req in self.lanes:
-                lane, last = self.lanes.index(req), len(self.lanes) - 1
-                self.lanes[lane] = self.lanes[last]
-                self.lanes.pop()
-                if lane != last:
-                    self.lane_ops.move(last, lane)
-                self.lane_ops.clear(last)
-        finally:
-            if req in self.waiting:
-                self.waiting.remove(req)
-            if req in self.prefilling:
-                self.prefilling.remove(req)
-            if req.blocks:
-                self.pool.release(req.blocks)
-                req.blocks = []
-            req.stats.finish = reason
-            req.stats.total_s = time.perf_counter() - req.submitted
-            req.stream._end(error)
+    def finish(self, req: Request, reason: str, error: BaseException | None = None) -> None:
+        """End a request wherever it is: free its lane (the last lane's request takes it: a move
+        and a clear for the next plan) and blocks; its end goes to the outbox."""
+        if req in self.lanes:
+            lane, last = self.lanes.index(req), len(self.lanes) - 1
+            self.lanes[lane] = self.lanes[last]
+            self.lanes.pop()
+            if lane != last:
+                self._moves.append((last, lane))
+            self._clears.append(last)
+        if req in self.waiting:
+            self.waiting.remove(req)
+        if req in self.prefilling:
+            self.prefilling.remove(req)
+        if req.blocks:
+            self.pool.release(req.blocks)
+            req.blocks = []
+        req.stats.finish = reason
+        req.stats.total_s = time.perf_counter() - req.submitted
+        self.outbox.append((req, error))
 
     def drop_in_flight(self, error: BaseException) -> None:
-        """Fail every request being prefilled or run, touching no device memory (a failed step:
-        the device may be unusable)."""
+        """A step failed: fail every request being prefilled or run, and clear every lane in the
+        next plan (what the device holds for them is not to be trusted)."""
         for req in [*self.prefilling, *self.lanes]:
-            self.finish(req, "error", error, device=False)
+            self.finish(req, "error", error)
+        self._moves, self._clears = [], list(range(self.max_batch))
 
     def drop_all(self, error: BaseException) -> None:
-        """Fail every request, queued ones too (the loop is ending), touching no device memory."""
+        """Fail every request, queued ones too (the loop is ending: no plan follows)."""
         for req in [*self.waiting, *self.prefilling, *self.lanes]:
-            self.finish(req, "error", error, device=False)
+            self.finish(req, "error", error)
+        self._moves, self._clears = [], []
+
+    def take_outbox(self) -> list[tuple[Request, object]]:
+        out, self.outbox = self.outbox, []
+        return out

@@ -5,7 +5,7 @@
     audio = tts.generate("Hello there.", speaker=0)
     audio.save("out.wav")
 """
-__all__ = ["load", "TTS", "Audio", "Segment", "GenerationStats"]
+__all__ = ["load", "TTS", "Audio", "Segment", "GenerationParams", "GenerationStats"]
 __version__ = "0.1.0"
 
 MOSHI_MISSING = ("misotts needs Kyutai's moshi package for the Mimi codec, and it is not installed: "
@@ -30,6 +30,7 @@ def __getattr__(name):
         if (e.name or "").split(".")[0] == "moshi":
             raise ModuleNotFoundError(MOSHI_MISSING, name="moshi") from None
         raise
+    from misotts.runtime.params import GenerationParams
     from misotts.runtime.prompt import Segment
 
-    return Segment if name == "Segment" else getattr(api, name)
+    return {"Segment": Segment, "GenerationParams": GenerationParams}.get(name) or getattr(api, name)

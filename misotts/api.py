@@ -2,22 +2,20 @@
 from __future__ import annotations
 
 import asyncio
-import weakref
-from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterator, Iterator
+from typing import Iterator
 
 import torch
 
-from misotts.chunks import Audio, Chunker, GenerationStats
+from misotts.chunks import Audio, AudioStream, Chunker, GenerationStats
 from misotts.conversation import Conversation
 from misotts.runtime.audio import SAMPLE_RATE, load_audio
 from misotts.runtime.config import PRESETS, ModelConfig
 from misotts.runtime.devices import DTYPES, resolve_device
 from misotts.runtime.hub import DEFAULT_CODEC, PRESET_HUB_IDS
 from misotts.engine import Engine, EngineConfig
-from misotts.runtime.generate import ReferenceBackend, max_frames_for
+from misotts.runtime.params import KEEP, GenerationParams, params_of
 from misotts.runtime.model import CSMModel
 from misotts.runtime.prompt import build_prompt
 from misotts.runtime.tokenizer import ByteTokenizer, Llama3Tokenizer, check_special_ids, load_tokenizer
@@ -26,35 +24,29 @@ from misotts.weights.checkpoint import bundled_codec
 from misotts.weights.load import default_dtype, stored_scheme
 from misotts.weights.quantize import check_device, model_weights
 
-# {id(tts): (weakref to it, its GenerationStats)} of the last generation in this thread / task.
-_last_stats: ContextVar[dict] = ContextVar("misotts_last_stats")
-
-
 
 @dataclass
 class TTS:
-    """A loaded model, its tokenizer, its Mimi codec (loaded on first use) and the backend that
-    makes its frames: the engine (`misotts.engine.Engine`) or the plain reference loop
-    (`misotts.runtime.generate.ReferenceBackend`).  Both take a prompt and return a stream of
-    frames; nothing here asks which one it has."""
+    """A loaded model, its tokenizer, its Mimi codec (loaded on first use) and the engine that
+    makes its frames (`misotts.engine.Engine`: the only way frames are made).  `start_engine`
+    sizes it; a TTS used before that serves through the reference engine (one lane, the torch
+    ops, no CUDA graphs: `EngineConfig.reference`)."""
 
     model: CSMModel
     tokenizer: object
     codec_source: str | None = None  # None: the untrained Mimi
     untrained: bool = False
     source: str = ""
-    backend: object = None  # None: the reference backend, made on construction
+    backend: Engine | None = None  # made by start_engine, or on first use
     _codec: object = None
 
-    def __post_init__(self):
-        if self.backend is None:
-            self.backend = ReferenceBackend(self.model, codec=lambda: self.codec)
-
     def start_engine(self, config: EngineConfig | dict | None = None, progress: bool = False) -> Engine:
-        """Serve through the engine from now on (warm-up and, on CUDA, graph capture happen here)."""
+        """Serve through an engine of `config` from now on (warm-up and, on CUDA, graph capture
+        happen here); the engine it replaces is closed."""
         if isinstance(config, dict):
             config = EngineConfig(**config)
-        self.backend.close()
+        if self.backend is not None:
+            self.backend.close()
         self.backend = Engine(self.model, config, progress=progress, codec=lambda: self.codec)
         try:  # the audio path is ready before the first request, as the rest of the engine is
             self.backend.start_audio()
@@ -63,14 +55,17 @@ class TTS:
         return self.backend
 
     @property
-    def engine(self) -> Engine | None:
-        """The engine, when this TTS serves through one (its stats, its prefix cache)."""
-        return self.backend if isinstance(self.backend, Engine) else None
+    def engine(self) -> Engine:
+        """The engine (its stats, its prefix cache); the reference engine if none was started."""
+        if self.backend is None:
+            self.start_engine(EngineConfig.reference(self.config.max_seq_len))
+        return self.backend
 
     def close(self) -> None:
         """Stop the engine (its thread ends, queued and running requests get EngineStopped) and
         drop the codec.  Closing twice does nothing more; open engines are also closed at exit."""
-        self.backend.close()
+        if self.backend is not None:
+            self.backend.close()
         self._codec = None
 
     def __enter__(self) -> "TTS":
@@ -78,20 +73,6 @@ class TTS:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-    @property
-    def last_stats(self) -> GenerationStats:
-        """Timings of the last `stream` / `generate` started in this thread or asyncio task (each
-        stream's own; concurrent requests elsewhere do not touch them)."""
-        ref, stats = _last_stats.get({}).get(id(self), (None, None))
-        return stats if ref is not None and ref() is self else GenerationStats()  # not a dead TTS's with our id
-
-    def _new_stats(self) -> GenerationStats:
-        stats = GenerationStats()
-        mine = {key: (ref, s) for key, (ref, s) in _last_stats.get({}).items() if ref() is not None}
-        mine[id(self)] = (weakref.ref(self), stats)  # a fresh dict: other contexts keep theirs
-        _last_stats.set(mine)
-        return stats
 
     @property
     def config(self) -> ModelConfig:
@@ -122,58 +103,45 @@ class TTS:
     def _encode_audio(self, audio) -> torch.Tensor:
         return self.codec.encode(load_audio(audio, SAMPLE_RATE).to(self.device)).cpu()
 
-    def submit(self, text: str, speaker: int = 0, context=(), max_audio_ms: float = 10_000,
-               temperature: float = 0.9, topk: int = 50, seed: int = 0, stop_on_eos: bool = True,
-               audio: bool = False):
-        """Start a generation; returns its stream of `Frame(codes, audio)` at once (iterate it,
-        `async for` it, `cancel()` it).  stop_on_eos=False runs to max_audio_ms."""
-        frames, mask = self.prompt(text, speaker, context)
-        return self.backend.submit(frames, mask, max_frames_for(max_audio_ms), temperature=temperature, topk=topk,
-                                   seed=seed, stop_on_eos=stop_on_eos, audio=audio)
+    def params(self, params: GenerationParams | None = None, speaker: int = KEEP,
+               **settings) -> GenerationParams:
+        """`params` (default GenerationParams()) with `speaker` and `settings` (its field names:
+        max_audio_ms, temperature, topk, seed, stop_on_eos) replacing its own, validated against
+        this model's config."""
+        return params_of(params, speaker, **settings).validate(self.config)
 
-    def iter_codes(self, text: str, speaker: int = 0, context=(), max_audio_ms: float = 10_000,
-                   temperature: float = 0.9, topk: int = 50, seed: int = 0,
-                   stop_on_eos: bool = True) -> Iterator[torch.Tensor]:
+    def submit(self, text: str, speaker: int = KEEP, context=(), params: GenerationParams | None = None, *,
+               audio: bool = False, **settings):
+        """Start a generation; returns its stream of `Frame(codes, audio)` at once (iterate it,
+        `async for` it, `cancel()` it).  Settings: `params`, or GenerationParams' fields as
+        keywords (seed=1, max_audio_ms=4000, ...); stop_on_eos=False runs to max_audio_ms."""
+        params = self.params(params, speaker, **settings)  # before the prompt: a bad setting encodes no audio
+        frames, mask = self.prompt(text, params.speaker, context)
+        return self.engine.submit(frames, mask, params, audio=audio)
+
+    def iter_codes(self, text: str, speaker: int = KEEP, context=(), params: GenerationParams | None = None,
+                   **settings) -> Iterator[torch.Tensor]:
         """Codes [32] per frame, as they are generated (no audio decoding)."""
-        for frame in self.submit(text, speaker, context, max_audio_ms, temperature, topk, seed, stop_on_eos):
+        for frame in self.submit(text, speaker, context, params, **settings):
             yield frame.codes
 
-    def generate_codes(self, text: str, **kwargs) -> torch.Tensor:
-        return self.submit(text, **kwargs).codes()
+    def generate_codes(self, text: str, speaker: int = KEEP, context=(),
+                       params: GenerationParams | None = None, **settings) -> torch.Tensor:
+        return self.submit(text, speaker, context, params, **settings).codes()
 
-    def stream(self, text: str, speaker: int = 0, context=(), max_audio_ms: float = 10_000,
-               temperature: float = 0.9, topk: int = 50, seed: int = 0, chunk_frames: int = 1,
-               stop_on_eos: bool = True, first_chunk_frames: int = 1) -> Iterator[Audio]:
-        """Yield `Audio` chunks as they are made: the first after `first_chunk_frames` frames, then
-        every `chunk_frames` (the last may be shorter).  Concatenated, the chunks equal
-        `generate()` with the same arguments.  Closing the iterator early cancels the generation."""
-        chunker = self._chunker(first_chunk_frames, chunk_frames)
-        frames = self.submit(text, speaker, context, max_audio_ms, temperature, topk, seed, stop_on_eos, audio=True)
-        try:
-            for frame in frames:
-                if (chunk := chunker.add(frame.codes, frame.audio, frames.stats)) is not None:
-                    yield chunk
-            if (chunk := chunker.flush()) is not None:
-                yield chunk
-        finally:
-            frames.cancel()
+    def stream(self, text: str, speaker: int = KEEP, context=(), params: GenerationParams | None = None, *,
+               chunk_frames: int = 1, first_chunk_frames: int = 1, **settings) -> AudioStream:
+        """`Audio` chunks as they are made (iterate, or `async for`): the first after
+        `first_chunk_frames` frames, then every `chunk_frames` (the last may be shorter).
+        Concatenated, the chunks equal `generate()` with the same settings.  The stream's `stats`
+        fill in as it runs.  The request is submitted at the first chunk asked for; closing the
+        stream early cancels it."""
+        chunker = Chunker(GenerationStats(), first_chunk_frames, chunk_frames)
+        args = (text, speaker, context, params)
+        return AudioStream(lambda: self.submit(*args, audio=True, **settings),
+                           lambda: self._submit_off_loop(*args, audio=True, **settings), chunker)
 
-    async def astream(self, text: str, speaker: int = 0, context=(), max_audio_ms: float = 10_000,
-                      temperature: float = 0.9, topk: int = 50, seed: int = 0, chunk_frames: int = 1,
-                      stop_on_eos: bool = True, first_chunk_frames: int = 1) -> AsyncIterator[Audio]:
-        """`stream` for asyncio: `async for chunk in tts.astream(...)`; cancelling the task
-        cancels the generation."""
-        chunker = self._chunker(first_chunk_frames, chunk_frames)
-        frames = await self._submit_off_loop(text, speaker, context, max_audio_ms, temperature, topk, seed,
-                                             stop_on_eos, audio=True)
-        try:
-            async for frame in frames:
-                if (chunk := chunker.add(frame.codes, frame.audio, frames.stats)) is not None:
-                    yield chunk
-            if (chunk := chunker.flush()) is not None:
-                yield chunk
-        finally:
-            frames.cancel()
+    astream = stream  # `async for chunk in tts.astream(...)`: the same stream; cancelling the task cancels it
 
     async def _submit_off_loop(self, *args, **kwargs):
         """`submit` in a worker thread: building the prompt encodes context audio, which must
@@ -185,15 +153,14 @@ class TTS:
             pending.add_done_callback(lambda done: done.cancelled() or done.exception() or done.result().cancel())
             raise
 
-    def _chunker(self, first_chunk_frames: int, chunk_frames: int) -> Chunker:
-        return Chunker(self._new_stats(), first_chunk_frames, chunk_frames)
-
-    def generate(self, text: str, speaker: int = 0, context=(), max_audio_ms: float = 10_000,
-                 temperature: float = 0.9, topk: int = 50, seed: int = 0, stop_on_eos: bool = True) -> Audio:
-        """Speech for `text` spoken by `speaker`, following the conversation in `context`."""
-        chunks = list(self.stream(text, speaker, context, max_audio_ms, temperature, topk, seed, chunk_frames=8,
-                                  stop_on_eos=stop_on_eos))
-        return Audio.concat(chunks, self.config.num_codebooks)
+    def generate(self, text: str, speaker: int = KEEP, context=(), params: GenerationParams | None = None,
+                 **settings) -> Audio:
+        """Speech for `text` spoken by `speaker`, following the conversation in `context`; its
+        `stats` are the generation's."""
+        stream = self.stream(text, speaker, context, params, chunk_frames=8, **settings)
+        audio = Audio.concat(list(stream), self.config.num_codebooks)
+        audio.stats = stream.stats
+        return audio
 
     def conversation(self, context=()) -> Conversation:
         """A dialogue: each turn (generated or given) joins the context of the next; on the engine
@@ -208,7 +175,7 @@ class TTS:
                 "device": str(self.device),
                 "dtype": str(self.model.audio_head.dtype).replace("torch.", ""), "untrained": self.untrained,
                 "codec": self.codec_source or "untrained Mimi (random weights)",
-                "backend": self.backend.name if self.engine is None else f"engine ({self.engine.stats()['ops']} ops)"}
+                "backend": f"engine ({self.engine.stats()['ops']} ops, {self.engine.max_batch} lanes)"}
 
 
 def load(source: str | Path = "tiny", device=None, dtype: torch.dtype | str | None = None, *,
@@ -225,8 +192,8 @@ def load(source: str | Path = "tiny", device=None, dtype: torch.dtype | str | No
     dtype: a torch dtype or its name ("bf16", "bfloat16", "fp32", ...).
     backend: "auto" serves through the engine (misotts.engine: paged KV with prefix reuse,
     continuous batching; Triton kernels and CUDA graphs on CUDA, torch ops on the CPU);
-    "reference" runs the plain model frame by frame.
-    engine: EngineConfig fields for "auto", e.g. {"max_batch": 8, "num_blocks": 4096}.
+    "reference" through the reference engine: one lane, the torch ops, no CUDA graphs.
+    engine: EngineConfig fields for "auto" ("reference" is a fixed configuration), e.g. {"max_batch": 8, "num_blocks": 4096}.
     weights: "int8", "fp8" or "int4" quantises the transformers' linears as they load
     (weights/quantize.py; the CPU runs int8); a quantised checkpoint loads in its own scheme.
     """
@@ -234,8 +201,7 @@ def load(source: str | Path = "tiny", device=None, dtype: torch.dtype | str | No
         raise ValueError(f"unknown backend {backend!r}: expected 'auto' or 'reference'")
     dtype = _dtype(dtype)
     tts = _load(source, device, dtype, random_init, seed, codec, tokenizer, progress, weights)
-    if backend == "auto":
-        tts.start_engine(engine, progress=progress)
+    tts.start_engine(engine if backend == "auto" else EngineConfig.reference(tts.config.max_seq_len), progress=progress)
     return tts
 
 

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from misotts import MOSHI_MISSING, __version__
 from misotts import cli_checks as checks
-from misotts.chunks import Audio
+from misotts.chunks import Audio, GenerationStats
 from misotts.runtime.devices import DTYPES, resolve_device
 
 EXIT_ERROR, EXIT_NOTHING_MADE = 2, 1
@@ -66,7 +66,7 @@ def cmd_speak(args) -> int:
     tts = _load(args)
     if tts.untrained:
         print(UNTRAINED_NOTE.format(tts.source, args.max_audio_ms / 1000), file=sys.stderr)
-    chunks = _generate_with_progress(tts, text, context, args)
+    chunks, s = _generate_with_progress(tts, text, context, args)
     if not chunks:
         print("the model ended the utterance before the first frame; nothing written", file=sys.stderr)
         return EXIT_NOTHING_MADE
@@ -75,28 +75,26 @@ def cmd_speak(args) -> int:
     if to_stdout:
         audio.save(sys.stdout.buffer)
         sys.stdout.buffer.flush()
-    s = tts.last_stats
     print(f"wrote {where} ({audio.duration_s:.2f} s, {audio.codes.shape[0]} frames, {audio.sample_rate} Hz)", file=report)
     print(f"time to first audio {s.first_audio_s * 1000:.1f} ms | {s.frames_per_s:.1f} frames/s | "
           f"real-time factor {s.real_time_factor:.3f} (device {tts.device})", file=report)
     return 0
 
 
-def _generate_with_progress(tts, text, context, args) -> list[Audio]:
-    """The chunks of one generation, with a bar of frames, audio seconds and real-time factor on a
-    terminal (tqdm's disable=None: nothing when stderr is piped)."""
-    from misotts.runtime.generate import max_frames_for
-
+def _generate_with_progress(tts, text, context, args) -> tuple[list[Audio], GenerationStats]:
+    """The chunks of one generation and its stats, with a bar of frames, audio seconds and
+    real-time factor on a terminal (tqdm's disable=None: nothing when stderr is piped)."""
     chunks = []
-    stream = tts.stream(text, speaker=args.speaker, context=context, max_audio_ms=args.max_audio_ms,
-                        temperature=args.temperature, topk=args.topk, seed=args.seed, chunk_frames=4)
-    with tqdm(total=max_frames_for(args.max_audio_ms), unit="frame", desc="speaking", disable=None, leave=False) as bar:
+    params = tts.params(speaker=args.speaker, max_audio_ms=args.max_audio_ms, temperature=args.temperature,
+                        topk=args.topk, seed=args.seed)
+    stream = tts.stream(text, context=context, params=params, chunk_frames=4)
+    with tqdm(total=params.max_frames, unit="frame", desc="speaking", disable=None, leave=False) as bar:
         for chunk in stream:
             chunks.append(chunk)
-            s = tts.last_stats
+            s = stream.stats
             bar.update(len(chunk.codes))
             bar.set_postfix_str(f"{s.audio_s:.1f} s audio, real-time factor {s.real_time_factor:.2f}")
-    return chunks
+    return chunks, stream.stats
 
 
 def cmd_info(args) -> int:

@@ -20,13 +20,13 @@ class Conversation:
 
     The engine keeps the KV of earlier turns in its prefix cache, so a new turn prefills only
     its own text (and the audio of given turns not seen before): time to first audio does not
-    grow with the history.  Works on the reference backend too, without the reuse.
+    grow with the history.
     """
 
     def __init__(self, tts, context=()):
         self.tts = tts
         self.history: list[Segment] = list(context)
-        # The last turn's stats (reused_positions / computed_positions among them): the TTS's
+        # The last turn's stats (reused_positions / computed_positions among them): its stream's
         # GenerationStats after an audio turn, the engine's RequestStats after say_codes.
         self.last_stats = None
 
@@ -49,8 +49,9 @@ class Conversation:
         before the caller stopped) join the history when the iterator ends.  A turn that fails
         joins nothing."""
         made, heard = [], False
+        stream = self.tts.stream(text, speaker, list(self.history), **kwargs)
         try:
-            for chunk in self.tts.stream(text, speaker, list(self.history), **kwargs):
+            for chunk in stream:
                 made.append(chunk.codes)
                 yield chunk
             heard = True
@@ -58,7 +59,8 @@ class Conversation:
             heard = True
             raise
         finally:
-            self.last_stats = self.tts.last_stats
+            stream.close()
+            self.last_stats = stream.stats
             if heard:
                 n = self.tts.config.num_codebooks
                 self._remember(speaker, text, torch.cat(made) if made else torch.zeros(0, n, dtype=torch.long))

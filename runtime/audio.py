@@ -40,15 +40,28 @@ def load_audio(source, sample_rate: int = SAMPLE_RATE) -> torch.Tensor:
 def audio_seconds(source, sample_rate: int = SAMPLE_RATE) -> float:
     """How long `source` (as `load_audio` takes it) lasts, from its length and rate alone:
     nothing is resampled, so a size can be refused before any work."""
+    length, rate = audio_length(source, sample_rate)
+    return length / rate
+
+
+def audio_frames(source, sample_rate: int = SAMPLE_RATE) -> int:
+    """Mimi frames (of FRAME_SAMPLES at 24 kHz) that `source` makes, from its length and rate
+    alone, in exact arithmetic (a whole number of frames is not rounded up by float error)."""
+    length, rate = audio_length(source, sample_rate)
+    return -(-length * SAMPLE_RATE // (int(rate) * FRAME_SAMPLES))
+
+
+def audio_length(source, sample_rate: int = SAMPLE_RATE) -> tuple[int, int]:
+    """(samples, rate) of `source` (as `load_audio` takes it): a file's header, or an array's shape."""
     if isinstance(source, (str, os.PathLike)) and Path(source).expanduser().is_file():
         try:
             info = soundfile.info(str(Path(source).expanduser()))  # the header only
         except soundfile.SoundFileError:
             pass  # read_audio_file below names the problem
         else:
-            return info.frames / _checked_rate(info.samplerate)
+            return info.frames, _checked_rate(info.samplerate)
     samples, rate = _samples_and_rate(source, sample_rate)
-    return np.shape(samples)[-1] / rate if np.ndim(samples) else 0.0
+    return (int(np.shape(samples)[-1]) if np.ndim(samples) else 0), rate
 
 
 def _samples_and_rate(source, sample_rate: int):

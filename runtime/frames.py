@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import AsyncIterator, Iterator, NamedTuple, Protocol, runtime_checkable
 
 import torch
 
@@ -26,6 +26,23 @@ class RequestStats:
     finish: str = ""  # "eos", "max_frames", "cancelled" or "error"
 
 
+@runtime_checkable
+class FrameStream(Protocol):
+    """A generation's frames as the engine hands them out (`engine.requests.Stream`): iterate or
+    `async for` for a `Frame` per frame; `stats` fills in as it runs (prompt positions, reused and
+    computed, timings); `cancel()` stops it; `codes()` waits for all and stacks them."""
+
+    stats: RequestStats
+
+    def __iter__(self) -> Iterator[Frame]: ...
+
+    def __aiter__(self) -> AsyncIterator[Frame]: ...
+
+    def cancel(self) -> None: ...
+
+    def codes(self) -> torch.Tensor: ...
+
+
 def stack_codes(codes: list[torch.Tensor], num_codebooks: int) -> torch.Tensor:
     """Frames' codes [num_codebooks] each -> [T, num_codebooks] (T = 0 when there are none)."""
     return torch.stack(codes) if codes else torch.zeros(0, num_codebooks, dtype=torch.long)
@@ -34,6 +51,18 @@ def stack_codes(codes: list[torch.Tensor], num_codebooks: int) -> torch.Tensor:
 # Codebook 0 of a frame whose logits held a NaN or an infinity (broken weights or inputs): both
 # backends mark the frame with it where the codes are made, and fail the request on reading it.
 NONFINITE_CODE = -1
+
+
+def frame_end(codes: torch.Tensor, frame: int, stop_on_eos: bool) -> FloatingPointError | str | None:
+    """Whether frame `frame` (codes [n], just made) ends its generation instead of being handed
+    out: the error of a frame marked non-finite, "eos" for an all-zero frame (end of speech, as in
+    Sesame's reference) when stop_on_eos, else None.  The one place these rules live (the engine's
+    scheduler and the oracle loop both ask it); the last is max_frames: that many handed out."""
+    if codes[0] == NONFINITE_CODE:
+        return nonfinite_error(frame)
+    if stop_on_eos and not codes.any():
+        return "eos"
+    return None
 
 
 def nonfinite_error(frame: int) -> FloatingPointError:

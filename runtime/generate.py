@@ -1,29 +1,21 @@
-"""The reference frame loop (Sesame's generator): prompt -> Mimi codes, one frame at a time;
-and `ReferenceBackend`, which offers it behind the engine's interface (`submit` -> a stream of frames).
+"""The oracle frame loop (Sesame's generator) over the plain `CSMModel`: prompt -> Mimi codes,
+one frame at a time.  It serves nobody -- the engine is the only way frames are made -- it is
+what the tests (and the soak) hold the engine to, as transformers is the oracle above it.  And
+`check_request`, which the engine runs on every submit.
 """
 from __future__ import annotations
 
-import asyncio
-import math
-import threading
-import time
-from contextlib import nullcontext
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 
 from .audio import FRAME_MS
-from .frames import NONFINITE_CODE, Frame, RequestStats, nonfinite_error, stack_codes
+from .frames import frame_end, stack_codes
 from .model import CSMModel
-from .prompt import audio_rows, check_prompt_audio_codes, check_prompt_text_ids, mimi_codes
-from .sampling import check_sampling_args, is_integer, is_real
+from .params import GenerationParams
+from .prompt import audio_rows, check_prompt_audio_codes, check_prompt_text_ids
+from .sampling import check_sampling_args, is_integer
 
-
-
-def max_frames_for(max_audio_ms: float) -> int:
-    if not is_real(max_audio_ms) or not 0 < max_audio_ms < math.inf:
-        raise ValueError(f"max_audio_ms must be a finite number > 0, got {max_audio_ms!r}")
-    return max(1, int(max_audio_ms // FRAME_MS))
 
 
 def check_context_window(prompt_len: int, max_frames: int, max_seq_len: int) -> None:
@@ -38,10 +30,18 @@ def check_context_window(prompt_len: int, max_frames: int, max_seq_len: int) -> 
         )
 
 
-def check_request(cfg, frames, mask, max_frames: int, temperature: float, topk: int, seed: int = 0) -> None:
-    """Everything about a request that can be refused before any work (both backends): nothing
-    that passes here can fail in the engine's thread for being malformed."""
-    check_sampling_args(temperature, topk, cfg.audio_vocab_size, seed)
+def check_request(cfg, frames, mask, params: GenerationParams) -> GenerationParams:
+    """Everything about a request that can be refused before any work: nothing that passes here
+    can fail in the engine's thread for being malformed.  Returns the validated params."""
+    if not isinstance(params, GenerationParams):
+        raise TypeError(f"params must be a GenerationParams, got {type(params).__name__}")
+    params = params.validate(cfg)
+    check_prompt(cfg, frames, mask, params.max_frames)
+    return params
+
+
+def check_prompt(cfg, frames, mask, max_frames: int) -> None:
+    """Prompt rows frames, mask [S, n + 1] that a model of `cfg` can run, with room for max_frames."""
     if not isinstance(frames, torch.Tensor) or not isinstance(mask, torch.Tensor):
         raise TypeError(f"prompt frames and mask must be tensors, got {type(frames).__name__} and {type(mask).__name__}")
     if frames.dtype.is_floating_point or frames.dtype.is_complex:
@@ -67,7 +67,8 @@ def iter_frames(model: CSMModel, frames: torch.Tensor, mask: torch.Tensor, max_f
     Sesame's reference.  Frame t draws its random numbers from counters t*n .. t*n + n - 1.
     """
     cfg = model.config
-    check_request(cfg, frames, mask, max_frames, temperature, topk, seed)
+    check_sampling_args(temperature, topk, cfg.audio_vocab_size, seed)
+    check_prompt(cfg, frames, mask, max_frames)
     device = model.audio_head.device
     n = cfg.num_codebooks
     model.setup_caches(1, frames.shape[0] + max_frames)
@@ -77,9 +78,9 @@ def iter_frames(model: CSMModel, frames: torch.Tensor, mask: torch.Tensor, max_f
     for t in range(max_frames):
         counter = torch.tensor([t * n], dtype=torch.long, device=device)
         codes = model.generate_frame(cur_frames, cur_mask, positions, temperature, topk, seed_t, counter)
-        if codes[0, 0] == NONFINITE_CODE:
-            raise nonfinite_error(t)
-        if stop_on_eos and not codes.any():
+        if isinstance(end := frame_end(codes[0], t, stop_on_eos), Exception):
+            raise end
+        if end:
             return
         yield codes[0]
         cur_frames, cur_mask = (rows[None] for rows in audio_rows(codes, end_of_audio=False))
@@ -91,98 +92,3 @@ def generate_codes(model: CSMModel, frames, mask, max_frames: int, **kwargs) -> 
     out = list(iter_frames(model, frames, mask, max_frames, **kwargs))
     n = model.config.num_codebooks
     return stack_codes(out, n)
-
-
-class ReferenceBackend:
-    """The plain model behind the engine's interface: `submit` returns a stream of `Frame`s, made
-    one at a time by `iter_frames` in the thread that reads the stream (audio, when asked for,
-    decoded there by a streaming Mimi).  One stream at a time: the model holds its caches."""
-
-    name = "reference"
-
-    def __init__(self, model: CSMModel, codec: Callable[[], object] | None = None):
-        self.model, self._codec = model, codec  # codec: makes the MimiCodec on first use
-        self._busy = threading.Lock()
-
-    def submit(self, frames: torch.Tensor, mask: torch.Tensor, max_frames: int, temperature: float = 0.9,
-               topk: int = 50, seed: int = 0, stop_on_eos: bool = True, audio: bool = False) -> ReferenceStream:
-        check_request(self.model.config, frames, mask, max_frames, temperature, topk, seed)
-        if audio and self._codec is None:
-            raise ValueError("this backend has no codec to decode audio")
-        return ReferenceStream(self, frames, mask, max_frames, dict(temperature=temperature, topk=topk, seed=seed,
-                                                                     stop_on_eos=stop_on_eos), audio)
-
-    def close(self) -> None:
-        pass
-
-
-_END = object()
-
-
-class ReferenceStream:
-    """`Stream`'s interface over the reference loop: iterate (or `async for`) for frames;
-    `cancel()` / `close()`, `codes()`, `stats`."""
-
-    def __init__(self, backend: ReferenceBackend, frames, mask, max_frames: int, sampling: dict, audio: bool):
-        self.stats = RequestStats(prompt_positions=len(frames), computed_positions=len(frames))
-        self._submitted = time.perf_counter()
-        self._cancelled = False
-        self._frames = self._run(backend, frames, mask, max_frames, sampling, audio)
-        self._num_codebooks = backend.model.config.num_codebooks
-
-    def _run(self, backend, frames, mask, max_frames, sampling, audio):
-        if not backend._busy.acquire(blocking=False):
-            raise RuntimeError("the reference backend runs one stream at a time: finish or close the other "
-                               "stream first, or load with backend='auto' (the engine) for concurrent requests")
-        stats = self.stats
-        try:
-            codec = backend._codec() if audio else None
-            with codec.stream_decoder(batch_size=1) if audio else nullcontext() as decoder:
-                for codes in iter_frames(backend.model, frames, mask, max_frames, **sampling):
-                    if self._cancelled:
-                        stats.finish = "cancelled"
-                        return
-                    samples = None
-                    if audio:
-                        samples = decoder.decode_frame(mimi_codes(codes[None], codec.cardinality))[0].float().cpu()
-                    if stats.frames == 0:
-                        stats.first_frame_s = time.perf_counter() - self._submitted
-                    stats.frames += 1
-                    yield Frame(codes.cpu(), samples)
-            stats.finish = "max_frames" if stats.frames == max_frames else "eos"
-        except GeneratorExit:  # closed by the reader
-            stats.finish = "cancelled"
-            raise
-        except Exception:
-            stats.finish = "error"
-            raise
-        finally:
-            stats.total_s = time.perf_counter() - self._submitted
-            backend._busy.release()
-
-    def cancel(self) -> None:
-        self._cancelled = True
-        try:
-            self._frames.close()  # runs the loop's cleanup now (frees the backend for the next stream)
-        except ValueError:  # the loop is running in a worker thread (astream): it stops at its next frame
-            pass
-
-    close = cancel
-
-    def __iter__(self):
-        try:
-            yield from self._frames
-        finally:
-            self.cancel()
-
-    async def __aiter__(self):
-        # Each frame is made in a worker thread, so the event loop keeps running meanwhile.
-        loop = asyncio.get_running_loop()
-        try:
-            while (frame := await loop.run_in_executor(None, next, self._frames, _END)) is not _END:
-                yield frame
-        finally:
-            self.cancel()
-
-    def codes(self) -> torch.Tensor:
-        return stack_codes([frame.codes for frame in self], self._num_codebooks)

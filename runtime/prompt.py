@@ -8,7 +8,6 @@ target's text rows.
 """
 from __future__ import annotations
 
-import math
 import numbers
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,15 +84,32 @@ def check_prompt_audio_codes(frames: torch.Tensor, mask: torch.Tensor, audio_voc
 
 def audio_rows(codes: torch.Tensor, end_of_audio: bool = True):
     """codes [T, n] -> frames, mask [T (+1), n + 1] on codes' device: the backbone rows of audio
-    frames (every path that feeds frames back builds them here); the extra all-zero row marks
-    the end of a turn's audio."""
+    frames (every path that feeds frames back builds them with `write_audio_rows`); the extra
+    all-zero row marks the end of a turn's audio."""
     t, n = codes.shape
     rows = t + int(end_of_audio)
     frames = torch.zeros(rows, n + 1, dtype=torch.long, device=codes.device)
     mask = torch.zeros(rows, n + 1, dtype=torch.bool, device=codes.device)
-    frames[:t, :n] = codes
-    mask[:, :n] = True
+    write_audio_rows(codes, frames[:t], mask, audio_row_mask(n, codes.device))
     return frames, mask
+
+
+def audio_row_mask(num_codebooks: int, device=None) -> torch.Tensor:
+    """The mask [n + 1] of an audio row: the audio columns in, the text column out."""
+    mask = torch.ones(num_codebooks + 1, dtype=torch.bool, device=device)
+    mask[-1] = False
+    return mask
+
+
+def write_audio_rows(codes: torch.Tensor, frames: torch.Tensor, mask: torch.Tensor, row_mask: torch.Tensor) -> None:
+    """In place: rows frames, mask [T, n + 1] become the audio rows of codes [T, n] (the codes,
+    text column 0; mask = row_mask, `audio_row_mask(n)`).  No allocation, no host value and no
+    sync, so the engine's captured frame writes each lane's next row with it (mask may have more
+    rows than codes: an end-of-audio row takes the same mask)."""
+    n = codes.shape[1]
+    frames[:, :n] = codes
+    frames[:, n:].zero_()
+    mask.copy_(row_mask.expand_as(mask))
 
 
 def check_codes(codes: torch.Tensor, num_codebooks: int, vocab: int = 2048) -> torch.Tensor:
@@ -159,21 +175,42 @@ def build_prompt(text: str, speaker: int, context, tokenizer, num_codebooks: int
     return torch.cat(frames), torch.cat(mask)
 
 
+def text_positions(text: str, speaker: int, tokenizer) -> int:
+    """Backbone positions of a turn's text rows ("[speaker]text" with BOS/EOS)."""
+    return len(tokenizer.encode(f"[{speaker}]{text}"))
+
+
+def audio_positions(segment: Segment) -> int:
+    """Backbone positions of a segment's audio rows: one per Mimi frame and the row that ends the
+    audio (0 without audio), counted from the codes' length or the audio's length and rate --
+    nothing is loaded or encoded."""
+    if segment.codes is not None:
+        return len(segment.codes) + 1
+    if segment.audio is None:
+        return 0
+    from .audio import audio_frames  # audio imports numpy; prompt stays light
+
+    check_audio_path(segment.audio)
+    return audio_frames(segment.audio) + 1
+
+
+def segment_positions(segment: Segment, tokenizer) -> int:
+    """Backbone positions `segment` takes in a prompt (what `segment_rows` would make)."""
+    return text_positions(segment.text, segment.speaker, tokenizer) + audio_positions(segment)
+
+
+def prompt_positions(text: str, speaker: int, context, tokenizer) -> int:
+    """The length of `build_prompt(text, speaker, context, ...)` in rows, without building it."""
+    return text_positions(text, speaker, tokenizer) + sum(segment_positions(s, tokenizer) for s in context)
+
+
 def check_prompt_size(text: str, speaker: int, context: list, tokenizer, max_positions: int) -> None:
     """Refuse a prompt of more than max_positions rows, counted without encoding any audio."""
-    from .audio import FRAME_SAMPLES, SAMPLE_RATE, audio_seconds  # audio imports numpy; prompt stays light
-
-    positions, audio_s = len(tokenizer.encode(f"[{speaker}]{text}")), 0.0
-    for segment in context:
-        positions += len(tokenizer.encode(f"[{segment.speaker}]{segment.text}"))
-        if segment.codes is not None:
-            positions += len(segment.codes) + 1
-        elif segment.audio is not None:
-            check_audio_path(segment.audio)
-            seconds = audio_seconds(segment.audio)
-            audio_s += seconds
-            positions += math.ceil(seconds * SAMPLE_RATE / FRAME_SAMPLES) + 1
+    positions = prompt_positions(text, speaker, context, tokenizer)
     if positions > max_positions:
+        from .audio import audio_seconds
+
+        audio_s = sum(audio_seconds(s.audio) for s in context if s.codes is None and s.audio is not None)
         turns = f"the text and {len(context)} context turn(s)" + (f" with {audio_s:.1f} s of context audio" if audio_s else "")
         raise ValueError(f"the prompt ({positions} positions: {turns if context else 'the text'}) fills the model's "
                          f"context window of {max_positions + 1} positions: shorten the text"

@@ -27,14 +27,34 @@ def is_real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def shown(value, limit: int = 60) -> str:
+    """A caller's value in an error message: short, and never failing (an integer past Python's
+    digit limit has no repr)."""
+    try:
+        text = repr(value)
+    except ValueError:
+        return f"an integer of {value.bit_length()} bits"
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+class InvalidParam(ValueError):
+    """A request setting that cannot be served; `param` names it (the server's error envelope
+    says which field was wrong)."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
 def check_sampling_args(temperature: float, topk: int, vocab_size: int, seed: int = 0) -> None:
+    """The sampler's settings for a model of `vocab_size` audio ids (InvalidParam if not)."""
     if not is_real(temperature) or not (temperature == 0 or MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE):
-        raise ValueError(f"temperature must be 0 (greedy) or a number in [{MIN_TEMPERATURE:g}, "
-                         f"{MAX_TEMPERATURE:g}], got {temperature!r}")
+        raise InvalidParam(f"temperature must be 0 (greedy) or a number in [{MIN_TEMPERATURE:g}, "
+                           f"{MAX_TEMPERATURE:g}], got {shown(temperature)}", "temperature")
     if not is_integer(topk) or not 1 <= topk <= vocab_size:
-        raise ValueError(f"topk must be an integer in 1..{vocab_size}, got {topk!r}")
+        raise InvalidParam(f"topk must be an integer in 1..{vocab_size}, got {shown(topk)}", "topk")
     if not is_integer(seed) or not 0 <= seed <= MAX_SEED:
-        raise ValueError(f"seed must be an integer in 0..2**63 - 1, got {seed!r}")
+        raise InvalidParam(f"seed must be an integer in 0..2**63 - 1, got {shown(seed)}", "seed")
 
 
 # One definition of the draw, shared with the kernels' tests: Triton's sampler must match it.

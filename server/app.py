@@ -27,7 +27,7 @@ from .errors import ApiError, bad_request, error_kind, from_exception
 from .limits import LIMITS, Limits, RequestGuard
 from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .shutdown import Draining, until_expired
-from .speech import OPENAI_VOICES, Turns, parse_speech, speak
+from .speech import OPENAI_VOICES, Speaker, Turns, parse_speech, speak
 from .stretch import stretch_chunks
 from .ws import add_stream_route
 
@@ -52,7 +52,7 @@ def create_app(tts, *, model_name: str = "misotts", api_key: str | None = None, 
         raise ValueError(f"voice aliases are for built-in voice names ({', '.join(OPENAI_VOICES)}): {unknown}")
     request_defaults = dict(request_defaults or {})
     try:  # checked now, as a request would be, so a bad default fails at start, not on every request
-        parse_speech({"model": "-", "input": "-", "voice": "0", **request_defaults}, None)
+        parse_speech({"model": "-", "input": "-", "voice": "0", **request_defaults}, None, tts.config)
     except ApiError as err:
         raise ValueError(f"request_defaults: {err.message}") from None
     # the schema names every route: behind a key it is not served at all
@@ -128,9 +128,11 @@ def create_app(tts, *, model_name: str = "misotts", api_key: str | None = None, 
         body = await read_json(request)
         if isinstance(body, dict):
             body = {**request_defaults, **body}
-        req = await asyncio.to_thread(parse_speech, body, voices, max_context_audio_s, voice_aliases)  # decodes audio
-        turn_stats: list = []
-        chunks = until_expired(stretch_chunks(speak(tts, req, turns, turn_stats), req.speed), app.state.draining)
+        req = await asyncio.to_thread(parse_speech, body, voices, tts.config, max_context_audio_s,  # decodes audio
+                                      voice_aliases)
+        speaker = Speaker(tts, req, turns)
+        turn_stats = speaker.stats  # each turn's stream's stats, read from the streams themselves
+        chunks = until_expired(stretch_chunks(speak(speaker), req.speed), app.state.draining)
         try:  # up to the first chunk a failure is a status code: queue full, engine stopped, bad prompt
             first = await anext(chunks, None)
         except Exception as err:

@@ -58,10 +58,10 @@ class SpeechEngine:
     def describe(self) -> dict:
         return {"config": self.tts.config, "tokenizer": self.tts.tokenizer}
 
-    async def stream(self, text: str, speaker: int, context: list, options: dict):
+    async def stream(self, text: str, context: list, params, chunking: dict):
         if voice := serve.get_multiplexed_model_id():
             await self.hold_voice(voice)
-        async for item in serve_stream(self.tts, text, speaker, context, options, self.replica_id):
+        async for item in serve_stream(self.tts, text, context, params, chunking, self.replica_id):
             yield item
 
     def engine_stats(self) -> dict:

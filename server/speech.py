@@ -13,7 +13,9 @@ from typing import AsyncIterator
 import torch
 
 from misotts.chunks import Audio
-from misotts.runtime.prompt import MAX_SPEAKER, Segment, mimi_codes
+from misotts.runtime.audio import FRAME_MS
+from misotts.runtime.params import GenerationParams, InvalidParam
+from misotts.runtime.prompt import MAX_SPEAKER, Segment, mimi_codes, segment_positions, text_positions
 
 from .audio_formats import FORMATS
 from .audio_input import AudioTooLong, decode_capped
@@ -46,33 +48,42 @@ def first_chunk_frames(req: "SpeechRequest") -> int:
     return LATE_FIRST_CHUNK_FRAMES
 
 
+# The fields that say how to speak, shared by POST /v1/audio/speech and the WebSocket's session.config.
+SETTINGS = ("seed", "temperature", "topk", "max_audio_ms")
+VOICE_FIELDS = ("voice", "context", *SETTINGS)
+
+
 @dataclass
 class SpeechRequest:
     input: str
-    speaker: int
+    params: GenerationParams = field(default_factory=GenerationParams)  # speaker, seed, sampling, length
     response_format: str = "mp3"
     stream_format: str | None = "audio"  # None: one whole file
     speed: float = 1.0  # a pitch-preserving time stretch of the output (stretch.py)
     ignored: list = field(default_factory=list)  # fields accepted but not honoured (instructions)
-    seed: int = 0
-    temperature: float = 0.9
-    topk: int = 50
-    max_audio_ms: float = 10_000
     context: list = field(default_factory=list)  # Segments before the input (a voice's first)
     voice: str = ""
 
+    @property
+    def speaker(self) -> int:
+        return self.params.speaker
 
-def parse_speech(body, voices, max_context_audio_s: float = MAX_CONTEXT_AUDIO_S,
-                 aliases: dict | None = None) -> SpeechRequest:
-    """The JSON body -> a SpeechRequest; an ApiError (400 / 413) naming the first bad field.
-    Blocking (context audio is decoded, voices are read from disk): call it from a thread."""
-    if not isinstance(body, dict):
-        raise bad_request("the body must be a JSON object", None)
-    known = {"model", "input", "voice", "response_format", "speed", "stream_format", "instructions", "seed",
-             "temperature", "topk", "max_audio_ms", "context", "strict"}
+
+def check_fields(body: dict, known) -> None:
     for name in body:
         if name not in known:
             raise bad_request(f"unknown field {name!r}", name, "unknown_parameter")
+
+
+def parse_speech(body, voices, config, max_context_audio_s: float = MAX_CONTEXT_AUDIO_S,
+                 aliases: dict | None = None) -> SpeechRequest:
+    """The JSON body -> a SpeechRequest for a model of `config`; an ApiError (400 / 413) naming
+    the first bad field.  Blocking (context audio is decoded, voices are read from disk): call it
+    from a thread."""
+    if not isinstance(body, dict):
+        raise bad_request("the body must be a JSON object", None)
+    check_fields(body, {"model", "input", "response_format", "speed", "stream_format", "instructions", "strict",
+                        *VOICE_FIELDS})
     if not isinstance(body.get("model"), str) or not body["model"]:
         raise bad_request("model is required: a string (any name: this server serves one model)", "model")
     text = body.get("input")
@@ -82,20 +93,27 @@ def parse_speech(body, voices, max_context_audio_s: float = MAX_CONTEXT_AUDIO_S,
     if len(text) > MAX_INPUT_CHARS:
         raise ApiError(413, f"input is {len(text)} characters; the limit is {MAX_INPUT_CHARS}", "input",
                        "input_too_long")
-    req = SpeechRequest(input=text, speaker=0)
-    _parse_voice(body.get("voice"), voices, req, aliases)
+    req = SpeechRequest(input=text)
     fmt = body.get("response_format", "mp3")
     if fmt not in FORMATS:
         raise bad_request(f"response_format must be one of {', '.join(FORMATS)}, got {_show(fmt)}", "response_format")
     req.response_format = fmt
-    speed = body.get("speed", 1.0)
-    if not _is_number(speed) or not 0.25 <= speed <= 4.0:
-        raise bad_request(f"speed must be a number in 0.25..4.0, got {_show(speed)}", "speed")
-    req.speed = float(speed)
     stream = body.get("stream_format", "audio")
     if stream not in STREAM_FORMATS:
         raise bad_request(f"stream_format must be 'audio', 'sse' or 'none', got {_show(stream)}", "stream_format")
     req.stream_format = None if stream == "none" else stream
+    parse_delivery(body, req)
+    parse_voice_settings(body, voices, config, req, max_context_audio_s, aliases)
+    return req
+
+
+def parse_delivery(body: dict, req: SpeechRequest) -> None:
+    """OpenAI's `speed` and `instructions` (with our `strict`) into `req`: shared by POST
+    /v1/audio/speech and the WebSocket's session.config."""
+    speed = body.get("speed", 1.0)
+    if not _is_number(speed) or not 0.25 <= speed <= 4.0:
+        raise bad_request(f"speed must be a number in 0.25..4.0, got {_show(speed)}", "speed")
+    req.speed = float(speed)
     strict = body.get("strict", False)
     if not isinstance(strict, bool):
         raise bad_request("strict must be true or false", "strict")
@@ -107,22 +125,21 @@ def parse_speech(body, voices, max_context_audio_s: float = MAX_CONTEXT_AUDIO_S,
             raise bad_request("instructions are not supported by this model (strict: true)", "instructions",
                               "unsupported_value")
         req.ignored.append("instructions")
-    seed = body.get("seed", 0)
-    if not _is_int(seed) or not 0 <= seed < 2**63 - 1024:  # turns use seed, seed + 1, ...
-        raise bad_request(f"seed must be an integer in 0..2**63-1025, got {_show(seed)}", "seed")
-    temperature = body.get("temperature", 0.9)
-    if not _is_number(temperature) or not (temperature == 0 or 1e-4 <= temperature <= 1e4):
-        raise bad_request(f"temperature must be 0 or in [1e-4, 1e4], got {_show(temperature)}", "temperature")
-    topk = body.get("topk", 50)
-    if not _is_int(topk) or not 1 <= topk <= 2051:
-        raise bad_request(f"topk must be an integer in 1..2051, got {_show(topk)}", "topk")
-    max_audio_ms = body.get("max_audio_ms", 10_000)
-    if not _is_number(max_audio_ms) or not 80 <= max_audio_ms <= MAX_AUDIO_MS:
-        raise bad_request(f"max_audio_ms must be a number in 80..{MAX_AUDIO_MS}, got {_show(max_audio_ms)}",
-                          "max_audio_ms")
-    req.seed, req.temperature, req.topk, req.max_audio_ms = int(seed), float(temperature), int(topk), float(max_audio_ms)
+
+
+def parse_voice_settings(body: dict, voices, config, req: SpeechRequest,
+                         max_context_audio_s: float = MAX_CONTEXT_AUDIO_S, aliases: dict | None = None) -> None:
+    """The voice, context and generation settings of `body` into `req`: GenerationParams checked
+    against the model's config (its bounds, not ours), then the server's own limit on length."""
+    _parse_voice(body.get("voice"), voices, req, aliases)
+    try:
+        req.params = req.params.replace(**{name: body[name] for name in SETTINGS if name in body}).validate(config)
+    except InvalidParam as err:
+        raise bad_request(str(err), err.param) from None
+    if not FRAME_MS <= req.params.max_audio_ms <= MAX_AUDIO_MS:
+        raise bad_request(f"max_audio_ms must be a number in {FRAME_MS}..{MAX_AUDIO_MS}, got "
+                          f"{_show(req.params.max_audio_ms)}", "max_audio_ms")
     req.context = req.context + parse_context(body.get("context", []), max_context_audio_s)
-    return req
 
 
 def _parse_voice(voice, voices, req: SpeechRequest, aliases: dict | None = None) -> None:
@@ -133,7 +150,7 @@ def _parse_voice(voice, voices, req: SpeechRequest, aliases: dict | None = None)
         speaker = MAX_SPEAKER + 1 if too_long else int(voice)
         if not 0 <= speaker <= MAX_SPEAKER:
             raise bad_request(f"voice as a speaker id must be in 0..{MAX_SPEAKER}, got {_show(voice)}", "voice")
-        req.speaker, req.voice = speaker, str(speaker)
+        req.params, req.voice = req.params.replace(speaker=speaker), str(speaker)
         return
     if isinstance(voice, dict) and isinstance(voice.get("id"), str):  # OpenAI's {"id": ...} form
         voice = voice["id"]
@@ -143,11 +160,11 @@ def _parse_voice(voice, voices, req: SpeechRequest, aliases: dict | None = None)
     # a registered voice can never take a built-in name by itself (the voice routes refuse those names).
     name = (aliases or {}).get(voice, voice)
     if voices is not None and name not in OPENAI_VOICES and (stored := voices.get(name)) is not None:
-        req.speaker, req.voice = stored.speaker, voice
+        req.params, req.voice = req.params.replace(speaker=stored.speaker), voice
         req.context = [stored.segment()]
         return
     if name in OPENAI_VOICES:
-        req.speaker, req.voice = OPENAI_VOICES.index(name), voice
+        req.params, req.voice = req.params.replace(speaker=OPENAI_VOICES.index(name)), voice
         return
     raise bad_request(f"unknown voice {_show(voice)}: give a speaker id, a registered voice (GET /v1/audio/voices) "
                       f"or one of {', '.join(OPENAI_VOICES)}", "voice")
@@ -251,29 +268,31 @@ class Speaker:
     cheap.  The oldest generated turns slide out when the window fills; the request's own
     context (a voice, given turns) stays.  Turn i samples with seed + i."""
 
-    def __init__(self, tts, req: SpeechRequest, turns: Turns, stats: list | None = None):
-        self.tts, self.req, self.turns, self.stats = tts, req, turns, stats
+    def __init__(self, tts, req: SpeechRequest, turns: Turns):
+        self.tts, self.req, self.turns = tts, req, turns
         self.fixed, self.history, self.index = list(req.context), [], 0
+        self.stats: list = []  # each turn's stream's stats (prompt positions reused / computed), once it speaks
 
     def count(self, text: str) -> int:
-        return len(self.tts.tokenizer.encode(f"[{self.req.speaker}]{text}"))
+        return text_positions(text, self.req.speaker, self.tts.tokenizer)
+
+    def positions(self, segments) -> int:
+        return sum(segment_positions(s, self.tts.tokenizer) for s in segments)
 
     async def say(self, text: str) -> AsyncIterator[Audio]:
         """One turn's audio chunks; what was made of it (all, or up to a cancel) joins the history."""
-        req, count = self.req, self.count
-        seed, self.index = req.seed + self.index, self.index + 1
-        room = (self.turns.max_positions - 1 - count(text) - math.ceil(req.max_audio_ms / 80)
-                - _positions(self.fixed, count))
-        context = self.fixed + fit_history(self.history, lambda s: _positions([s], count), room)
+        req = self.req
+        params, self.index = req.params.for_turn(self.index), self.index + 1
+        room = self.turns.max_positions - 1 - self.count(text) - params.max_frames - self.positions(self.fixed)
+        context = self.fixed + fit_history(self.history, lambda s: self.positions([s]), room)
         made = []
-        stream = self.tts.astream(text, req.speaker, context, max_audio_ms=req.max_audio_ms,
-                                  temperature=req.temperature, topk=req.topk, seed=seed,
-                                  first_chunk_frames=first_chunk_frames(req), chunk_frames=CHUNK_FRAMES)
+        stream = self.tts.astream(text, context=context, params=params, first_chunk_frames=first_chunk_frames(req),
+                                  chunk_frames=CHUNK_FRAMES)
         try:  # aclosing: a turn stopped early cancels its engine request now, not when collected
             async with aclosing(stream):
                 async for chunk in stream:
-                    if not made and self.stats is not None:
-                        self.stats.append(self.tts.last_stats)
+                    if not made:
+                        self.stats.append(stream.stats)
                     made.append(chunk.codes)
                     yield chunk
         finally:
@@ -281,22 +300,11 @@ class Speaker:
                 self.history.append(Segment(req.speaker, text, codes=mimi_codes(torch.cat(made))))
 
 
-async def speak(tts, req: SpeechRequest, turns: Turns, stats: list | None = None) -> AsyncIterator[Audio]:
-    """Audio chunks of the whole input: one turn per group of sentences that fits max_turn_tokens.
-    stats: each turn's GenerationStats is appended (its reused / computed prompt positions)."""
-    speaker = Speaker(tts, req, turns, stats)
+async def speak(speaker: Speaker) -> AsyncIterator[Audio]:
+    """Audio chunks of the speaker's whole input: one turn per group of sentences that fits
+    max_turn_tokens; each turn's stats join `speaker.stats` as it starts speaking."""
+    req, turns = speaker.req, speaker.turns
     for text in split_turns(req.input, turns.max_turn_tokens, speaker.count):
         async with aclosing(speaker.say(text)) as turn:
             async for chunk in turn:
                 yield chunk
-
-
-def _positions(segments, count) -> int:
-    total = 0
-    for s in segments:
-        total += count(s.text)
-        if s.codes is not None:
-            total += len(s.codes) + 1
-        elif s.audio is not None:
-            total += math.ceil(len(s.audio) / 1920) + 1
-    return total

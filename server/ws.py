@@ -30,7 +30,8 @@ from .errors import ApiError, bad_request, error_kind, from_exception
 from .limits import LIMITS
 from .long_text import split_complete
 from .shutdown import shutting_down
-from .speech import Speaker, SpeechRequest, _show, parse_speech
+from .speech import (VOICE_FIELDS, Speaker, SpeechRequest, _show, check_fields, parse_delivery,
+                     parse_voice_settings)
 from .streaming_formats import WS_FORMATS, SegmentEncoder
 
 log = logging.getLogger("misotts.server")
@@ -154,17 +155,16 @@ class Session:
 
     def parse_config(self, config: dict) -> tuple[str, SpeechRequest]:
         """Blocking (context audio is decoded, voices are read): called from a thread."""
-        fmt = config.pop("response_format", "pcm")
+        check_fields(config, {"model", "response_format", "speed", "instructions", "strict", *VOICE_FIELDS})
+        fmt = config.get("response_format", "pcm")
         if fmt not in WS_FORMATS:
             raise bad_request(f"response_format must be one of {', '.join(WS_FORMATS)}, got {_show(fmt)}",
                               "response_format")
-        if "stream_format" in config:
-            raise bad_request("the WebSocket always streams: no stream_format", "stream_format", "unknown_parameter")
-        config.setdefault("voice", "0")
-        req = parse_speech({"model": "stream", "input": "-", **config}, self.voices,
-                           self.tts.config.max_seq_len * 0.08, self.voice_aliases)
         # the first chunk's size follows the format: these, like pcm, give audio from one frame
-        req.response_format = "opus" if fmt == "opus" else "pcm"
+        req = SpeechRequest(input="", response_format="opus" if fmt == "opus" else "pcm")
+        parse_delivery(config, req)
+        parse_voice_settings({"voice": "0", **config}, self.voices, self.tts.config, req,
+                             self.tts.config.max_seq_len * 0.08, self.voice_aliases)
         return fmt, req
 
     def configure(self, parsed: tuple[str, SpeechRequest]) -> None:
@@ -199,8 +199,7 @@ class Session:
         index, self.index = self.index, self.index + 1
         self.chars += len(text)
         await self.ws.send_json({"type": "segment.start", "index": index, "text": text})
-        frames, turn_stats = 0, []
-        self.speaker.stats = turn_stats
+        frames, turns_before = 0, len(self.speaker.stats)
         encoder = SegmentEncoder(self.format, self.speed)
         try:
             async for chunk in self.speaker.say(text):
@@ -217,7 +216,7 @@ class Session:
             raise
         finally:
             encoder.close()
-            self.metrics.count_prefix(turn_stats)
+            self.metrics.count_prefix(self.speaker.stats[turns_before:])
         self.frames += frames
         await self.ws.send_json({"type": "segment.done", "index": index, "frames": frames})
 

@@ -45,8 +45,10 @@ def test_stream_concatenates_to_generate(tts):
     assert [c.codes.shape[0] for c in chunks] == [1, 3]  # the first chunk after one frame, then 3
     assert torch.equal(torch.cat([c.codes for c in chunks]), whole.codes)
     torch.testing.assert_close(torch.cat([c.samples for c in chunks]), whole.samples, rtol=0, atol=0)
-    stats = tts.last_stats
+    stats = whole.stats  # generate's own
     assert stats.frames == 4 and 0 < stats.first_audio_s <= stats.total_s
+    prompt_len = len(tts.prompt("Stream me.")[0])
+    assert stats.prompt_positions == prompt_len == stats.reused_positions + stats.computed_positions
 
 
 def test_seed_and_context_change_the_codes(tts):
@@ -212,34 +214,35 @@ def test_reference_refuses_text_ids_outside_the_vocabulary(tmp_path):
         generate_codes(tts.model, frames, mask, 2)
 
 
-def test_reference_backend_runs_one_stream_and_frees_it_on_close(monkeypatch):
+def test_reference_backend_is_a_one_lane_torch_engine_and_queues_a_second_stream():
     tts = misotts.load("tiny", device="cpu", backend="reference")
+    engine = tts.engine
+    assert (engine.max_batch, engine.runner.ops.name, engine.graphs.graphs) == (1, "torch", {})
     first = tts.submit("One.", max_audio_ms=800, seed=1)
     reading = iter(first)
     next(reading)
-    with pytest.raises(RuntimeError, match="one stream at a time"):
-        tts.generate_codes("Two.", max_audio_ms=160)
+    second = tts.submit("Two.", max_audio_ms=160, seed=2)  # one lane: it waits for the first
     first.cancel()
-    assert first.stats.finish == "cancelled" and first.stats.frames == 1
-    assert len(tts.generate_codes("Two.", max_audio_ms=160)) == 2  # the model is free again
+    frames, mask = tts.prompt("Two.")
+    assert torch.equal(second.codes(), generate_codes(tts.model, frames, mask, 2, seed=2))
+    assert first.stats.finish in ("cancelled", "max_frames") and first.stats.frames >= 1
+    assert tts.engine.wait_idle() and tts.engine.pool.all_free()  # the lane and its blocks are free again
+    tts.close()
 
 
 def test_reference_astream_leaves_the_event_loop_running(monkeypatch):
-    """Frames are made in a worker thread: a heartbeat keeps ticking while each frame is made."""
+    """Frames are made in the engine's thread: a heartbeat keeps ticking while each frame is made."""
     import asyncio
     import time
 
-    from misotts.runtime import generate
-
-    real = generate.iter_frames
-
-    def slow_frames(*args, **kwargs):
-        for codes in real(*args, **kwargs):
-            time.sleep(0.3)  # a frame that takes 0.3 s
-            yield codes
-
-    monkeypatch.setattr(generate, "iter_frames", slow_frames)
     tts = misotts.load("tiny", device="cpu", backend="reference")
+    run = tts.engine.graphs.run
+
+    def slow_frame(n):
+        time.sleep(0.3)  # a frame that takes 0.3 s
+        return run(n)
+
+    monkeypatch.setattr(tts.engine.graphs, "run", slow_frame)
 
     async def main():
         ticks = 0

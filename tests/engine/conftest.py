@@ -4,7 +4,9 @@ import time
 import pytest
 import torch
 
+from misotts.runtime.audio import FRAME_MS
 from misotts.runtime.config import PRESETS, ModelConfig
+from misotts.runtime.params import GenerationParams
 from misotts.engine import Engine, EngineConfig
 from misotts.runtime.model import CSMModel
 from misotts.runtime.prompt import Segment, build_prompt
@@ -41,6 +43,21 @@ def history(turns: int = 2, frames: int = 6, name: str = ""):
     """A few context turns with (random) audio codes."""
     return [Segment(t % 2, f"{name}turn number {t}, with some words", codes=random_codes(frames, seed=t))
             for t in range(turns)]
+
+
+def params(max_frames: int = 3, **settings) -> GenerationParams:
+    """Settings for a request of `max_frames` frames (unless max_audio_ms is given)."""
+    settings.setdefault("max_audio_ms", max_frames * FRAME_MS)
+    return GenerationParams(**settings)
+
+
+def submit(engine, frames, mask, max_frames: int = 3, audio: bool = False, **settings):
+    """engine.submit of a request of `max_frames` frames with `settings` (GenerationParams' fields)."""
+    return engine.submit(frames, mask, params(max_frames, **settings), audio=audio)
+
+
+def generate(engine, frames, mask, max_frames: int = 3, **settings):
+    return engine.generate(frames, mask, params(max_frames, **settings))
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ from misotts.engine import Engine, EngineConfig
 from misotts.kernels import reference as ref
 from misotts.runtime.generate import generate_codes
 
-from .conftest import make_model, prompt
+from .conftest import generate, make_model, prompt, submit
 
 TEXTS = ["Hello there, how are you?", "a second prompt of another length", "x"]
 
@@ -44,7 +44,7 @@ def errors(monkeypatch, device):
         frames, mask = prompt(text)
         greedy = dict(stop_on_eos=False, temperature=0.0)
         want = first_logits(monkeypatch, lambda: generate_codes(fp32, frames, mask, 1, **greedy))
-        by_engine = first_logits(monkeypatch, lambda: engine.generate(frames, mask, 1, **greedy),
+        by_engine = first_logits(monkeypatch, lambda: generate(engine, frames, mask, 1, **greedy),
                                  (engine.runner.ops, "sample"))
         by_reference = first_logits(monkeypatch, lambda: generate_codes(bf16, frames, mask, 1, **greedy))
         rows.append(((by_engine - want).abs().max().item(), (by_reference - want).abs().max().item(),
@@ -69,10 +69,10 @@ def test_bf16_codes_on_cpu_do_not_depend_on_the_neighbours():
     engine = Engine(make_model().to(torch.bfloat16), EngineConfig(max_batch=8, num_blocks=128))
     frames, mask = prompt()
     for kw in (dict(temperature=0.0), dict(temperature=0.9, topk=50, seed=5)):
-        solo = engine.generate(frames, mask, 12, stop_on_eos=False, **kw)
-        others = [engine.submit(*prompt(f"neighbour {i}"), 12, stop_on_eos=False, temperature=0.9, seed=i)
+        solo = generate(engine, frames, mask, 12, stop_on_eos=False, **kw)
+        others = [submit(engine, *prompt(f"neighbour {i}"), 12, stop_on_eos=False, temperature=0.9, seed=i)
                   for i in range(5)]
-        assert torch.equal(engine.submit(frames, mask, 12, stop_on_eos=False, **kw).codes(), solo)
+        assert torch.equal(submit(engine, frames, mask, 12, stop_on_eos=False, **kw).codes(), solo)
         for other in others:
             other.codes()
     engine.close()
@@ -86,10 +86,10 @@ def test_bf16_on_cuda_logits_bound_and_batch_dependence(monkeypatch):
     check_bound(rows)
     engine = Engine(make_model().cuda().to(torch.bfloat16), EngineConfig(max_batch=8, num_blocks=128))
     frames, mask = prompt()
-    solo = engine.generate(frames, mask, 30, stop_on_eos=False, temperature=0.9, seed=5)
-    others = [engine.submit(*prompt(f"neighbour {i}"), 30, stop_on_eos=False, temperature=0.9, seed=i)
+    solo = generate(engine, frames, mask, 30, stop_on_eos=False, temperature=0.9, seed=5)
+    others = [submit(engine, *prompt(f"neighbour {i}"), 30, stop_on_eos=False, temperature=0.9, seed=i)
               for i in range(7)]
-    together = engine.submit(frames, mask, 30, stop_on_eos=False, temperature=0.9, seed=5).codes()
+    together = submit(engine, frames, mask, 30, stop_on_eos=False, temperature=0.9, seed=5).codes()
     for other in others:
         other.codes()
     print(f"bf16 on CUDA, batch 1 vs batch 8: {(solo != together).sum().item()} of {solo.numel()} codes differ")

@@ -192,14 +192,15 @@ def test_four_astreams_are_served_together(tts, monkeypatch):
     assert tts.engine.frames_run - frames_before < sum(len(s) for s in solo)  # frames were shared
 
 
-def test_last_stats_belong_to_the_thread_that_streamed(tts, monkeypatch):
+def test_stats_belong_to_the_stream_that_made_them(tts, monkeypatch):
     submitted = _capture_submits(monkeypatch, tts.engine)
     frames_wait_for(monkeypatch, tts.engine, submitted, 2)  # both streams run at once
     frames = [None, None]
 
     def run(i):
-        chunks = list(tts.stream(f"Thread {i}.", max_audio_ms=160 + 80 * i, stop_on_eos=False, seed=i))
-        frames[i] = (len(chunks), tts.last_stats.frames)
+        stream = tts.stream(f"Thread {i}.", max_audio_ms=160 + 80 * i, stop_on_eos=False, seed=i)
+        chunks = list(stream)
+        frames[i] = (len(chunks), stream.stats.frames)
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
     for t in threads:

@@ -4,7 +4,7 @@ import torch
 
 from misotts.engine import Engine, EngineConfig
 
-from .conftest import history, make_model, prompt
+from .conftest import generate, history, make_model, prompt
 
 
 @pytest.mark.slow
@@ -18,7 +18,7 @@ def test_compiled_engine_codes_equal_eager(capsys):
     assert "compiled the depth step for 1 batch size in" in err
     try:
         for kw in (dict(temperature=0.0, topk=50, seed=0), dict(temperature=0.9, topk=50, seed=7)):
-            eager, compiled = (engine.generate(frames, mask, 8, stop_on_eos=False, **kw) for engine in engines)
+            eager, compiled = (generate(engine, frames, mask, 8, stop_on_eos=False, **kw) for engine in engines)
             assert torch.equal(compiled, eager), kw
     finally:
         for engine in engines:

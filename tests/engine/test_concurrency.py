@@ -9,7 +9,7 @@ import torch
 from misotts.engine import Engine, EngineConfig
 from misotts.engine.requests import EngineBusy
 
-from .conftest import TINY, frames_wait_for, history, prompt, slow_frames
+from .conftest import TINY, frames_wait_for, generate, history, prompt, slow_frames, submit
 
 GEN = dict(temperature=0.9, topk=50, stop_on_eos=False)
 
@@ -27,7 +27,7 @@ def requests(count):
 def test_eight_threads_equal_their_solo_runs(tiny_model, monkeypatch):
     reqs = requests(8)
     solo_engine = Engine(tiny_model, EngineConfig(max_batch=1))
-    solo = [solo_engine.generate(**r) for r in reqs]
+    solo = [generate(solo_engine, **r) for r in reqs]
     solo_engine.close()
 
     engine = Engine(tiny_model, EngineConfig(max_batch=8, prefill_chunk=32))
@@ -38,7 +38,7 @@ def test_eight_threads_equal_their_solo_runs(tiny_model, monkeypatch):
 
     def run(i):
         time.sleep(0.02 * i)  # staggered: requests join a running batch and leave at different frames
-        stream = engine.submit(**reqs[i])
+        stream = submit(engine, **reqs[i])
         submitted.append(i)
         results[i] = stream.codes()
 
@@ -57,10 +57,10 @@ def test_eight_threads_equal_their_solo_runs(tiny_model, monkeypatch):
 def test_asyncio_streams_equal_solo_runs(tiny_model):
     reqs = requests(4)
     engine = Engine(tiny_model, EngineConfig(max_batch=4))
-    solo = [engine.generate(**r) for r in reqs]
+    solo = [generate(engine, **r) for r in reqs]
 
     async def collect(r):
-        return torch.stack([frame.codes async for frame in engine.submit(**r)])
+        return torch.stack([frame.codes async for frame in submit(engine, **r)])
 
     async def main():
         return await asyncio.gather(*(collect(r) for r in reqs))
@@ -75,9 +75,9 @@ def test_prompt_longer_than_context_fails_at_once(engine):
     frames, mask = prompt()
     long = frames.repeat(2048 // len(frames) + 1, 1), mask.repeat(2048 // len(mask) + 1, 1)
     with pytest.raises(ValueError, match="context window"):
-        engine.submit(*long, 10)
+        submit(engine, *long, 10)
     with pytest.raises(ValueError, match="context window"):
-        engine.submit(frames, mask, 2048)
+        submit(engine, frames, mask, 2048)
     assert engine.stats()["waiting"] == 0
 
 
@@ -86,7 +86,7 @@ def test_text_id_outside_the_vocabulary_fails_at_once(engine):
     vocab = TINY.text_vocab_size
     frames[0, -1] = vocab  # one past the last text id: never clamped to it
     with pytest.raises(ValueError, match=f"text id {vocab} .* {vocab}"):
-        engine.submit(frames, mask, 10)
+        submit(engine, frames, mask, 10)
     assert engine.stats()["waiting"] == 0
 
 def test_full_pool_waits_then_fails_clearly(tiny_model, monkeypatch):
@@ -95,18 +95,18 @@ def test_full_pool_waits_then_fails_clearly(tiny_model, monkeypatch):
     engine = Engine(tiny_model, EngineConfig(max_batch=4, num_blocks=blocks + 1, wait_timeout_s=0.5))
     slow_frames(monkeypatch, engine, 0.05)  # the holder's 40 frames take >= 2 s: it outlives the 0.5 s wait
     with pytest.raises(ValueError, match="KV blocks"):  # could never fit: refused at once
-        engine.submit(frames, mask, 16 * (blocks + 2))
-    holder = engine.submit(frames, mask, 40, **GEN)
+        submit(engine, frames, mask, 16 * (blocks + 2))
+    holder = submit(engine, frames, mask, 40, **GEN)
     reading = iter(holder)  # (dropping an iterator closes it, which would cancel the request)
     next(reading)  # running and holding all but one block
     other = prompt("Different words: no shared prefix.")
-    waiter = engine.submit(*other, 40, **GEN)
+    waiter = submit(engine, *other, 40, **GEN)
     started = time.monotonic()
     with pytest.raises(EngineBusy, match="KV blocks"):
         waiter.codes()
     assert time.monotonic() - started >= 0.4
     # Waiting succeeds when blocks free up in time: cancel the holder while the next one waits.
-    patient = engine.submit(*other, 40, **GEN)
+    patient = submit(engine, *other, 40, **GEN)
     holder.cancel()
     assert len(patient.codes()) == 40
     assert engine.wait_idle() and engine.pool.all_free()
@@ -117,12 +117,12 @@ def test_bounded_queue_refuses_when_full(tiny_model, monkeypatch):
     engine = Engine(tiny_model, EngineConfig(max_batch=1, max_waiting=1))
     slow_frames(monkeypatch, engine, 0.02)  # the running request's 50 frames take >= 1 s
     frames, mask = prompt()
-    running = engine.submit(frames, mask, 50, **GEN)
+    running = submit(engine, frames, mask, 50, **GEN)
     reading = iter(running)
     next(reading)
-    queued = engine.submit(frames, mask, 2, **GEN)  # waits for the lane
+    queued = submit(engine, frames, mask, 2, **GEN)  # waits for the lane
     with pytest.raises(EngineBusy, match="waiting"):
-        engine.submit(frames, mask, 2, **GEN)
+        submit(engine, frames, mask, 2, **GEN)
     running.cancel()
     assert len(queued.codes()) == 2
     engine.close()
@@ -132,11 +132,11 @@ def test_cancelling_frees_blocks_and_spares_the_others(tiny_model, monkeypatch):
     reqs = requests(3)
     engine = Engine(tiny_model, EngineConfig(max_batch=4))
     slow_frames(monkeypatch, engine, 0.01)  # 100 frames take >= 1 s: still running when cancelled at 0.3 s
-    solo = engine.generate(**reqs[2])
+    solo = generate(engine, **reqs[2])
     frames, mask = prompt()
     # 1. Breaking out of the loop closes the iterator, which cancels the request.
-    closed = engine.submit(frames, mask, 100, **GEN)
-    other = engine.submit(**reqs[2])
+    closed = submit(engine, frames, mask, 100, **GEN)
+    other = submit(engine, **reqs[2])
     for i, _ in enumerate(closed):
         if i == 1:
             break
@@ -146,9 +146,9 @@ def test_cancelling_frees_blocks_and_spares_the_others(tiny_model, monkeypatch):
     # 2. Cancelling an asyncio task that is reading a stream; its event loop then closes while the
     # engine still has a frame in flight for it.  A neighbour runs throughout.
     neighbour_request = {**reqs[1], "max_frames": 20}
-    neighbour_solo = engine.generate(**neighbour_request)
-    neighbour = engine.submit(**neighbour_request)
-    task_stream = engine.submit(frames, mask, 100, **GEN)
+    neighbour_solo = generate(engine, **neighbour_request)
+    neighbour = submit(engine, **neighbour_request)
+    task_stream = submit(engine, frames, mask, 100, **GEN)
 
     async def consume():
         async for _ in task_stream:
@@ -164,7 +164,7 @@ def test_cancelling_frees_blocks_and_spares_the_others(tiny_model, monkeypatch):
     asyncio.run(main())
     assert torch.equal(neighbour.codes(), neighbour_solo)
     # 3. Cancelled while still queued.
-    engine.submit(frames, mask, 100, **GEN).cancel()
+    submit(engine, frames, mask, 100, **GEN).cancel()
     assert engine.wait_idle()
     assert engine.pool.all_free()
     assert task_stream.stats.finish == "cancelled" and task_stream.stats.frames < 100
@@ -182,8 +182,8 @@ def test_a_failing_request_does_not_stop_the_engine(tiny_model, monkeypatch):
 
     monkeypatch.setattr(engine.runner, "prefill", flaky_prefill)
     frames, mask = prompt()
-    bad = engine.submit(frames[:8], mask[:8], 3, **GEN)
-    good = engine.submit(frames, mask, 3, **GEN)
+    bad = submit(engine, frames[:8], mask[:8], 3, **GEN)
+    good = submit(engine, frames, mask, 3, **GEN)
     with pytest.raises(RuntimeError, match="boom"):
         bad.codes()
     assert len(good.codes()) == 3
@@ -205,7 +205,7 @@ def test_engine_decodes_each_streams_audio_like_a_solo_decoder(tiny_model, monke
     streams = []
     for r in reqs:
         with torch.inference_mode():  # the first audio request makes the lanes' decoder: in a caller's mode
-            streams.append(engine.submit(**r, audio=True))
+            streams.append(submit(engine, **r, audio=True))
         submitted.append(r)
     for stream in streams:
         frames = list(stream)
@@ -217,7 +217,7 @@ def test_engine_decodes_each_streams_audio_like_a_solo_decoder(tiny_model, monke
     assert not engine.audio._codes.is_inference()  # CUDA graphs read it; the engine thread writes it
     engine.close()
     with pytest.raises(ValueError, match="codec"):
-        Engine(tiny_model, EngineConfig(max_batch=1)).submit(*prompt(), 2, audio=True)
+        submit(Engine(tiny_model, EngineConfig(max_batch=1)), *prompt(), 2, audio=True)
 
 
 def test_a_codec_that_cannot_be_had_fails_only_audio_requests(tiny_model):
@@ -227,7 +227,7 @@ def test_a_codec_that_cannot_be_had_fails_only_audio_requests(tiny_model):
         raise FileNotFoundError("could not get the Mimi weights (offline)")
 
     engine = Engine(tiny_model, EngineConfig(max_batch=1), codec=offline)
-    assert len(engine.generate(*prompt(), 2, **GEN)) == 2
+    assert len(generate(engine, *prompt(), 2, **GEN)) == 2
     with pytest.raises(FileNotFoundError, match="offline"):
-        engine.submit(*prompt(), 2, audio=True)
+        submit(engine, *prompt(), 2, audio=True)
     engine.close()

@@ -14,7 +14,7 @@ from misotts.engine import Engine, EngineConfig
 from misotts.runtime.config import PRESETS
 from misotts.runtime.generate import generate_codes
 
-from .conftest import make_model, prompt
+from .conftest import generate, make_model, prompt, submit
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -31,8 +31,8 @@ def test_graph_replay_equals_eager_in_every_bucket(tiny_cuda):
     frames, mask = prompt()
     for count in (1, 2, 3, 5, 8):  # buckets 1, 2, 4, 8, 8
         for kw in (dict(temperature=0.0), dict(temperature=0.9, topk=50)):
-            streams = [graphed.submit(frames, mask, 12, stop_on_eos=False, seed=s, **kw) for s in range(count)]
-            want = [eager.generate(frames, mask, 12, stop_on_eos=False, seed=s, **kw) for s in range(count)]
+            streams = [submit(graphed, frames, mask, 12, stop_on_eos=False, seed=s, **kw) for s in range(count)]
+            want = [generate(eager, frames, mask, 12, stop_on_eos=False, seed=s, **kw) for s in range(count)]
             assert all(torch.equal(s.codes(), w) for s, w in zip(streams, want)), (count, kw)
     graphed.close()
     eager.close()
@@ -41,9 +41,9 @@ def test_graph_replay_equals_eager_in_every_bucket(tiny_cuda):
 def test_cuda_graphs_survive_many_replays(tiny_cuda):
     engine = Engine(tiny_cuda, EngineConfig(max_batch=2))  # the pool from free GPU memory: close() gives it back
     frames, mask = prompt()
-    first = engine.generate(frames, mask, 200, temperature=0.9, seed=1, stop_on_eos=False)
+    first = generate(engine, frames, mask, 200, temperature=0.9, seed=1, stop_on_eos=False)
     for _ in range(3):
-        assert torch.equal(engine.generate(frames, mask, 200, temperature=0.9, seed=1, stop_on_eos=False), first)
+        assert torch.equal(generate(engine, frames, mask, 200, temperature=0.9, seed=1, stop_on_eos=False), first)
     assert engine.frames_run >= 800 and engine.wait_idle() and engine.pool.all_free()
     engine.close()
 
@@ -56,9 +56,9 @@ def test_engine_equals_reference_in_fp32(preset, tiny_cuda):
     frames, mask = prompt()
     late, late_mask = prompt("a second request, joining later")
     for kw in (dict(temperature=0.0), dict(temperature=0.9, topk=50, seed=3)):
-        first = iter(engine.submit(frames, mask, 8, stop_on_eos=False, **kw))
+        first = iter(submit(engine, frames, mask, 8, stop_on_eos=False, **kw))
         got_first = [next(first).codes]  # the second request joins once the first has a frame
-        second = engine.submit(late, late_mask, 6, stop_on_eos=False, **kw)
+        second = submit(engine, late, late_mask, 6, stop_on_eos=False, **kw)
         got_first += [frame.codes for frame in first]
         for got, (f, m, n) in ((torch.stack(got_first), (frames, mask, 8)), (second.codes(), (late, late_mask, 6))):
             want = generate_codes(model, f, m, n, stop_on_eos=False, **kw).cpu()
@@ -76,7 +76,7 @@ def test_engine_runs_on_its_own_stream_and_device(tiny_cuda):
         return prefill(*args)
 
     engine.runner.prefill = recording_prefill
-    engine.generate(*prompt(), 2, stop_on_eos=False)
+    generate(engine, *prompt(), 2, stop_on_eos=False)
     assert seen and all(s == (tiny_cuda.audio_head.device.index, engine.stream, "misotts-engine") for s in seen)
     assert engine.stream != torch.cuda.default_stream()
     engine.close()
@@ -96,11 +96,11 @@ def test_concurrent_streams_with_batched_audio_equal_solo_runs(tiny_cuda):
     assert sorted(engine.audio._graphs) == engine.graphs.buckets
     texts = [f"stream number {i} says something" for i in range(8)]
     prompts = [prompt(t) for t in texts]
-    streams = [engine.submit(f, m, 10, stop_on_eos=False, temperature=0.9, seed=i, audio=True)
+    streams = [submit(engine, f, m, 10, stop_on_eos=False, temperature=0.9, seed=i, audio=True)
                for i, (f, m) in enumerate(prompts)]
     together = [list(s) for s in streams]
     for i, (f, m) in enumerate(prompts):
-        solo = list(engine.submit(f, m, 10, stop_on_eos=False, temperature=0.9, seed=i, audio=True))
+        solo = list(submit(engine, f, m, 10, stop_on_eos=False, temperature=0.9, seed=i, audio=True))
         assert torch.equal(torch.stack([x.codes for x in together[i]]), torch.stack([x.codes for x in solo]))
         want = torch.cat([x.audio for x in solo])
         torch.testing.assert_close(torch.cat([x.audio for x in together[i]]), want, rtol=0,

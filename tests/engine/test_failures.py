@@ -13,7 +13,7 @@ import torch
 
 from misotts.engine import Engine, EngineConfig, EngineStopped
 
-from .conftest import prompt, slow_frames
+from .conftest import generate, prompt, slow_frames, submit
 
 GEN = dict(temperature=0.9, topk=50, stop_on_eos=False)
 
@@ -44,8 +44,8 @@ def _with_id(column: int, value: int):
     (dict(seed=2**63), ValueError, "seed"),
     (dict(seed=-1), ValueError, "seed"),
     (dict(seed=1.5), ValueError, "seed"),
-    (dict(max_frames=2.5), ValueError, "max_frames"),
-    (dict(max_frames=True), ValueError, "max_frames"),
+    (dict(max_audio_ms=float("inf")), ValueError, "max_audio_ms"),
+    (dict(max_audio_ms=True), ValueError, "max_audio_ms"),
     (dict(temperature=1e39), ValueError, "temperature"),
     (dict(temperature=1e-41), ValueError, "temperature"),
     (dict(temperature=1e-46), ValueError, "temperature"),
@@ -61,8 +61,8 @@ def test_bad_requests_are_refused_by_submit_and_the_next_one_runs(engine, change
     frames, mask = change.pop("rows", prompt())
     request = dict(frames=frames, mask=mask, max_frames=3, **GEN, seed=0) | change
     with pytest.raises(error, match=match):
-        engine.submit(**request)
-    assert len(engine.generate(*prompt(), 3, **GEN)) == 3
+        submit(engine, **request)
+    assert len(generate(engine, *prompt(), 3, **GEN)) == 3
     assert engine.wait_idle() and engine.pool.all_free()
 
 
@@ -78,8 +78,8 @@ def test_an_error_in_admission_fails_only_its_request(engine, monkeypatch):
 
     monkeypatch.setattr(engine.pool, "match", match)
     with pytest.raises(TypeError, match="bad request data"):
-        engine.generate(*poisoned, 3, **GEN)
-    assert len(engine.generate(frames, mask, 3, **GEN)) == 3
+        generate(engine, *poisoned, 3, **GEN)
+    assert len(generate(engine, frames, mask, 3, **GEN)) == 3
     assert engine.health()["ok"] and engine.wait_idle() and engine.pool.all_free()
 
 
@@ -104,15 +104,15 @@ def _fail_frames(monkeypatch, engine, failing: set, message="CUDA error: an ille
 def test_a_failing_step_with_stderr_closed_fails_its_requests_and_the_engine_goes_on(tiny_model, monkeypatch):
     engine = Engine(tiny_model, EngineConfig(max_batch=2))
     frames, mask = prompt()
-    solo = engine.generate(frames, mask, 4, **GEN, seed=5)
+    solo = generate(engine, frames, mask, 4, **GEN, seed=5)
     monkeypatch.setattr(sys, "stderr", _ClosedPipe())  # reporting the error must not kill the loop
     _fail_frames(monkeypatch, engine, failing={1})
-    failing = [engine.submit(frames, mask, 4, **GEN, seed=s) for s in (1, 2)]
+    failing = [submit(engine, frames, mask, 4, **GEN, seed=s) for s in (1, 2)]
     for stream in failing:
         with pytest.raises(RuntimeError, match="illegal memory access"):
             stream.codes()
     # The lanes were cleared after the fault: a new request gets its solo codes.
-    assert torch.equal(engine.generate(frames, mask, 4, **GEN, seed=5), solo)
+    assert torch.equal(generate(engine, frames, mask, 4, **GEN, seed=5), solo)
     assert engine.health() == {"ok": True, "state": "serving", "error": None}
     assert engine.wait_idle() and engine.pool.all_free()
     engine.close()
@@ -146,8 +146,8 @@ def test_a_sticky_device_fault_stops_the_engine_cleanly(tiny_model, monkeypatch)
     monkeypatch.setattr(engine.graphs, "run", faulting)  # before submitting: the first frame faults, however fast
     del run
     with engine._cond:  # (re-entrant) the loop admits nothing until all three are queued: two share the fault
-        running = [engine.submit(frames, mask, 6, **GEN, seed=s) for s in (1, 2)]
-        queued = engine.submit(frames, mask, 6, **GEN, seed=3)  # no lane for it: it waits
+        running = [submit(engine, frames, mask, 6, **GEN, seed=s) for s in (1, 2)]
+        queued = submit(engine, frames, mask, 6, **GEN, seed=3)  # no lane for it: it waits
     for stream in running:
         with pytest.raises(RuntimeError, match="illegal memory access"):
             stream.codes()
@@ -156,7 +156,7 @@ def test_a_sticky_device_fault_stops_the_engine_cleanly(tiny_model, monkeypatch)
     health = engine.health()
     assert not health["ok"] and health["state"] == "failed" and "device-side assert" in health["error"]
     with pytest.raises(EngineStopped, match="device-side assert"):
-        engine.submit(frames, mask, 3, **GEN)
+        submit(engine, frames, mask, 3, **GEN)
     assert engine.pool.all_free()
     engine.close()
 
@@ -164,7 +164,7 @@ def test_a_sticky_device_fault_stops_the_engine_cleanly(tiny_model, monkeypatch)
 def test_a_reader_never_waits_for_a_loop_that_is_gone(tiny_model, monkeypatch):
     engine = Engine(tiny_model, EngineConfig(max_batch=2))
     monkeypatch.setattr(engine, "_turn", lambda: None)  # the thread ends at once, finishing nothing
-    stream = engine.submit(*prompt(), 3, **GEN)
+    stream = submit(engine, *prompt(), 3, **GEN)
     with pytest.raises(EngineStopped, match="without finishing"):
         stream.codes()
     engine.close(timeout=5)
@@ -174,7 +174,7 @@ def test_close_ends_requests_refuses_new_ones_and_says_closed(tiny_model, monkey
     engine = Engine(tiny_model, EngineConfig(max_batch=1))
     slow_frames(monkeypatch, engine, 0.01)  # 200 frames take >= 2 s: still running when closed
     frames, mask = prompt()
-    running, queued = (engine.submit(frames, mask, 200, **GEN) for _ in range(2))
+    running, queued = (submit(engine, frames, mask, 200, **GEN) for _ in range(2))
     reading = iter(running)
     next(reading)
     kv_pool = weakref.ref(engine.runner.kv.kv)
@@ -185,7 +185,7 @@ def test_close_ends_requests_refuses_new_ones_and_says_closed(tiny_model, monkey
     with pytest.raises(EngineStopped, match="closed"):
         queued.codes()
     with pytest.raises(EngineStopped, match="closed"):
-        engine.submit(frames, mask, 3, **GEN)
+        submit(engine, frames, mask, 3, **GEN)
     assert engine.health() == {"ok": False, "state": "closed", "error": None}
     assert engine.pool.all_free() and not engine._thread.is_alive()
     engine.close()  # twice: nothing more
@@ -204,7 +204,7 @@ def _wait_until(condition, timeout: float = 10.0) -> bool:
 def test_a_dropped_engine_is_freed_and_its_thread_ends(tiny_model):
     def use_and_drop():
         engine = Engine(tiny_model, EngineConfig(max_batch=2))
-        assert len(engine.generate(*prompt(), 2, **GEN)) == 2
+        assert len(generate(engine, *prompt(), 2, **GEN)) == 2
         return weakref.ref(engine), engine._thread
 
     ref, thread = use_and_drop()

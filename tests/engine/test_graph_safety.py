@@ -15,7 +15,7 @@ from misotts.engine.model_runner import ModelRunner
 from misotts.engine.ops import TorchOps
 from misotts.runtime.model import CSMModel
 
-from .conftest import make_model, prompt
+from .conftest import generate, make_model, prompt
 
 aten = torch.ops.aten
 SYNC_OPS = {aten._local_scalar_dense, aten.item, aten.is_nonzero, aten.nonzero, aten.masked_select, aten.equal,
@@ -135,7 +135,7 @@ def test_warm_up_launches_every_kernel_a_request_launches(monkeypatch):
     launched.clear()
     frames, mask = prompt("a prompt long enough to fill a block of sixteen positions and then some")
     for _ in range(2):  # the second run reuses the cached prefix
-        engine.generate(frames, mask, 2, stop_on_eos=False, temperature=0.9, seed=1)
+        generate(engine, frames, mask, 2, stop_on_eos=False, temperature=0.9, seed=1)
     engine.close()
     assert {"_prefill_kernel", "_rmsnorm_kernel"} <= set(launched)  # the recording sees the request's kernels
     assert set(launched) <= at_load, f"first launched by a request: {set(launched) - at_load}"

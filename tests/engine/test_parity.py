@@ -10,7 +10,7 @@ from misotts.runtime.generate import generate_codes
 from misotts.weights.formats import config_from_hf
 
 from ..weights.hf_models import HF_SHAPES  # the shapes checked against transformers
-from .conftest import history, make_model, prompt
+from .conftest import generate, history, make_model, prompt, submit
 
 
 def hf_config(name) -> ModelConfig:
@@ -27,7 +27,7 @@ def assert_engine_equals_reference(model, frames, mask, max_frames, **engine_con
     try:
         for kw in SETTINGS:
             ref = generate_codes(model, frames, mask, max_frames, stop_on_eos=False, **kw)
-            out = engine.generate(frames, mask, max_frames, stop_on_eos=False, **kw)
+            out = generate(engine, frames, mask, max_frames, stop_on_eos=False, **kw)
             assert torch.equal(out, ref), f"{kw}: {(out != ref).any(1).nonzero()[:1].tolist()} first differing frame"
     finally:
         engine.close()
@@ -55,7 +55,7 @@ def test_one_row_prompt_and_end_of_speech():
     model.codebook0_head.weight.zero_()
     model.audio_head.zero_()
     engine = Engine(model, EngineConfig(max_batch=2))
-    stream = engine.submit(frames, mask, 4, temperature=0.0)
+    stream = submit(engine, frames, mask, 4, temperature=0.0)
     assert stream.codes().shape == (0, 32) and stream.stats.finish == "eos"
     assert len(generate_codes(model, frames, mask, 4, temperature=0.0)) == 0
     engine.close()
@@ -88,7 +88,7 @@ def test_triton_ops_in_the_interpreter_equal_reference():
     engine = Engine(model, EngineConfig(max_batch=1, ops="triton"))
     kw = SETTINGS[1]
     ref = generate_codes(model, frames, mask, 2, stop_on_eos=False, **kw)
-    assert torch.equal(engine.generate(frames, mask, 2, stop_on_eos=False, **kw), ref)
+    assert torch.equal(generate(engine, frames, mask, 2, stop_on_eos=False, **kw), ref)
     engine.close()
 
 
@@ -111,7 +111,7 @@ def test_triton_ops_with_requests_joining_and_leaving_equal_reference(monkeypatc
     frames_wait_for(monkeypatch, engine, submitted, len(reqs), timeout=600.0)  # frame 2 waits for all three
 
     def run(i):
-        stream = engine.submit(**reqs[i])
+        stream = submit(engine, **reqs[i])
         submitted.append(i)
         results[i] = stream.codes()
 

@@ -9,7 +9,7 @@ from misotts.runtime.generate import generate_codes
 from misotts.weights import quantize
 from misotts.weights.quantize import quantize_model
 
-from .conftest import history, make_model, prompt
+from .conftest import generate, history, make_model, prompt
 from .test_parity import SETTINGS, assert_engine_equals_reference
 
 
@@ -27,7 +27,7 @@ def test_quantised_weights_change_the_codes():
     codes = []
     for model in (plain, int4):
         engine = Engine(model, EngineConfig(max_batch=2))
-        codes.append(engine.generate(frames, mask, 4, temperature=0.0, stop_on_eos=False))
+        codes.append(generate(engine, frames, mask, 4, temperature=0.0, stop_on_eos=False))
         engine.close()
     assert not (codes[0] == codes[1]).all()
 
@@ -54,7 +54,7 @@ def test_quantised_triton_ops_in_the_interpreter_equal_reference(monkeypatch):
     engine = Engine(model, EngineConfig(max_batch=1, ops="triton"))
     try:
         want = generate_codes(model, frames, mask, 2, stop_on_eos=False, **SETTINGS[1])
-        assert torch.equal(engine.generate(frames, mask, 2, stop_on_eos=False, **SETTINGS[1]), want)
+        assert torch.equal(generate(engine, frames, mask, 2, stop_on_eos=False, **SETTINGS[1]), want)
     finally:
         engine.close()
 
@@ -66,7 +66,7 @@ def test_compiled_cpu_engine_runs_the_int8_gemm():
     model = quantize_model(make_model(std=0.1), "int8")
     engine = Engine(model, EngineConfig(max_batch=1, compile=True))
     try:
-        codes = engine.generate(frames, mask, 3, temperature=0.0, stop_on_eos=False)
+        codes = generate(engine, frames, mask, 3, temperature=0.0, stop_on_eos=False)
     finally:
         engine.close()
     assert torch.equal(codes, generate_codes(model, frames, mask, 3, temperature=0.0, stop_on_eos=False))

@@ -24,9 +24,10 @@ def tts():
 
 def test_stream_chunks_concatenate_to_generate(tts):
     kw = dict(max_audio_ms=400, seed=1)  # 5 frames
-    chunks = list(tts.stream("Streaming test.", first_chunk_frames=1, chunk_frames=2, **kw))
+    stream = tts.stream("Streaming test.", first_chunk_frames=1, chunk_frames=2, **kw)
+    chunks = list(stream)
     assert [len(c.codes) for c in chunks] == [1, 2, 2]
-    assert chunks[0].samples.numel() == FRAME and tts.last_stats.first_audio_s > 0
+    assert chunks[0].samples.numel() == FRAME and stream.stats.first_audio_s > 0 and stream.stats.frames == 5
     whole = tts.generate("Streaming test.", **kw)
     assert torch.equal(torch.cat([c.codes for c in chunks]), whole.codes)
     assert torch.equal(torch.cat([c.samples for c in chunks]), whole.samples)
@@ -97,7 +98,9 @@ def test_load_backends_and_tts_conversation():
 
     reference = misotts.load("tiny", device="cpu", backend="reference")
     served = misotts.load("tiny", device="cpu", backend="auto", engine={"max_batch": 2})
-    assert reference.engine is None and served.engine is not None
+    ref_engine = reference.engine  # backend="reference": the reference engine configuration
+    assert (ref_engine.max_batch, ref_engine.runner.ops.name, ref_engine.graphs.graphs) == (1, "torch", {})
+    assert served.engine.max_batch == 2
     assert served.engine.audio is not None  # the lanes' Mimi decoder is made at load, not by the first request
     kw = dict(max_audio_ms=240, seed=1)
     assert torch.equal(served.generate_codes("Same words.", **kw), reference.generate_codes("Same words.", **kw))

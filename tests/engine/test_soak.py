@@ -2,7 +2,7 @@
 requests, cancels and failing steps mixed in -- exact codes, no leaked block, no hang, flat memory."""
 from misotts.bench.soak import run_soak
 
-from .conftest import make_model
+from .conftest import make_model, submit
 
 # Resident memory may grow this much between the warm-up tenth and the end: glibc keeps freed
 # heap in its per-thread arenas (8 threads here), so some MB come and go.  A leaked request is
@@ -32,7 +32,7 @@ def test_the_leak_count_sees_a_request_that_is_still_held():
     engine = Engine(make_model(), EngineConfig(max_batch=1))
     made = _track_requests(engine)
     frames, mask = prompt("Held on to.", 0)
-    held = engine.submit(frames, mask, 2)
+    held = submit(engine, frames, mask, 2)
     list(held)
     engine.close()
     gc.collect()
