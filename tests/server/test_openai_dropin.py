@@ -16,7 +16,7 @@ from openai.types.audio import speech_create_params
 
 from misotts.server import create_app
 from misotts.server.audio_formats import Encoder
-from misotts.server.speech import OPENAI_VOICES, Turns, parse_speech, speak
+from misotts.server.speech import OPENAI_VOICES, Speaker, Turns, parse_speech, speak
 from misotts.server.stretch import stretch_chunks
 from misotts.server.voices import VoiceStore
 
@@ -206,10 +206,10 @@ def test_the_first_chunk_already_decodes_to_audio(tts, fmt, speed):
     """One frame where the format gives its audio back at once, two where an encoder's lookahead,
     a flac block or the time stretch needs more: either way the first chunk's bytes decode to
     audio, so a client hears something after 80 or 160 ms, not after the second chunk's 400."""
-    req = parse_speech(body(response_format=fmt, speed=speed, max_audio_ms=800), None)
+    req = parse_speech(body(response_format=fmt, speed=speed, max_audio_ms=800), None, tts.config)
 
     async def first_chunk():
-        chunks = stretch_chunks(speak(tts, req, Turns.for_model(tts)), req.speed)
+        chunks = stretch_chunks(speak(Speaker(tts, req, Turns.for_model(tts))), req.speed)
         async with aclosing(chunks):
             return await anext(chunks)
 
