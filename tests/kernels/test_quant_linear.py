@@ -74,3 +74,38 @@ def test_bad_arguments_are_refused():
         quant_norm_linear(x, g, 1e-5, codes[:7], scale[:7], "int8", swiglu=True)
     with pytest.raises(ValueError, match=r"residual must have shape \[2, 8\]"):
         quant_linear_add(x, codes, scale, "int8", torch.zeros(2, 9))
+
+
+# ---- CUDA: the compiled kernels in the activations' dtypes, at a preset's widths ----------------
+# Against the reference's fp32 math on the same rounded inputs and the same codes, with the GEMV
+# tolerances of kernels/specs.py (the normed row rounded to the dtype before the product, K-long fp32
+# sums of O(1) terms with weights scaled K^-0.5, the output rounded once).
+from misotts.kernels.specs import GEMV  # noqa: E402
+
+CUDA_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=str)
+@pytest.mark.parametrize("scheme, group", [("int8", 0), ("fp8", 0), ("int4", 128)])
+@pytest.mark.parametrize("rows", [1, 8, 64])
+def test_quant_kernels_on_cuda(dtype, scheme, group, rows):
+    if scheme == "fp8" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("e4m3 needs sm_89+")
+    dim, cols, dev = 1024, 3072, "cuda"  # the depth decoder's width and a qkv-sized output
+    x, g = randn(rows, dim, seed=1).to(dev, dtype), (randn(dim, seed=2) * 0.1 + 1).to(dev, dtype)
+    codes, scale = weight(cols, dim, scheme, group)
+    codes, scale = codes.to(dev), (scale * dim ** -0.5).to(dev)
+    atol, rtol = GEMV[dtype]
+    normed = ref.rmsnorm_ref(x.float(), g.float(), 1e-5)[0].to(dtype).float()
+    want = ref.quant_linear_ref(normed, codes, scale, scheme)
+    got = quant_norm_linear(x, g, 1e-5, codes, scale, scheme)
+    torch.testing.assert_close(got.float(), want, atol=atol, rtol=rtol)
+
+    a, residual = randn(rows, cols, seed=6).to(dev, dtype), randn(rows, dim, seed=7).to(dev, dtype)
+    down_codes, down_scale = weight(dim, cols, scheme, group, seed=8)
+    down_codes, down_scale = down_codes.to(dev), (down_scale * cols ** -0.5).to(dev)
+    want = ref.quant_linear_ref(a.float(), down_codes, down_scale, scheme) + residual.float()
+    quant_linear_add(a, down_codes, down_scale, scheme, residual)
+    torch.testing.assert_close(residual.float(), want, atol=atol, rtol=rtol)
