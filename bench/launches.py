@@ -151,7 +151,6 @@ def modelled_ms(preset: str, batch: int, ops: int, gbps: float, launch_us: float
 
 def measure_ms(preset: str, batch: int, repeats: int = 20) -> float:
     """A real frame on CUDA (random bf16 weights, TritonOps, one CUDA graph): median ms per replay."""
-    from misotts.engine.graphs import FrameGraphs
     from misotts.engine.model_runner import ModelRunner
     from misotts.engine.ops import TritonOps
     from misotts.runtime.config import PRESETS
@@ -164,9 +163,22 @@ def measure_ms(preset: str, batch: int, repeats: int = 20) -> float:
     runner = ModelRunner(model, TritonOps(), max_batch=batch, block_size=16, num_blocks=batch * 80 + 1)
     for lane in range(batch):
         runner.state.set_lane(lane, 0, True, 1000, list(range(lane * 80, lane * 80 + 80)), lane, 0.9, 50)
+    times = replay_ms(captured_frame(runner, batch), batch, repeats)
+    return sorted(times)[len(times) // 2]
+
+
+def captured_frame(runner, batch: int):
+    """The runner's frame for `batch` lanes as one CUDA graph (FrameGraphs with that bucket alone)."""
+    from misotts.engine.graphs import FrameGraphs
+
     graphs = FrameGraphs(runner.decode_frame, batch)
     graphs.buckets = [batch]
     graphs.capture()
+    return graphs
+
+
+def replay_ms(graphs, batch: int, repeats: int) -> list[float]:
+    """Device ms of each of `repeats` replays, timed with CUDA events."""
     times = []
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -175,7 +187,7 @@ def measure_ms(preset: str, batch: int, repeats: int = 20) -> float:
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+    return times
 
 
 def main(argv=None):

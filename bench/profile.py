@@ -138,19 +138,10 @@ def _cpu_ops(prof, names) -> dict[str, list]:
 
 
 def profile_cuda(runner, batch: int, frames: int, trace: Path | None):
-    from misotts.engine.graphs import FrameGraphs
+    from .launches import captured_frame, replay_ms
 
-    graphs = FrameGraphs(runner.decode_frame, batch)
-    graphs.buckets = [batch]
-    graphs.capture()
-    times = []
-    for _ in range(frames):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graphs.run(batch)
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
+    graphs = captured_frame(runner, batch)
+    times = [ms * 1e3 for ms in replay_ms(graphs, batch, frames)]
     activities = [torch.profiler.ProfilerActivity.CUDA, torch.profiler.ProfilerActivity.CPU]
     with torch.profiler.profile(activities=activities) as prof:
         for _ in range(frames):

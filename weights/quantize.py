@@ -207,16 +207,23 @@ def fuse(linears: list[QuantLinear]) -> QuantLinear:
 def quantize_modules(model: nn.Module, qc: QuantConfig) -> nn.Module:
     """Swap the linears `qc` quantises for empty QuantLinears (on the meta device: `model` is
     being built to be loaded with ``load_state_dict(assign=True)``); marks the model with `qc`."""
-    for name, module in list(model.named_modules()):
-        scheme = qc.scheme_for(f"{name}.weight")
-        if scheme is None:
-            continue
-        parent_name, _, attr = name.rpartition(".")
-        group = qc.group_size if scheme == "int4" else 0
-        setattr(model.get_submodule(parent_name), attr,
-                QuantLinear(module.in_features, module.out_features, scheme, group, device="meta"))
+    for name, module, scheme, group in _quantised_linears(model, qc):
+        _swap(model, name, QuantLinear(module.in_features, module.out_features, scheme, group, device="meta"))
     model.quantization = qc
     return model
+
+
+def _quantised_linears(model: nn.Module, qc: QuantConfig):
+    """(name, linear, scheme, group size) of each linear of `model` that `qc` quantises."""
+    for name, module in list(model.named_modules()):
+        scheme = qc.scheme_for(f"{name}.weight")
+        if scheme is not None:
+            yield name, module, scheme, qc.group_size if scheme == "int4" else 0
+
+
+def _swap(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), attr, module)
 
 
 @torch.no_grad()
@@ -225,15 +232,10 @@ def quantize_model(model: nn.Module, weights: str) -> nn.Module:
     dropped as its codes are made): for models built in memory; `load_model(weights=...)` and
     `random_model(weights=...)` quantise as they load instead."""
     qc = QuantConfig.make(weights, model.config)
-    for name, module in list(model.named_modules()):
-        scheme = qc.scheme_for(f"{name}.weight")
-        if scheme is None:
-            continue
-        parent_name, _, attr = name.rpartition(".")
-        group = qc.group_size if scheme == "int4" else 0
+    for name, module, scheme, group in _quantised_linears(model, qc):
         q = QuantLinear(module.in_features, module.out_features, scheme, group, device="meta")
         q.weight, q.weight_scale = quantize_tensor(module.weight, scheme, group)
-        setattr(model.get_submodule(parent_name), attr, q)
+        _swap(model, name, q)
     model.quantization = qc
     return model
 
