@@ -15,13 +15,15 @@
 #   kernels         kernel microbenchmarks (python -m misotts.bench.kernels)
 #   profile         frame profile of PROFILE_MODEL (miso-8b) at PROFILE_BATCHES (1 64) (python -m
 #                   misotts.bench.profile; noted as not run while it is not in the tree)
+#   quant-frames    miso-8b's frame (batch 1) unquantised, then with int8, fp8 and int4 weights, in one
+#                   run (python -m misotts.bench.profile --weights ...): issue 26's frame ratios
 #   peers-csm-1b    reference and transformers rows on a short plan (short prompt, 1 and 16 streams)
 #   peers-miso-8b   the same for miso-8b
 #   pytest-cpu      the CPU test suite as CI runs it (Triton interpreted, CUDA hidden)
 # then the merged report (results.md/json/png).  STEPS=a,b runs some steps only.
 #
 # --dry-run: the CPU rehearsal (CI runs it): the same steps, order and budget logic on the CPU, with
-# `tiny` for every model and a small budget (default 300 s; it takes ~70 s of CPU time), the
+# `tiny` for every model and a small budget (default 360 s; it takes ~70 s of CPU time), the
 # packages a bare GPU machine lacks hidden (bench/bare), the CUDA test selections collected (and
 # skipped), the kernel bench and the profile in their CPU modes (the kernel bench, until it has
 # one, must refuse cleanly: exit 2, saying it needs CUDA).
@@ -44,7 +46,7 @@ while (($#)); do
 done
 
 if [[ -n $DRY ]]; then
-  BUDGET=${BUDGET:-300} RESERVE=${RESERVE:-20} GRACE=${GRACE:-3} MIN_STEP=${MIN_STEP:-3}
+  BUDGET=${BUDGET:-360} RESERVE=${RESERVE:-20} GRACE=${GRACE:-3} MIN_STEP=${MIN_STEP:-3}
   SKIPPED_FAILS=1  # a rehearsal that leaves a step out has not rehearsed it
   export CUDA_VISIBLE_DEVICES=
   # What the device image lacks (KINDS.md package list, 2026-11-17) and the suite does not carry:
@@ -105,6 +107,15 @@ profiles() {  # the frame profile, a table per batch size written as each is don
     "$PY" -m misotts.bench.profile --model "${PROFILE_MODEL:-miso-8b}" --batch ${PROFILE_BATCHES:-1 64} --out "$RES"
   fi
 }
+quant_frames() {  # the frame with weight-only quantised linears next to the unquantised one, same run
+  if [[ -n $DRY ]]; then
+    "$PY" -m misotts.bench.profile --device cpu --model tiny --batch 2 --frames 1 --context 40 --weights int8 \
+      --out "$RES"
+  else
+    "$PY" -m misotts.bench.profile --model "${PROFILE_MODEL:-miso-8b}" --batch 1 --frames 5 \
+      --weights int8 --weights fp8 --weights int4 --out "$RES"
+  fi
+}
 export DRY PY PROFILE_MODEL PROFILE_BATCHES
 
 # --- the steps, the most valuable first; shares in % of (BUDGET - RESERVE) ---
@@ -115,6 +126,7 @@ step bench-csm-1b 14 "${BENCH[@]}" --models csm-1b --systems engine "${DRY_PLAN[
 step kernels 10 kernel_bench
 if [[ -f bench/profile.py ]]; then
   step profile 8 profiles
+  step quant-frames 6 quant_frames
 else
   note profile "not run: bench/profile.py is not in this tree yet"
 fi

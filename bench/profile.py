@@ -94,9 +94,10 @@ def traffic_of(runner):
 
 
 def make_runner(preset: str, batch: int, context: int, device, dtype, ops: str, spare_frames: int = 64,
-                gemv_rows: int = 0):
+                gemv_rows: int = 0, weights: str | None = None):
     """A ModelRunner with random weights (std 0.02) and `batch` lanes at position `context`, each
-    with KV blocks for `spare_frames` more positions (gemv_rows: TritonOps' Triton GEMV limit)."""
+    with KV blocks for `spare_frames` more positions (gemv_rows: TritonOps' Triton GEMV limit;
+    weights: "int8" / "fp8" / "int4" quantises the linears, weight-only, with the quantised op set)."""
     from misotts.engine.model_runner import ModelRunner
     from misotts.engine.ops import TritonOps, make_ops
     from misotts.runtime.model import CSMModel
@@ -107,7 +108,13 @@ def make_runner(preset: str, batch: int, context: int, device, dtype, ops: str, 
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.02)
     per_lane = min(-(-(context + spare_frames) // 16), -(-PRESETS[preset].max_seq_len // 16))
-    op_set = TritonOps(gemv_rows) if ops == "triton" else make_ops(ops, torch.device(device))
+    if weights is not None:
+        from misotts.weights.quantize import quantize_model
+
+        quantize_model(model, weights)
+        op_set = make_ops(ops, torch.device(device), quantized=True)
+    else:
+        op_set = TritonOps(gemv_rows) if ops == "triton" else make_ops(ops, torch.device(device))
     runner = ModelRunner(model, op_set, max_batch=batch, block_size=16,
                          num_blocks=batch * per_lane + 1)
     for lane in range(batch):
@@ -200,18 +207,19 @@ def table_rows(kernels: dict, traffic: Traffic, frames: int, copy_gbps: float, c
 
 
 def profile(preset: str, batch: int, context: int, frames: int, device: str, out: Path, trace: bool,
-            copy_gbps: float, gemv_rows: int = 0) -> list[dict]:
+            copy_gbps: float, gemv_rows: int = 0, weights: str | None = None) -> list[dict]:
     from .floors import frame_bytes
 
     cuda = device == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
     runner = make_runner(preset, batch, context, device, dtype, "triton" if cuda else "torch",
-                         spare_frames=4 * frames + 8, gemv_rows=gemv_rows if cuda else 0)
+                         spare_frames=4 * frames + 8, gemv_rows=gemv_rows if cuda else 0, weights=weights)
     with traffic_of(runner) as traffic:  # one eager frame: the bytes of each op
         runner.decode_frame(batch)
     if cuda:
         torch.cuda.synchronize()
-    name = f"profile-{preset}-b{batch}" + (f"-gemv{gemv_rows}" if gemv_rows and cuda else "")
+    name = f"profile-{preset}-b{batch}" + (f"-gemv{gemv_rows}" if gemv_rows and cuda else "") + \
+        (f"-{weights}" if weights else "")
     trace_path = out / f"{name}-trace.json" if trace else None
     out.mkdir(parents=True, exist_ok=True)
     if cuda:
@@ -219,12 +227,15 @@ def profile(preset: str, batch: int, context: int, frames: int, device: str, out
     else:
         kernels, frame_us, how = profile_cpu(runner, batch, frames, set(traffic.bytes), trace_path)
     floor = frame_bytes(PRESETS[preset], context, torch.finfo(dtype).bits // 8, streams=batch)
-    header = dict(model=preset, batch=batch, context=context, gemv_rows=gemv_rows if cuda else None, dtype=str(dtype).removeprefix("torch."),
+    # floor_bytes stays the unquantised frame's: a quantised frame's time is judged against it
+    header = dict(model=preset, batch=batch, context=context, gemv_rows=gemv_rows if cuda else None,
+                  weights=weights, dtype=str(dtype).removeprefix("torch."),
                   device=torch.cuda.get_device_name() if cuda else "cpu", profiled=how, frames=frames,
                   frame_us=frame_us, floor_bytes=floor, copy_gbps=copy_gbps,
                   floor_us=floor / (copy_gbps * 1e3) if copy_gbps else None,
                   started=datetime.datetime.now().isoformat(timespec="seconds"), code=code_version())
-    print(f"\n{preset}, batch {batch}, {header['dtype']} on {header['device']}: frame {frame_us:.0f} us "
+    quantised = f" ({weights} weights)" if weights else ""
+    print(f"\n{preset}, batch {batch}, {header['dtype']}{quantised} on {header['device']}: frame {frame_us:.0f} us "
           f"(median, {how}); floor {floor / 1e9:.3f} GB = {header['floor_us'] or 0:.0f} us at {copy_gbps:.0f} GB/s")
     writer = RowWriter(out, name, header, COLUMNS)
     rows = table_rows(kernels, traffic, frames, copy_gbps, cuda)
@@ -243,6 +254,9 @@ def main(argv=None):
     parser.add_argument("--trace", action="store_true", help="also write a Chrome trace per profile")
     parser.add_argument("--gemv-rows", type=int, default=0,
                         help="TritonOps(gemv_rows): wo/down as the Triton GEMV up to this many rows (0: cuBLAS)")
+    parser.add_argument("--weights", choices=("int8", "fp8", "int4"), action="append",
+                        help="also profile the frame with these weight-only quantised linears, after the "
+                             "unquantised one, in the same run (repeatable)")
     parser.add_argument("--out", type=Path, help="results folder (default: bench/results/profile-<time>)")
     opts = parser.parse_args(argv)
     if opts.device == "cuda" and not torch.cuda.is_available():
@@ -257,7 +271,9 @@ def main(argv=None):
         copy = copy_bandwidth("cpu") / 1e9
     for preset in opts.model or ["miso-8b"]:
         for batch in opts.batch:
-            profile(preset, batch, opts.context, opts.frames, opts.device, out, opts.trace, copy, opts.gemv_rows)
+            for weights in (None, *(opts.weights or ())):  # unquantised first: the yardstick of the same run
+                profile(preset, batch, opts.context, opts.frames, opts.device, out, opts.trace, copy, opts.gemv_rows,
+                        weights)
     return 0
 
 

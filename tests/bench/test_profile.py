@@ -47,3 +47,20 @@ def test_traffic_counts_the_bytes_an_op_is_given_and_returns():
     with profile.Traffic({w.untyped_storage().data_ptr()}) as counter:  # a gathered table: not counted
         w[torch.tensor([1])]
     assert counter.bytes["aten::index"] == 8 + 8 * 4
+
+
+def test_profile_with_quantised_weights_runs_after_the_unquantised_frame(tmp_path):
+    """--weights int8: the same frame with int8 linears in the same run, its own table, the unquantised
+    one first; the quantised frame's GEMMs read a quarter of the fp32 weights' bytes and its table says
+    which weights it ran."""
+    assert profile.main(["--device", "cpu", "--model", "tiny", "--batch", "2", "--frames", "1", "--context", "40",
+                         "--weights", "int8", "--out", str(tmp_path)]) == 0
+    plain = json.loads((tmp_path / "profile-tiny-b2.json").read_text())
+    int8 = json.loads((tmp_path / "profile-tiny-b2-int8.json").read_text())
+    assert plain["weights"] is None and int8["weights"] == "int8"
+    assert plain["frame_us"] > 0 and int8["frame_us"] > 0
+    runner = profile.make_runner("tiny", 2, 40, "cpu", torch.float32, "torch", weights="int8")
+    from misotts.weights.quantize import QuantLinear
+
+    for stack in (runner.bb, runner.dec):
+        assert all(isinstance(w, QuantLinear) and w.scheme == "int8" for w in [*stack.qkv, *stack.wo, *stack.gate_up])
