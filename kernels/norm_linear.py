@@ -22,6 +22,18 @@ from ._utils import FLOAT_DTYPES, check, check_same_device, launch, next_pow2
 
 
 @triton.jit
+def row_rstd(x_rows, row_ok, K, eps, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
+    """1 / rms of BLOCK_B rows of x (x_rows: their row pointers [BLOCK_B, 1]) over K columns, in fp32:
+    the prologue of the norm-fused GEMVs (here and in quant_linear.py)."""
+    sumsq = tl.zeros([BLOCK_B], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(x_rows + ks[None, :], mask=row_ok[:, None] & (ks < K)[None, :], other=0.0).to(tl.float32)
+        sumsq += tl.sum(a * a, axis=1)
+    return 1.0 / tl.sqrt(sumsq / K + eps)
+
+
+@triton.jit
 def _norm_linear_kernel(x, norm_w, w, out, rows, K, N, eps, stride_xb, stride_wn, stride_wk, stride_ob,
                         SWIGLU: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         IEEE: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr):
@@ -31,12 +43,7 @@ def _norm_linear_kernel(x, norm_w, w, out, rows, K, N, eps, stride_xb, stride_wn
     x_rows = x + rb[:, None].to(tl.int64) * stride_xb
     rstd = tl.zeros([BLOCK_B], tl.float32)
     if NORM:
-        sumsq = tl.zeros([BLOCK_B], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            a = tl.load(x_rows + ks[None, :], mask=row_ok[:, None] & (ks < K)[None, :], other=0.0).to(tl.float32)
-            sumsq += tl.sum(a * a, axis=1)
-        rstd = 1.0 / tl.sqrt(sumsq / K + eps)
+        rstd = row_rstd(x_rows, row_ok, K, eps, BLOCK_B, BLOCK_K)
     acc = tl.zeros([BLOCK_B, BLOCK_N], tl.float32)
     acc_up = tl.zeros([BLOCK_B, BLOCK_N], tl.float32)
     w_cols = w + rn[None, :].to(tl.int64) * stride_wn

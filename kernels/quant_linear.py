@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from ._utils import FLOAT_DTYPES, check, check_same_device, launch, next_pow2
+from .norm_linear import row_rstd
 
 CODES = {"int8": torch.int8, "fp8": torch.float8_e4m3fn, "int4": torch.uint8}
 
@@ -51,12 +52,7 @@ def _quant_linear_kernel(x, norm_w, codes, scale, residual, out, rows, K, N, eps
     dtype = x.dtype.element_ty
     rstd = tl.zeros([BLOCK_B], tl.float32)
     if NORM:
-        sumsq = tl.zeros([BLOCK_B], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            a = tl.load(x_rows + ks[None, :], mask=row_ok[:, None] & (ks < K)[None, :], other=0.0).to(tl.float32)
-            sumsq += tl.sum(a * a, axis=1)
-        rstd = 1.0 / tl.sqrt(sumsq / K + eps)
+        rstd = row_rstd(x_rows, row_ok, K, eps, BLOCK_B, BLOCK_K)
     acc = tl.zeros([BLOCK_B, BLOCK_N], tl.float32)
     acc_up = tl.zeros([BLOCK_B, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
