@@ -117,6 +117,9 @@ class Stream:
         if isinstance(item, BaseException):
             self._items.appendleft(_END)
             raise item
+        stats = self.request.stats
+        if stats.received_s != stats.received_s:  # nan: this is the first frame the caller takes
+            stats.received_s = time.perf_counter() - self.request.submitted
         return item
 
     def _engine_gone(self) -> EngineStopped:

@@ -24,6 +24,26 @@ class RequestStats:
     first_frame_s: float = float("nan")  # from submit to the first frame's codes on the host
     total_s: float = float("nan")
     finish: str = ""  # "eos", "max_frames", "cancelled" or "error"
+    # Where first audio goes: marks in seconds from submit, in the order a first frame passes them
+    # (nan until reached).  Admitted: a lane and KV blocks taken; prompt written: its prefill is
+    # done (on a GPU, the prefill's device time, measured by events, is counted here, not in the
+    # frame); first_frame_s: the first frame's codes on the host; audio ready: its samples on the
+    # host (= the codes' mark without audio); received: the caller took it from the stream.
+    admitted_s: float = float("nan")
+    prompt_written_s: float = float("nan")
+    audio_ready_s: float = float("nan")
+    received_s: float = float("nan")
+
+    def first_audio_ms(self) -> dict[str, float]:
+        """The first frame's time from submit to the caller, in ms, split into queue, prefill,
+        first_frame, audio_decode and hand_off: consecutive differences of the marks, so they sum
+        to total (nan until the caller has the first frame)."""
+        marks = [0.0, self.admitted_s, self.prompt_written_s, self.first_frame_s, self.audio_ready_s,
+                 self.received_s]
+        names = ("queue", "prefill", "first_frame", "audio_decode", "hand_off")
+        out = {name: (b - a) * 1e3 for name, a, b in zip(names, marks, marks[1:])}
+        out["total"] = self.received_s * 1e3
+        return out
 
 
 @runtime_checkable
