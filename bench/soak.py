@@ -86,10 +86,10 @@ def _inject_faults(engine: Engine, every: int) -> None:
     """Every `every`-th frame raises, as a failing device step would."""
     run, frames = engine.graphs.run, itertools.count(1)
 
-    def flaky(n):
+    def flaky(n, *args, **kwargs):
         if next(frames) % every == 0:
             raise RuntimeError(INJECTED)
-        return run(n)
+        return run(n, *args, **kwargs)
 
     engine.graphs.run = flaky
 

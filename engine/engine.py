@@ -43,6 +43,7 @@ import sys
 import threading
 import time
 import weakref
+from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -55,7 +56,7 @@ from misotts.runtime.model import CSMModel
 
 from .graphs import FrameGraphs
 from .kv_cache import BlockPool, PagedKV, block_keys
-from .model_runner import ModelRunner
+from .model_runner import LaneSetup, ModelRunner
 from .ops import make_ops
 from misotts.weights.quantize import quantization
 from .requests import EngineStopped, Request, Stream
@@ -79,6 +80,10 @@ class EngineConfig:
     ops: str = "auto"  # "auto" (Triton on CUDA, torch elsewhere), "torch" or "triton"
     cuda_graphs: bool = True  # capture frames on CUDA
     compile: bool = False  # CPU: Inductor-compile the depth steps (faster frames, slower load: docs/bench.md)
+    # Keep one frame in flight: frame t+1 is enqueued before the host reads frame t's codes, so the
+    # device never waits on the host.  None: on CUDA only (a CPU runs ops as they are enqueued:
+    # nothing would overlap, and each frame would reach its caller one frame later).
+    pipelined: bool | None = None
 
     @classmethod
     def reference(cls, max_seq_len: int, block_size: int = 16) -> "EngineConfig":
@@ -104,6 +109,8 @@ class EngineConfig:
         for name in ("cuda_graphs", "compile"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.pipelined is not None and not isinstance(self.pipelined, bool):
+            raise ValueError(f"pipelined must be True, False or None (auto), got {self.pipelined!r}")
 
 
 def _check_int(name: str, value, low: int) -> None:
@@ -172,6 +179,11 @@ def _serve(engine_ref: weakref.ref, wakeup: _Wakeup) -> None:
                 wakeup.wait(wait)
 
 
+def default_pipelined(cuda: bool) -> bool:
+    """Whether the loop keeps a frame in flight when EngineConfig.pipelined is not set."""
+    return cuda
+
+
 def default_max_batch(cuda: bool) -> int:
     """Lanes when EngineConfig.max_batch is not set."""
     return 32 if cuda else 8
@@ -195,8 +207,21 @@ class Engine:
         self.pool = BlockPool(num_blocks, bs)
         self.graphs = FrameGraphs(self.runner.decode_frame, self.max_batch)
         # The engine's device work runs on its own stream, with the model's device current (Triton
-        # launches on the current device and stream, whatever its tensors' device).
+        # launches on the current device and stream, whatever its tensors' device); the lanes' Mimi
+        # decode on another, so that frame t's audio is decoded while frame t+1 runs.
         self.stream = torch.cuda.Stream(device) if cuda else None
+        self.audio_stream = torch.cuda.Stream(device) if cuda else None
+        self.pipelined = default_pipelined(cuda) if config.pipelined is None else config.pipelined
+        # Per in-flight slot (two: the frame being read and the one running): the frame's codes on
+        # the device (what its Mimi decode reads) and on the host (pinned: copied without a sync).
+        n_codes = model.config.num_codebooks
+        with torch.inference_mode(False):  # plain tensors, whatever the caller's mode: the engine thread writes them
+            self._codes_dev = [torch.zeros(self.max_batch, n_codes, dtype=torch.long, device=device) for _ in range(2)]
+            self._codes_host = [torch.zeros(self.max_batch, n_codes, dtype=torch.long, pin_memory=cuda)
+                                for _ in range(2)]
+        self._audio_host: list[torch.Tensor] = []  # the same for the audio, made with the decoder
+        self._inflight: deque[_InFlight] = deque()
+        self.frames_enqueued = 0
         with self.on_device():
             self._warm_up(progress)
             self._clear_lanes()
@@ -220,18 +245,24 @@ class Engine:
         the first request: prefill at a few chunk lengths into the scratch block, then the frame
         (captured as CUDA graphs, or run once per bucket when compiling, else once)."""
         n, scratch, bs = self.model.config.num_codebooks, self.runner.kv.scratch_block, self.pool.block_size
-        # Triton specializes on 1 and on multiples of 16; past fused_rows rows a prefill takes other
-        # kernels (rmsnorm + cuBLAS instead of the fused norm + GEMV).
-        longest = max(bs, self.runner.ops.fused_rows) + 1
-        for length in sorted({1, 3, bs, longest}):
-            self.runner.prefill(torch.zeros(length, n + 1, dtype=torch.long),
-                                torch.zeros(length, n + 1, dtype=torch.bool), 0, [scratch] * -(-length // bs))
+
+        def chunk(length: int) -> tuple:
+            return (torch.zeros(length, n + 1, dtype=torch.long), torch.zeros(length, n + 1, dtype=torch.bool), 0,
+                    [scratch] * -(-length // bs))
+
+        # Triton specializes on 1 and on multiples of 16; up to fused_rows rows a prefill takes the
+        # fused norm + GEMV, past it rmsnorm + cuBLAS; several sequences make a varlen call.
+        fused = self.runner.ops.fused_rows
+        for length in sorted({1, 3, bs, max(bs, fused), max(bs, fused) + 1}):
+            self.runner.prefill_many([chunk(length)])
+        self.runner.prefill_many([chunk(1), chunk(bs + 1)])
         if self.stream is not None and self.config.cuda_graphs:
             self.graphs.capture(progress)
         elif self.config.compile:
             self._compile_buckets(progress)
         else:
             self.runner.decode_frame(1)
+            self.runner.decode_frame(1, backbone=False)
         if self.stream is not None:
             self.stream.synchronize()
 
@@ -312,8 +343,12 @@ class Engine:
         if self.stream is not None and self.config.cuda_graphs:
             with torch.cuda.device(self.stream.device):
                 decoder.capture(self.graphs.buckets)
+        cuda = self.stream is not None
+        with torch.inference_mode(False):  # plain tensors, whatever the caller's mode: the engine thread writes them
+            audio_host = [torch.zeros(self.max_batch, decoder.frame_size, pin_memory=cuda) for _ in range(2)]
         with self._cond:  # every lane of a fresh decoder is reset; lanes that join from now on want it
             if self.audio is None:
+                self._audio_host = audio_host
                 self.audio, decoder = decoder, None
         if decoder is not None:  # another request made one first
             decoder.close()
@@ -348,6 +383,13 @@ class Engine:
         if thread is None:  # never started: nothing runs, nothing queued
             self._stopped = self._stopped or EngineStopped("the engine was closed")
         _open_engines.discard(self)
+        self._inflight.clear()
+        for stream in (self.stream, self.audio_stream):  # a frame still in flight runs on what is freed below
+            if stream is not None:
+                try:
+                    stream.synchronize()
+                except Exception as err:  # noqa: BLE001 -- after a device fault; closing must not raise
+                    _report(f"waiting for the device's last frame failed: {_describe(err)}")
         audio, self.audio = self.audio, None
         if audio is not None:
             try:
@@ -389,18 +431,18 @@ class Engine:
 
     # ---- the loop (engine thread only) --------------------------------------------------------
     def _turn(self) -> float | None:
-        """One turn of the loop.  Returns how long to wait for news before the next turn (0: go
-        on at once), or None when the loop has ended.  Nothing a request carries ends the loop:
-        a failing step fails the requests it served; only a fault that leaves the device unusable
-        (or an exception that is not an Exception) stops the engine, and then every stream gets
-        the error."""
+        """One turn of the loop: a frame boundary.  Returns how long to wait for news before the
+        next turn (0: go on at once), or None when the loop has ended.  Nothing a request carries
+        ends the loop: a failing step fails the requests it served; only a fault that leaves the
+        device unusable (or an exception that is not an Exception) stops the engine, and then
+        every stream gets the error."""
         try:
             with self._cond:
                 if self._closed:
                     self._stop(EngineStopped("the engine was closed"))
                     return None
                 self.scheduler.admit()
-                if not self.scheduler.working():
+                if not self.scheduler.working() and not self._inflight:
                     self._cond.notify_all()  # wake wait_idle()
                     return 0.05 if self.scheduler.waiting else IDLE_WAIT_S
             plan = self.scheduler.schedule()
@@ -409,7 +451,10 @@ class Engine:
             # stops the engine, below.
             self._move_and_clear(plan)
             try:
-                self.step(plan)
+                enqueued = self.step(plan)
+                # Pipelined, the frame just enqueued stays in flight while the host reads the one before.
+                while len(self._inflight) > (1 if enqueued and self.pipelined else 0):
+                    self._read(self._inflight.popleft())
             except Exception as err:  # noqa: BLE001 -- the requests in flight get the error; the loop goes on
                 self._fail_in_flight(err)
             return 0.0
@@ -430,8 +475,10 @@ class Engine:
     def _fail_in_flight(self, err: Exception) -> None:
         """A step failed: its requests get the error.  Host bookkeeping only -- after a sticky
         device fault (illegal address, device-side assert) any device op raises again -- and the
-        next plan clears every lane, where a failure stops the engine."""
+        next plan clears every lane, where a failure stops the engine.  Frames in flight are
+        dropped unread (their requests have failed)."""
         _report(f"a step failed, its requests get the error: {_describe(err)}")
+        self._inflight.clear()
         with self._cond:
             self.scheduler.drop_in_flight(err)
 
@@ -445,6 +492,7 @@ class Engine:
         if stopped is not err:
             stopped.__cause__ = err
             _report(f"the engine has stopped: {_describe(err)}")
+        self._inflight.clear()
         with self._cond:
             self.scheduler.drop_all(stopped)
             self._hand_out()
@@ -452,47 +500,139 @@ class Engine:
             self._cond.notify_all()
 
     # ---- a frame boundary: the scheduler's plan applied on the device ---------------------------
-    def step(self, plan: Plan) -> None:
-        """Prefill the plan's chunks (a chunk that fails fails its request alone), set up the
-        requests that join, then one frame for every lane and its codes to the scheduler."""
-        failed = {}
-        for chunk in plan.prefill:
-            if chunk.end > chunk.start:
-                req = chunk.req
-                try:
-                    self.runner.prefill(req.frames[chunk.start:chunk.end], req.mask[chunk.start:chunk.end],
-                                        chunk.start, req.blocks)
-                except Exception as err:  # noqa: BLE001 -- this request fails, the others go on
-                    failed[req] = err
-        for lane, req in self.scheduler.prefilled(plan, failed):
-            self._join(lane, req)
-        if self.scheduler.lanes:
-            self._frame()
+    def step(self, plan: Plan) -> bool:
+        """Prefill the plan's chunks in one call (a chunk that fails fails its request alone), set
+        up the requests that join, then enqueue one frame for every lane.  Nothing here waits for
+        the device.  Returns whether a frame was enqueued."""
+        started = self._mark(timing=True) if plan.prefill else None
+        hidden, rows, failed = self._prefill([c for c in plan.prefill if c.end > c.start])
+        prefilled = self._mark(timing=True) if plan.prefill else None
+        joins = self.scheduler.prefilled(plan, failed)
+        if joins:
+            self._join(joins, hidden, rows)
+        if not self.scheduler.lanes:
+            return False
+        fresh = len(joins) == len(self.scheduler.lanes)  # every lane's row already run by its prefill
+        self._enqueue_frame(fresh, [req for _, req in joins], (started, prefilled))
+        return True
 
-    def _frame(self) -> None:
-        n = len(self.scheduler.lanes)
-        bucket = self.graphs.run(n)
-        codes = self.runner.state.codes
-        audio = None
-        if self.audio is not None and any(req.audio for req in self.scheduler.lanes):
-            audio = self.audio.decode(codes[:bucket])[:n].to("cpu")
+    def _prefill(self, chunks: list) -> tuple:
+        """The chunks' KV written in one varlen call -> (their last hidden states [k, D], each
+        request's row in it, {request: error} of those that failed).  A failing call is retried
+        chunk by chunk, so that a request whose chunk cannot run fails alone."""
+        if not chunks:
+            return None, {}, {}
+        work = [(c.req.frames[c.start:c.end], c.req.mask[c.start:c.end], c.start, c.req.blocks) for c in chunks]
+        try:
+            return self.runner.prefill_many(work), {c.req: i for i, c in enumerate(chunks)}, {}
+        except Exception:  # noqa: BLE001 -- find which request's chunk it was
+            parts, rows, failed = [], {}, {}
+            for c, one in zip(chunks, work):
+                try:
+                    parts.append(self.runner.prefill_many([one]))
+                    rows[c.req] = len(parts) - 1
+                except Exception as err:  # noqa: BLE001 -- this request fails, the others go on
+                    failed[c.req] = err
+            return (torch.cat(parts) if parts else None), rows, failed
+
+    def _mark(self, timing: bool = False):
+        """A point on the device's timeline: a CUDA event recorded on the current stream, or on a
+        device that runs ops as they come, the host time now."""
+        if self.stream is None:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=timing)
+        event.record()
+        return event
+
+    @staticmethod
+    def _wait(mark) -> float:
+        """Block until the device has passed `mark`; returns the host time it was seen passed."""
+        if isinstance(mark, float):
+            return mark
+        mark.synchronize()
+        return time.perf_counter()
+
+    def _enqueue_frame(self, fresh: bool, joined: list[Request], prefill_marks: tuple) -> None:
+        """Enqueue a frame for every lane, the copy of its codes to the host behind an event, and
+        its audio decode on the audio stream behind that event (with its copy behind another)."""
+        lanes = list(self.scheduler.lanes)
+        n, slot = len(lanes), self.frames_enqueued % 2
+        self.graphs.run(n, backbone=not fresh)
+        self.frames_enqueued += 1
+        codes_dev, codes_host = self._codes_dev[slot][:n], self._codes_host[slot][:n]
+        codes_dev.copy_(self.runner.state.codes[:n])
+        codes_host.copy_(codes_dev, non_blocking=True)
+        codes_done = self._mark()
+        audio = self.audio is not None and any(req.audio for req in lanes)
+        audio_done = None
+        if audio:
+            with self._on_audio_stream(codes_done):
+                pcm = self.audio.decode(codes_dev)[:n]
+                self._audio_host[slot][:n].copy_(pcm, non_blocking=True)
+                audio_done = self._mark()
+        self._inflight.append(_InFlight(lanes, slot, codes_done, audio_done, joined, prefill_marks))
+
+    def _on_audio_stream(self, after=None):
+        """The audio stream made current (CUDA), after the device passes `after` when given."""
+        if self.audio_stream is None:
+            return contextlib.nullcontext()
+        if after is not None:
+            self.audio_stream.wait_event(after)
+        return torch.cuda.stream(self.audio_stream)
+
+    def _read(self, frame: "_InFlight") -> None:
+        """Wait for an in-flight frame's codes (and audio) and hand them to the scheduler."""
+        n = len(frame.lanes)
+        codes_at = self._wait(frame.codes_done)
+        codes = self._codes_host[frame.slot][:n].clone()
+        audio = audio_at = None
+        if frame.audio_done is not None:
+            audio_at = self._wait(frame.audio_done)
+            audio = self._audio_host[frame.slot][:n].clone()
+        started, prefilled = frame.prefill_marks
+        if frame.joined and not isinstance(started, (float, type(None))):
+            # On a GPU the prefill ran after the host enqueued it: its device time belongs to the prefill.
+            device_s = started.elapsed_time(prefilled) / 1e3
+            for req in frame.joined:
+                req.stats.prompt_written_s = min(req.stats.prompt_written_s + device_s, codes_at - req.submitted)
         self.frames_run += 1
-        self.scheduler.postprocess(codes[:n].to("cpu", copy=True), audio)  # the one host sync of a frame
+        self.scheduler.postprocess(frame.lanes, codes, audio, codes_at, audio_at)
 
     def _move_and_clear(self, plan: Plan) -> None:
         for src, dst in plan.moves:
             self.runner.state.move_lane(src, dst)
-            if self.audio is not None:
-                self.audio.move(src, dst)
         for lane in plan.clears:
             self.runner.state.clear_lane(lane)
+        if self.audio is not None and plan.moves:
+            with self._on_audio_stream():
+                for src, dst in plan.moves:
+                    self.audio.move(src, dst)
 
-    def _join(self, lane: int, req: Request) -> None:
-        p = req.params
-        self.runner.state.set_lane(lane, req.frames[-1], req.mask[-1], req.prompt_len - 1, req.blocks, p.seed,
-                                   p.temperature, p.topk)
+    def _join(self, joins: list[tuple[int, Request]], hidden, rows: dict) -> None:
+        now = time.perf_counter()
+        setups = []
+        for lane, req in joins:
+            p = req.params
+            setups.append(LaneSetup(lane, req.frames[-1], req.mask[-1], req.prompt_len - 1, req.blocks, p.seed,
+                                    p.temperature, p.topk, rows[req]))
+            req.stats.prompt_written_s = now - req.submitted
+        self.runner.state.set_lanes(setups, hidden)
         if self.audio is not None:
-            self.audio.reset(lane)
+            with self._on_audio_stream():
+                for lane, _ in joins:
+                    self.audio.reset(lane)
+
+
+@dataclass
+class _InFlight:
+    """A frame on the device whose codes the host has not read yet."""
+
+    lanes: list[Request]  # the requests in lanes 0..n-1 when it was enqueued
+    slot: int  # which of the engine's two code (and audio) buffers it writes
+    codes_done: object  # `Engine._mark()`s: its codes on the host, its audio on the host (or None)
+    audio_done: object
+    joined: list[Request]  # requests whose first frame it is
+    prefill_marks: tuple  # marks around the prefill enqueued before it (None, None without one)
 
 
 def _describe(err: BaseException) -> str:

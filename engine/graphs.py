@@ -54,33 +54,37 @@ def capture_buckets(step: Callable[[int], object], buckets: list[int], device=No
 
 
 class FrameGraphs:
+    """The frame's graphs: per bucket, the full frame and the depth-only one (every lane's
+    backbone row already run by its prefill: `ModelRunner.decode_frame(n, backbone=False)`)."""
+
     def __init__(self, step, max_batch: int):
-        self.step = step  # step(n): one frame for lanes 0..n-1, on static tensors only
+        self.step = step  # step(n, backbone): one frame for lanes 0..n-1, on static tensors only
         self.buckets = batch_buckets(max_batch)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}  # (bucket, backbone) -> graph
 
     def bucket(self, n: int) -> int:
         return next(b for b in self.buckets if b >= n)
 
     def capture(self, progress: bool = False) -> None:
-        """Warm up and capture every bucket (CUDA only). The step's writes land on padding lanes."""
-        start = time.perf_counter()
+        """Warm up and capture every bucket of both kinds (CUDA only). The step's writes land on padding lanes."""
+        start, total = time.perf_counter(), 2 * len(self.buckets)
+        for k, backbone in enumerate((True, False)):
+            def report(i: int, n: int) -> None:
+                if progress:
+                    print(f"\rcapturing CUDA graphs: batch {n:>3}{'' if backbone else ', depth only'} "
+                          f"({k * len(self.buckets) + i + 1}/{total})", end="", file=sys.stderr)
 
-        def report(i: int, n: int) -> None:
-            if progress:
-                print(f"\rcapturing CUDA graphs: batch {n:>3} ({i + 1}/{len(self.buckets)})", end="", file=sys.stderr)
-
-        captured = capture_buckets(self.step, self.buckets, on_bucket=report)
-        self.graphs.update({n: graph for n, (graph, _) in captured.items()})
+            captured = capture_buckets(lambda b: self.step(b, backbone), self.buckets, on_bucket=report)
+            self.graphs.update({(n, backbone): graph for n, (graph, _) in captured.items()})
         if progress:
             print(f"\rcaptured {len(self.graphs)} CUDA graphs in {time.perf_counter() - start:.1f} s" + " " * 20,
                   file=sys.stderr)
 
-    def run(self, n: int) -> int:
+    def run(self, n: int, backbone: bool = True) -> int:
         """One frame for lanes 0..n-1 (padded up to a bucket); returns the bucket used."""
         b = self.bucket(n)
-        if b in self.graphs:
-            self.graphs[b].replay()
+        if (b, backbone) in self.graphs:
+            self.graphs[(b, backbone)].replay()
         else:
-            self.step(b)
+            self.step(b, backbone)
         return b

@@ -17,6 +17,8 @@ made sync-free where the reference syncs) or `TritonOps` (the launchers in misot
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -36,26 +38,65 @@ from misotts.weights.quantize import QuantLinear
 # + topk_race); decode_frame calls the three parts so that each runs once per frame where it can.
 
 
+# ---- host-to-device without a sync --------------------------------------------------------------
+def to_device(host: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor on `device` without blocking the host: on CUDA through pinned memory and a
+    non-blocking copy (a pageable copy would wait for every frame already queued on the stream;
+    torch's pinned allocator keeps the buffer until the copy has run); elsewhere as it is."""
+    if torch.device(device).type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 # ---- a prefill call's metadata ------------------------------------------------------------------
 class PrefillChunk:
-    """What every layer's prefill attention needs, copied to the device once per call (one copy,
-    not one per layer: on CUDA each host-to-device copy of pageable memory stalls the host).
+    """What every layer's prefill attention needs for a call over several sequences' chunks,
+    packed one after another (made once per call, not once per layer).
 
-    cu_seqlens [2] = (0, T), context_lens [1] = (start + T,), block_table [blocks]: int32 views
-    of one device tensor; context_len: the same length as a Python int.
+    cu_seqlens [k + 1]: chunk offsets; context_lens [k]: each sequence's positions written after
+    its chunk; block_table [k, width]: int32 views of one device tensor.  lengths, context_list:
+    the same as Python ints (the torch reference loops over the sequences with them).
     """
 
-    def __init__(self, meta: torch.Tensor, context_len: int):
-        self.cu_seqlens, self.context_lens, self.block_table = meta[:2], meta[2:3], meta[3:]
-        self.context_len = context_len
+    def __init__(self, meta: torch.Tensor, lengths: list[int], context_list: list[int]):
+        k = len(lengths)
+        self.cu_seqlens, self.context_lens = meta[:k + 1], meta[k + 1:2 * k + 1]
+        self.block_table = meta[2 * k + 1:].view(k, -1)
+        self.lengths, self.context_list = lengths, context_list
 
-    @classmethod
-    def make(cls, length: int, start: int, blocks: list[int], device) -> "PrefillChunk":
-        meta = torch.tensor([0, length, start + length, *blocks], dtype=torch.int32)
-        return cls(meta.to(device), start + length)
+    @property
+    def context_len(self) -> int:  # one sequence's (the single-sequence callers')
+        return self.context_list[0]
+
+    @staticmethod
+    def host_meta(lengths: list[int], starts: list[int], blocks: list[list[int]], pad_block: int) -> list[int]:
+        """The metadata as one list of ints: cu_seqlens, context_lens, the block tables padded
+        with pad_block to one width."""
+        cu = [0]
+        for n in lengths:
+            cu.append(cu[-1] + n)
+        width = max(1, max(len(b) for b in blocks))
+        return [*cu, *(s + n for s, n in zip(starts, lengths)),
+                *(i for b in blocks for i in (*b, *[pad_block] * (width - len(b))))]
 
 
 # ---- the batch state: everything a frame reads or writes ------------------------------------
+class LaneSetup(NamedTuple):
+    """A request taking a lane: its last prompt row, that row's position, its blocks, its
+    sampling settings, and which row of the joining prefill call's last hidden states is its own
+    (the frame's backbone does not run that row again: the prefill already did)."""
+
+    lane: int
+    row: torch.Tensor  # [n + 1] ids
+    row_mask: torch.Tensor  # [n + 1] bool
+    position: int
+    blocks: list[int]
+    seed: int
+    temperature: float
+    topk: int
+    hidden_row: int = -1  # -1: no hidden state from a prefill (the frame's backbone runs the row)
+
+
 class BatchState:
     """Per-lane device tensors for `max_batch` lanes; lanes 0..n-1 are the running requests.
 
@@ -63,10 +104,13 @@ class BatchState:
     then its previous frame); positions [B]: that row's position; counter [B]: the frame's first
     RNG counter (frame index * num_codebooks); codes [B, n]: the frame just made; active [B]: 1 for
     a request's lane, 0 for a padding lane (whose position stays 0: its attention reads one position,
-    not a context that grows every frame).
+    not a context that grows every frame); hidden [B, D], use_hidden [B]: the backbone's last hidden
+    state of a lane's row when its prompt's prefill already computed it (the lane's first frame
+    then skips that row's backbone pass and KV write; the frame clears the flag).
     """
 
-    def __init__(self, max_batch: int, num_codebooks: int, max_blocks: int, scratch_block: int, device):
+    def __init__(self, max_batch: int, num_codebooks: int, max_blocks: int, scratch_block: int, device,
+                 dim: int = 1, dtype=torch.float32):
         b, w = max_batch, num_codebooks + 1
         z = dict(device=device)
         self.rows = torch.zeros(b, w, dtype=torch.long, **z)
@@ -79,29 +123,55 @@ class BatchState:
         self.topk = torch.ones(b, dtype=torch.long, **z)
         self.codes = torch.zeros(b, num_codebooks, dtype=torch.long, **z)
         self.active = torch.zeros(b, dtype=torch.long, **z)
+        self.hidden = torch.zeros(b, dim, dtype=dtype, **z)
+        self.use_hidden = torch.zeros(b, dtype=torch.bool, **z)
         self.audio_row_mask = audio_row_mask(num_codebooks, device)
-        self.scratch_block = scratch_block
+        self.scratch_block, self.device = scratch_block, torch.device(device)
 
     def lane_tensors(self):
         return (self.rows, self.row_mask, self.positions, self.block_tables, self.seed, self.counter,
-                self.temperature, self.topk, self.codes, self.active)
+                self.temperature, self.topk, self.codes, self.active, self.hidden, self.use_hidden)
+
+    def set_lanes(self, setups: list[LaneSetup], hidden: torch.Tensor | None = None) -> None:
+        """Requests take lanes: one host-to-device copy for all of them (no host sync on CUDA),
+        then device scatters.  hidden [k, D]: the rows `setup.hidden_row` point into."""
+        if not setups:
+            return
+        w, blocks = self.rows.shape[1], self.block_tables.shape[1]
+        ints = torch.empty(len(setups), 5 + 2 * w + blocks, dtype=torch.long)
+        temperature = torch.empty(len(setups), dtype=torch.float32)
+        ints[:, 5 + 2 * w:] = self.scratch_block
+        for i, s in enumerate(setups):
+            ints[i, :5] = torch.tensor([s.lane, s.position, s.seed, s.topk, s.hidden_row])
+            ints[i, 5:5 + w], ints[i, 5 + w:5 + 2 * w] = torch.as_tensor(s.row), torch.as_tensor(s.row_mask)
+            ints[i, 5 + 2 * w:5 + 2 * w + len(s.blocks)] = torch.tensor(s.blocks, dtype=torch.long)
+            temperature[i] = s.temperature
+        ints, temperature = to_device(ints, self.device), to_device(temperature, self.device)
+        lanes = ints[:, 0]
+        self.rows[lanes] = ints[:, 5:5 + w]
+        self.row_mask[lanes] = ints[:, 5 + w:5 + 2 * w].bool()
+        self.positions[lanes], self.seed[lanes], self.topk[lanes] = ints[:, 1], ints[:, 2], ints[:, 3]
+        self.block_tables[lanes] = ints[:, 5 + 2 * w:].int()
+        self.counter[lanes], self.active[lanes], self.temperature[lanes] = 0, 1, temperature
+        with_hidden = [s.hidden_row >= 0 for s in setups]
+        if any(with_hidden):
+            if not all(with_hidden):
+                raise ValueError("set_lanes: either every joining lane has a prefill hidden row or none")
+            self.hidden[lanes] = hidden[ints[:, 4]]
+        self.use_hidden[lanes] = bool(all(with_hidden))
 
     def set_lane(self, lane: int, row, row_mask, position: int, blocks: list[int], seed: int,
                  temperature: float, topk: int) -> None:
-        self.rows[lane] = row
-        self.row_mask[lane] = row_mask
-        self.positions[lane] = position
-        table = torch.full((self.block_tables.shape[1],), self.scratch_block, dtype=torch.int32)
-        table[:len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
-        self.block_tables[lane] = table
-        self.seed[lane], self.counter[lane] = seed, 0
-        self.temperature[lane], self.topk[lane] = temperature, topk
-        self.active[lane] = 1
+        row, row_mask = (torch.as_tensor(t).expand(self.rows.shape[1]) for t in (row, row_mask))
+        self.set_lanes([LaneSetup(lane, row, row_mask, position, blocks, seed, temperature, topk)])
 
     def clear_lane(self, lane: int) -> None:
-        """A padding lane: reads and writes only the scratch block, samples greedily."""
-        self.set_lane(lane, 0, False, 0, [], 0, 0.0, 1)
-        self.active[lane] = 0
+        """A padding lane: reads and writes only the scratch block, samples greedily (scalar fills
+        only: nothing from the host)."""
+        for t, value in ((self.rows, 0), (self.row_mask, False), (self.positions, 0), (self.block_tables, self.scratch_block),
+                         (self.seed, 0), (self.counter, 0), (self.temperature, 0.0), (self.topk, 1), (self.active, 0),
+                         (self.use_hidden, False)):
+            t[lane] = value
 
     def move_lane(self, src: int, dst: int) -> None:
         for t in self.lane_tensors():
@@ -190,7 +260,8 @@ class ModelRunner:
         """The paged KV pool and the batch state (after the weights, so a pool sized from free
         memory sees what they took)."""
         self.kv = PagedKV(self.config.backbone, num_blocks, self.block_size, self.dtype, self.device)
-        self.state = BatchState(self.max_batch, self.n, self.max_blocks, self.kv.scratch_block, self.device)
+        self.state = BatchState(self.max_batch, self.n, self.max_blocks, self.kv.scratch_block, self.device,
+                                self.config.backbone.dim, self.dtype)
 
     def release(self) -> None:
         """Drop the KV pool and the batch state (the engine is closed; nothing runs a frame again)."""
@@ -224,15 +295,40 @@ class ModelRunner:
         return self._layers(self.bb, x, attention)
 
     @torch.inference_mode()
-    def prefill(self, frames, mask, start: int, blocks: list[int]) -> None:
-        """Write the KV of rows frames, mask [T, n+1] at positions start.. of the sequence whose
-        blocks are `blocks` (eager; the hidden states are not needed)."""
-        chunk = PrefillChunk.make(frames.shape[0], start, blocks, self.device)
-        positions = torch.arange(start, chunk.context_len, device=self.device)
-        slots = chunk.block_table[positions // self.block_size].long() * self.block_size + positions % self.block_size
-        x = self.ops.embed(frames.to(self.device), mask.to(self.device), self.text_table, self.audio_table)
-        self._backbone(x, positions, slots, lambda q, k_cache, v_cache: self.ops.prefill_attention(
+    def prefill_many(self, chunks: list[tuple]) -> torch.Tensor:
+        """Write the KV of several sequences' prompt chunks in one backbone pass (varlen: the
+        chunks' rows packed, `cu_seqlens` in the attention's metadata).  chunks: (frames, mask
+        [T_i, n+1] (CPU), start_i, blocks_i) each -> the last hidden state of each chunk [k, D]
+        (not final-normed; a device tensor, no sync): a chunk that ends its prompt hands it to
+        that request's first frame (`LaneSetup.hidden_row`)."""
+        lengths, starts = [c[0].shape[0] for c in chunks], [c[2] for c in chunks]
+        t, k, w = sum(lengths), len(chunks), chunks[0][0].shape[1]
+        ints = []  # every position, its chunk, each chunk's last row, then the attention's metadata
+        for start, length in zip(starts, lengths):
+            ints += range(start, start + length)
+        for i, length in enumerate(lengths):
+            ints += [i] * length
+        ints += [sum(lengths[:i + 1]) - 1 for i in range(k)]
+        ints += PrefillChunk.host_meta(lengths, starts, [c[3] for c in chunks], self.kv.scratch_block)
+        rows = torch.cat([torch.cat([f, m.long()], 1) for f, m, *_ in chunks]).long()
+        # One host-to-device copy for the call (on CUDA each copy of host data stalls the host).
+        packed = to_device(torch.cat([rows.flatten(), torch.tensor(ints, dtype=torch.long)]), self.device)
+        rows, packed = packed[:t * w * 2].view(t, 2 * w), packed[t * w * 2:]
+        frames, mask = rows[:, :w].contiguous(), rows[:, w:].bool()
+        positions, seq_of_row, last_rows = packed[:t], packed[t:2 * t], packed[2 * t:2 * t + k]
+        meta = packed[2 * t + k:].to(torch.int32)
+        chunk = PrefillChunk(meta, lengths, [s + n for s, n in zip(starts, lengths)])
+        tables = chunk.block_table.long()
+        slots = tables[seq_of_row, positions // self.block_size] * self.block_size + positions % self.block_size
+        x = self.ops.embed(frames, mask, self.text_table, self.audio_table)
+        h = self._backbone(x, positions, slots, lambda q, k_cache, v_cache: self.ops.prefill_attention(
             q, k_cache, v_cache, chunk, self.bb.scale))
+        return h[last_rows]
+
+    def prefill(self, frames, mask, start: int, blocks: list[int]) -> torch.Tensor:
+        """One sequence's chunk of prompt rows frames, mask [T, n+1] at positions start.. into the
+        paged cache -> its last row's hidden state [D] (see `prefill_many`)."""
+        return self.prefill_many([(frames, mask, start, blocks)])[0]
 
     # ---- depth decoder ----------------------------------------------------------------------
     def _depth_step(self, x, pos, n: int):
@@ -254,16 +350,26 @@ class ModelRunner:
 
     # ---- one frame for lanes 0..n-1 ------------------------------------------------------------
     @torch.inference_mode()
-    def decode_frame(self, n: int) -> None:
+    def decode_frame(self, n: int, backbone: bool = True) -> None:
+        """One frame for lanes 0..n-1.  backbone=False: every lane's hidden state comes from its
+        prefill (`BatchState.use_hidden`: all lanes joined at this boundary), so the frame is the
+        codebook-0 head and the depth decoder alone: first audio reads the backbone once."""
         st, bs = self.state, self.block_size
-        positions, tables = st.positions[:n], st.block_tables[:n]
-        # Padding lanes stay at position 0 (see `active`); clamping keeps any read in bounds (real lanes never clamp).
-        block_index = (positions // bs).clamp(max=self.max_blocks - 1)
-        slots = tables.gather(1, block_index[:, None])[:, 0].long() * bs + positions % bs
-        context_lens = (positions + 1).clamp(max=self.max_blocks * bs).to(torch.int32)
-        x = self.ops.embed(st.rows[:n], st.row_mask[:n], self.text_table, self.audio_table)
-        h = self._backbone(x, positions, slots, lambda q, k_cache, v_cache: self.ops.decode_attention(
-            q, k_cache, v_cache, tables, context_lens, self.bb.scale))
+        positions, tables, use_hidden = st.positions[:n], st.block_tables[:n], st.use_hidden[:n]
+        if backbone:
+            # Padding lanes stay at position 0 (see `active`); clamping keeps any read in bounds (real lanes never clamp).
+            block_index = (positions // bs).clamp(max=self.max_blocks - 1)
+            slots = tables.gather(1, block_index[:, None])[:, 0].long() * bs + positions % bs
+            # A lane whose row the prefill ran keeps the prefill's KV: its write goes to the scratch block.
+            slots = torch.where(use_hidden, st.scratch_block * bs, slots)
+            context_lens = (positions + 1).clamp(max=self.max_blocks * bs).to(torch.int32)
+            x = self.ops.embed(st.rows[:n], st.row_mask[:n], self.text_table, self.audio_table)
+            h = self._backbone(x, positions, slots, lambda q, k_cache, v_cache: self.ops.decode_attention(
+                q, k_cache, v_cache, tables, context_lens, self.bb.scale))
+            h = torch.where(use_hidden[:, None], st.hidden[:n], h)
+        else:
+            h = st.hidden[:n]
+        use_hidden.zero_()
         codes, eps, sums = st.codes[:n], self.bb.cfg.norm_eps, self.logit_sums[:, :n]
         frame = self.ops.frame_sampling(st.temperature[:n], st.topk[:n], st.seed[:n], st.counter[:n], self.n,
                                         self.vocab)

@@ -125,10 +125,14 @@ class TorchOps:
 
     @staticmethod
     def prefill_attention(q, k_cache, v_cache, chunk, scale):
-        """q [T, H, d]: the last T of chunk.context_len positions of one sequence, causal."""
-        n = chunk.context_len
-        return ref.causal_attention_ref(q, ref.gather_kv(k_cache, chunk.block_table, n),
-                                        ref.gather_kv(v_cache, chunk.block_table, n), scale)
+        """q [T, H, d]: the chunks of chunk.lengths rows, one after another; each is the last rows
+        of its sequence's chunk.context_list positions, causal."""
+        out, start = [], 0
+        for length, n, table in zip(chunk.lengths, chunk.context_list, chunk.block_table):
+            out.append(ref.causal_attention_ref(q[start:start + length], ref.gather_kv(k_cache, table, n),
+                                                ref.gather_kv(v_cache, table, n), scale))
+            start += length
+        return out[0] if len(out) == 1 else torch.cat(out)
 
 
 class TritonOps:
@@ -189,7 +193,7 @@ class TritonOps:
         return self.k_attn.paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale)
 
     def prefill_attention(self, q, k_cache, v_cache, chunk, scale):
-        return self.k_attn.paged_prefill(q, chunk.cu_seqlens, q.shape[0], k_cache, v_cache, chunk.block_table[None],
+        return self.k_attn.paged_prefill(q, chunk.cu_seqlens, max(chunk.lengths), k_cache, v_cache, chunk.block_table,
                                          chunk.context_lens, scale)
 
 

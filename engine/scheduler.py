@@ -5,15 +5,17 @@ Host side only, and it never calls the engine: it returns data (nano-vllm's shap
 boundary the engine asks `schedule()` for a `Plan` -- lane states to move and clear (lanes left
 by finished requests, compacted), then prompt chunks to prefill -- applies it on the device,
 tells `prefilled()` which chunks failed and gets back the requests that join the lanes (and
-their lanes), runs the frame, and hands its codes to `postprocess()`.  What the callers must be
+their lanes), enqueues the frame, and -- once the device has made them, which may be after the
+next boundary's plan (the engine keeps one frame in flight) -- hands its codes to `postprocess()`
+with the lanes the frame ran.  What the callers must be
 told -- each frame, and each request's end -- waits in `outbox` for the engine to hand out.
 
 - admission is first come, first served: the head of the queue takes a lane and its KV blocks
   (cached prefix blocks first) or everyone behind it waits; a request that waits longer than
   `wait_timeout_s` fails with EngineBusy;
-- prefill takes up to `prefill_chunk` prompt positions per frame boundary, oldest request first;
-  a request whose prompt is written (all but its last row, which its first frame runs) joins
-  the lanes;
+- prefill takes up to `prefill_chunk` prompt positions per frame boundary, oldest request first,
+  all of them in one call; a request whose prompt is written joins the lanes, and its first
+  frame starts from the prefill's last hidden state (the backbone runs its last row once);
 - lanes 0..n-1 are always the running requests: a request that leaves is replaced by the last.
 """
 from __future__ import annotations
@@ -22,7 +24,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from misotts.runtime.frames import Frame, frame_end
+from misotts.runtime.frames import Frame, frame_ends
 
 from .kv_cache import BlockPool, PoolFull, block_keys
 from .requests import EngineBusy, Request
@@ -94,7 +96,7 @@ class Scheduler:
                 continue
             if admitted:
                 self.waiting.popleft()
-                req.stats.wait_s = waited
+                req.stats.wait_s = req.stats.admitted_s = waited
                 self.prefilling.append(req)
                 continue
             if waited > self.wait_timeout_s:
@@ -131,7 +133,7 @@ class Scheduler:
             if req.cancelled:
                 self.finish(req, "cancelled")
                 continue
-            end = min(req.prompt_len - 1, req.prefilled + budget)
+            end = min(req.prompt_len, req.prefilled + budget)
             plan.prefill.append(Chunk(req, req.prefilled, end))
             budget -= end - req.prefilled
         return plan
@@ -152,44 +154,57 @@ class Scheduler:
                 self.finish(req, "error", err)
                 continue
             req.prefilled = chunk.end
-            if req.prefilled == req.prompt_len - 1:
+            if req.prefilled == req.prompt_len:
                 joins.append((len(self.lanes), req))
                 self.lanes.append(req)
                 self.prefilling.remove(req)
         return joins
 
-    def postprocess(self, codes, audio) -> None:
-        """Lanes 0..n-1 made codes [n, num_codebooks] (CPU) and audio [n, samples] or None: the
-        frames go to the outbox, the blocks they complete are keyed, finished requests leave
-        (their ends to the outbox, their lanes compacted by the next plan's moves and clears)."""
-        now, finished = time.perf_counter(), []
-        for lane, req in enumerate(self.lanes):
-            position = req.prompt_len - 1 + len(req.generated)  # the row this frame ran
-            frame = codes[lane]
-            end = frame_end(frame, len(req.generated), req.params.stop_on_eos)
-            if isinstance(end, Exception):  # a non-finite frame: its KV is not worth keying either
-                finished.append((lane, end))
+    def postprocess(self, lanes: list[Request], codes, audio, codes_at: float | None = None,
+                    audio_at: float | None = None) -> None:
+        """A frame ran `lanes` (the requests in lanes 0..n-1 when it was enqueued) and made codes
+        [n, num_codebooks] (CPU) and audio [n, samples] or None, on the host at perf_counter times
+        codes_at and audio_at (default: now).  The frames go to the outbox, the blocks they
+        complete are keyed, finished requests leave (their ends to the outbox, their lanes
+        compacted by the next plan's moves and clears).  A request that ended since the frame was
+        enqueued is skipped: with a frame in flight, one frame runs past every end."""
+        now = time.perf_counter()
+        codes_at = now if codes_at is None else codes_at
+        audio_at = codes_at if audio_at is None else audio_at
+        # Which lanes end their generation, for all lanes at once (per-lane tensor ops cost the host µs each).
+        ends = frame_ends(codes, [len(r.generated) for r in lanes], [r.params.stop_on_eos for r in lanes])
+        finished = []
+        for lane, (req, end) in enumerate(zip(lanes, ends)):
+            if req.stats.finish:  # ended after this frame was enqueued: its work here is void
                 continue
+            if isinstance(end, Exception):  # a non-finite frame: its KV is not worth keying either
+                finished.append((req, end))
+                continue
+            frame, generated = codes[lane], len(req.generated)
             req.generated.append(frame)
-            if (position + 1) % self.pool.block_size == 0:
+            position = req.prompt_len - 1 + generated  # the row this frame ran
+            if generated and (position + 1) % self.pool.block_size == 0:  # frame 0's row: the prefill's, keyed there
                 self._register_blocks(req, position, position + 1)
             if req.cancelled:
-                finished.append((lane, "cancelled"))
+                finished.append((req, "cancelled"))
                 continue
             if end:
-                finished.append((lane, end))
+                finished.append((req, end))
                 continue
             if req.stats.frames == 0:
-                req.stats.first_frame_s = now - req.submitted
+                req.stats.first_frame_s = codes_at - req.submitted
+                req.stats.audio_ready_s = (audio_at if req.audio else codes_at) - req.submitted
             req.stats.frames += 1
             self.outbox.append((req, Frame(frame, audio[lane] if req.audio else None)))
             if req.stats.frames == req.max_frames:
-                finished.append((lane, "max_frames"))
-        for lane, reason in reversed(finished):  # highest lane first, so moves never touch a finished lane
+                finished.append((req, "max_frames"))
+        # Highest lane first, so that a move never carries a lane that leaves in this same frame.
+        finished.sort(key=lambda item: self.lanes.index(item[0]), reverse=True)
+        for req, reason in finished:
             if isinstance(reason, Exception):
-                self.finish(self.lanes[lane], "error", reason)
+                self.finish(req, "error", reason)
             else:
-                self.finish(self.lanes[lane], reason)
+                self.finish(req, reason)
 
     def _register_blocks(self, req: Request, start: int, end: int) -> None:
         """Key the blocks completed by writing positions start..end-1 (keys chain from block 0)."""

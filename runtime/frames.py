@@ -76,13 +76,19 @@ NONFINITE_CODE = -1
 def frame_end(codes: torch.Tensor, frame: int, stop_on_eos: bool) -> FloatingPointError | str | None:
     """Whether frame `frame` (codes [n], just made) ends its generation instead of being handed
     out: the error of a frame marked non-finite, "eos" for an all-zero frame (end of speech, as in
-    Sesame's reference) when stop_on_eos, else None.  The one place these rules live (the engine's
-    scheduler and the oracle loop both ask it); the last is max_frames: that many handed out."""
-    if codes[0] == NONFINITE_CODE:
-        return nonfinite_error(frame)
-    if stop_on_eos and not codes.any():
-        return "eos"
-    return None
+    Sesame's reference) when stop_on_eos, else None.  The last rule is max_frames: that many
+    handed out."""
+    return frame_ends(codes[None], [frame], [stop_on_eos])[0]
+
+
+def frame_ends(codes: torch.Tensor, frames: list[int], stop_on_eos: list[bool]) -> list:
+    """`frame_end` for a batch of frames codes [b, n] (frame indices `frames`, each with its
+    stop_on_eos), with two tensor ops for the whole batch: the one place these rules live (the
+    engine's scheduler and the oracle loop both ask it)."""
+    nonfinite = (codes[:, 0] == NONFINITE_CODE).tolist()
+    silent = (~codes.any(1)).tolist()
+    return [nonfinite_error(frame) if bad else "eos" if stop and quiet else None
+            for bad, quiet, frame, stop in zip(nonfinite, silent, frames, stop_on_eos)]
 
 
 def nonfinite_error(frame: int) -> FloatingPointError:

@@ -238,9 +238,9 @@ def test_reference_astream_leaves_the_event_loop_running(monkeypatch):
     tts = misotts.load("tiny", device="cpu", backend="reference")
     run = tts.engine.graphs.run
 
-    def slow_frame(n):
+    def slow_frame(n, *args, **kwargs):
         time.sleep(0.3)  # a frame that takes 0.3 s
-        return run(n)
+        return run(n, *args, **kwargs)
 
     monkeypatch.setattr(tts.engine.graphs, "run", slow_frame)
 

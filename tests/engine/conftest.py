@@ -8,6 +8,7 @@ from misotts.runtime.audio import FRAME_MS
 from misotts.runtime.config import PRESETS, ModelConfig
 from misotts.runtime.params import GenerationParams
 from misotts.engine import Engine, EngineConfig
+from misotts.engine import engine as engine_module
 from misotts.runtime.model import CSMModel
 from misotts.runtime.prompt import Segment, build_prompt
 from misotts.runtime.tokenizer import ByteTokenizer
@@ -77,14 +78,21 @@ def _tiny_matmuls_on_one_thread(one_thread):
     yield
 
 
+@pytest.fixture(autouse=True)
+def _pipelined_as_on_a_gpu(monkeypatch):
+    """The engine tests run the loop as it runs on a GPU, one frame in flight (on a CPU it is off
+    by default); a test that builds EngineConfig(pipelined=False) runs the other order."""
+    monkeypatch.setattr(engine_module, "default_pipelined", lambda cuda: True)
+
+
 def slow_frames(monkeypatch, engine, seconds: float):
     """Every frame of `engine` takes at least `seconds`, so a request of F frames cannot finish in
     under F * seconds however fast the machine: a test can rely on it still running."""
     run = engine.graphs.run
 
-    def paced(n):
+    def paced(n, *args, **kwargs):
         started = time.monotonic()
-        run(n)
+        run(n, *args, **kwargs)
         time.sleep(max(0.0, seconds - (time.monotonic() - started)))
 
     monkeypatch.setattr(engine.graphs, "run", paced)
@@ -97,13 +105,13 @@ def frames_wait_for(monkeypatch, engine, submitted: list, count: int, timeout: f
     run = engine.graphs.run
     frame = [0]
 
-    def gated(n):
+    def gated(n, *args, **kwargs):
         deadline = time.monotonic() + timeout
         while len(submitted) < min(frame[0] + 1, count):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"frame {frame[0]}: only {len(submitted)} of {count} requests submitted")
             time.sleep(0.001)
         frame[0] += 1
-        run(n)
+        run(n, *args, **kwargs)
 
     monkeypatch.setattr(engine.graphs, "run", gated)

@@ -109,13 +109,13 @@ def _frames_wait_for_ticks(monkeypatch, engine, ticks: list, timeout: float = 30
     raises TimeoutError."""
     run = engine.graphs.run
 
-    def gated(n):
+    def gated(n, *args, **kwargs):
         seen, deadline = len(ticks), time.monotonic() + timeout
         while len(ticks) == seen:
             if time.monotonic() > deadline:
                 raise TimeoutError("the event loop was blocked: no heartbeat while a frame waited")
             time.sleep(0.001)
-        run(n)
+        run(n, *args, **kwargs)
 
     monkeypatch.setattr(engine.graphs, "run", gated)
 
@@ -145,11 +145,11 @@ def test_cancelling_an_astream_task_takes_effect_at_the_next_frame(tts, monkeypa
     streams = _capture_submits(monkeypatch, tts.engine)
     cancelled, run, frame = threading.Event(), tts.engine.graphs.run, [0]
 
-    def gated(n):  # frames after the first wait until the task's cancellation has completed
+    def gated(n, *args, **kwargs):  # frames after the first wait until the task's cancellation has completed
         if frame[0] >= 1 and not cancelled.wait(30):
             raise TimeoutError("the task's cancellation never completed")
         frame[0] += 1
-        run(n)
+        run(n, *args, **kwargs)
 
     monkeypatch.setattr(tts.engine.graphs, "run", gated)
 

@@ -173,14 +173,14 @@ def test_cancelling_frees_blocks_and_spares_the_others(tiny_model, monkeypatch):
 
 def test_a_failing_request_does_not_stop_the_engine(tiny_model, monkeypatch):
     engine = Engine(tiny_model, EngineConfig(max_batch=2))
-    real_prefill = engine.runner.prefill
+    real_prefill = engine.runner.prefill_many
 
-    def flaky_prefill(frames, mask, start, blocks):
-        if frames.shape[0] == 7:  # only the poisoned request has a 7-row chunk
+    def flaky_prefill(chunks):  # both prompts may prefill in one call: it fails, then each alone
+        if any(frames.shape[0] == 8 for frames, *_ in chunks):  # only the poisoned request has an 8-row chunk
             raise RuntimeError("boom")
-        return real_prefill(frames, mask, start, blocks)
+        return real_prefill(chunks)
 
-    monkeypatch.setattr(engine.runner, "prefill", flaky_prefill)
+    monkeypatch.setattr(engine.runner, "prefill_many", flaky_prefill)
     frames, mask = prompt()
     bad = submit(engine, frames[:8], mask[:8], 3, **GEN)
     good = submit(engine, frames, mask, 3, **GEN)

@@ -92,11 +92,11 @@ def _fail_frames(monkeypatch, engine, failing: set, message="CUDA error: an ille
     """Frames whose index (from 0) is in `failing` raise, as a device fault would."""
     run, frame = engine.graphs.run, [0]
 
-    def flaky(n):
+    def flaky(n, *args, **kwargs):
         frame[0] += 1
         if frame[0] - 1 in failing:
             raise RuntimeError(message)
-        return run(n)
+        return run(n, *args, **kwargs)
 
     monkeypatch.setattr(engine.graphs, "run", flaky)
 
@@ -138,7 +138,7 @@ def test_a_sticky_device_fault_stops_the_engine_cleanly(tiny_model, monkeypatch)
         monkeypatch.setattr(state, name, device_op(name))
     run = engine.graphs.run
 
-    def faulting(n):
+    def faulting(n, *args, **kwargs):
         sticky.append(True)
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
