@@ -22,7 +22,11 @@ LIVEKIT = ["livekit-agents>=1.8", "livekit-plugins-openai>=1.8"]
 AGENTS = ["pipecat-ai>=1.14", *LIVEKIT]
 # The same server on Ray Serve (misotts serve --ray): 2.60 is what the tests run (late-bound ingress apps).
 RAY = ["ray[serve]>=2.60"]
-QUALITY = ["jiwer>=3.0", "transformers>=5.0"]  # the WER of python -m misotts.bench.quality
+# transformers: the tests' and the bench's oracle.  5.25 made the PyPI package `kernels` a hard
+# dependency and imports it, and run from this repository's root (python -m puts the working
+# directory first on sys.path) our top-level kernels/ folder shadows it: CUDAProperties ImportError.
+TRANSFORMERS = "transformers>=5.0,<5.25"
+QUALITY = ["jiwer>=3.0", TRANSFORMERS]  # the WER of python -m misotts.bench.quality
 
 setup(
     name="misotts",
@@ -54,13 +58,13 @@ setup(
         "sentencepiece",
     ],
     extras_require={
-        "test": ["pytest", "pytest-xdist", "hypothesis>=6.100", "transformers>=5.0", *QUALITY, *SERVER, *SERVER_TEST,
+        "test": ["pytest", "pytest-xdist", "hypothesis>=6.100", *QUALITY, *SERVER, *SERVER_TEST,
                  *RAY, *LIVEKIT],
         "quality": QUALITY,  # python -m misotts.bench.quality: WER through a local ASR model
         "agents": [*SERVER, *AGENTS],
         "server": SERVER,
         "ray": [*SERVER, *RAY],
-        "dev": ["pytest", "transformers>=5.0", "matplotlib"],
+        "dev": ["pytest", TRANSFORMERS, "matplotlib"],
         "flash": ["flash-attn"],
     },
     entry_points={"console_scripts": ["misotts=misotts.cli:main"]},
