@@ -145,7 +145,7 @@ def test_lane_decoder_replays_the_smallest_mimi_bucket_and_returns_the_live_lane
     eager.close()
 
 
-# ---- CUDA: the decode captured as one graph per batch bucket ----------------------------------------
+# ---- CUDA: the decode captured as one graph per Mimi bucket -----------------------------------------
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_lane_decoder_graphs_replay_like_eager_and_solo_on_cuda():
