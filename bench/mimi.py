@@ -48,7 +48,7 @@ def run(writer_cls, out, device, max_batch: int, copy_gbps: float | None, header
     from misotts.runtime.codec import load_codec
 
     graphs = device.type == "cuda"
-    repeats = repeats or (50 if graphs else 2)
+    repeats = repeats or (30 if graphs else 2)
     codec = load_codec(None, device=device)
     decoder = LaneDecoder(codec, max_batch)
     if graphs:
