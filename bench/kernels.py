@@ -1,7 +1,9 @@
-"""Kernel benchmark on a CUDA GPU: every kernel spec's cases (kernels/specs.py) at the presets' shapes.
+"""Kernel benchmark on a CUDA GPU: the kernel specs' cases (kernels/specs.py), and Mimi per lane bucket.
+
+Every spec case at the presets' shapes, then the lanes' Mimi decode per Mimi bucket.
 
     python -m misotts.bench.kernels [--preset csm-1b --preset miso-8b] [--batch 1 8 32 64]
-                                    [--kernel NAME ...] [--context 1024] [--no-torch] [--out DIR]
+                                    [--kernel NAME ...] [--context 1024] [--no-torch] [--no-mimi] [--out DIR]
     python -m misotts.bench.kernels --dry-run [--preset tiny] [--batch 2]   # plumbing, no timing
 
 For each preset, batch and case: the Triton launcher's time (median of CUDA-event timings,
@@ -14,6 +16,10 @@ kernels.jsonl and kernels.md in --out (a run cut short keeps its rows); kernels.
 versions, commit, copy bandwidth, rows) is rewritten after every row.
 --dry-run runs every case once through Triton's CPU interpreter in fp32 (no timing): a broken case
 is found without a GPU.  Refuses to time on the CPU: the interpreter is not a timing.
+Mimi (bench/mimi.py; not a Triton kernel, so not a spec): after the kernels, every bucket of
+`engine.audio.mimi_buckets(max batch)` -- its captured graph replayed, ms per call and per lane --
+to mimi.jsonl / .md / .json in --out; --dry-run decodes eagerly on the CPU at buckets up to its batch
+(2: buckets 1 and 2).  `--kernel mimi_decode` runs only the Mimi rows; --no-mimi skips them.
 """
 from __future__ import annotations
 
@@ -32,6 +38,7 @@ from misotts.runtime.config import PRESETS
 RESULTS = Path(__file__).resolve().parent / "results"
 FULL_PRESETS = ("csm-1b", "miso-8b")
 BATCHES = (1, 8, 32, 64)
+MIMI = "mimi_decode"  # the Mimi rows' name for --kernel (not a spec)
 
 
 def _median_ms(fn):
@@ -84,7 +91,10 @@ COLUMNS = ["preset", "batch", "kernel", "shape", "triton_us", "torch_us", "bytes
            "note"]
 
 
-def run(presets, batches, kernels, context, out: Path, dry_run: bool, with_torch: bool = True) -> list[dict]:
+def run(presets, batches, kernels, context, out: Path, dry_run: bool, with_torch: bool = True,
+        mimi: bool = True) -> list[dict]:
+    """The kernel rows (returned); then, with `mimi`, the Mimi rows (bench/mimi.py) up to max(batches).
+    `kernels`: spec names to time (None: all)."""
     from misotts.kernels import specs
 
     if dry_run:
@@ -99,8 +109,8 @@ def run(presets, batches, kernels, context, out: Path, dry_run: bool, with_torch
         print(f"device: {header['device']}, copy bandwidth {copy:.0f} GB/s (1 GiB bf16, read + written)")
     header.update(dtype=str(dtype).removeprefix("torch."), copy_gbps=copy, context=context,
                   started=datetime.datetime.now().isoformat(timespec="seconds"), code=code_version())
-    writer = RowWriter(out, "kernels", header, COLUMNS)
-    for preset in presets:
+    writer = RowWriter(out, "kernels", header, COLUMNS) if kernels is None or kernels else None
+    for preset in presets if writer else ():
         for spec, batch, case in specs.cases(PRESETS[preset], batches, kernels, context=context,
                                              chunk=16 if dry_run else 512):
             inputs = case.make(specs.Tensors(device, dtype, seed=0))
@@ -126,8 +136,13 @@ def run(presets, batches, kernels, context, out: Path, dry_run: bool, with_torch
                 del inputs
                 torch.cuda.empty_cache()
             writer.add(row)
-    print(f"\nwrote {writer.md} ({len(writer.rows)} rows)")
-    return writer.rows
+    if writer:
+        print(f"\nwrote {writer.md} ({len(writer.rows)} rows)")
+    if mimi:
+        from misotts.bench import mimi as mimi_bench
+
+        mimi_bench.run(RowWriter, out, device, max(batches), copy, header)
+    return writer.rows if writer else []
 
 
 def main(argv=None):
@@ -135,18 +150,20 @@ def main(argv=None):
     parser.add_argument("--preset", choices=tuple(PRESETS), action="append",
                         help=f"repeatable (default: {', '.join(FULL_PRESETS)}; tiny with --dry-run)")
     parser.add_argument("--batch", type=int, nargs="+", help=f"decode lanes (default: {BATCHES}; 2 with --dry-run)")
-    parser.add_argument("--kernel", nargs="+", help="only these kernels (names of kernels/specs.py SPECS)")
+    parser.add_argument("--kernel", nargs="+", help=f"only these kernels (names of kernels/specs.py SPECS, or "
+                                                    f"{MIMI} for the Mimi rows)")
     parser.add_argument("--context", type=int, help="backbone positions each lane attends (default 1024; 40 with "
                                                     "--dry-run)")
     parser.add_argument("--no-torch", action="store_true", help="do not time the torch references")
+    parser.add_argument("--no-mimi", action="store_true", help="skip the Mimi decode rows (bench/mimi.py)")
     parser.add_argument("--dry-run", action="store_true", help="run every case once on the CPU interpreter, fp32")
     parser.add_argument("--out", type=Path, help="results folder (default: bench/results/kernels-<time>)")
     opts = parser.parse_args(argv)
     from misotts.kernels.specs import SPECS
 
-    unknown = set(opts.kernel or ()) - set(SPECS)
+    unknown = set(opts.kernel or ()) - set(SPECS) - {MIMI}
     if unknown:
-        parser.error(f"unknown kernel(s) {sorted(unknown)}: expected some of {sorted(SPECS)}")
+        parser.error(f"unknown kernel(s) {sorted(unknown)}: expected some of {sorted(SPECS) + [MIMI]}")
     interpreted = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
     if opts.dry_run:
         if not interpreted:
@@ -161,8 +178,9 @@ def main(argv=None):
     batches = opts.batch or ([2] if opts.dry_run else list(BATCHES))
     out = opts.out or RESULTS / f"kernels-{datetime.datetime.now():%Y%m%d-%H%M%S}"
     context = opts.context or (40 if opts.dry_run else 1024)
-    run(presets, batches, set(opts.kernel) if opts.kernel else None, context, out, opts.dry_run,
-        not opts.no_torch)
+    kernels = set(opts.kernel) - {MIMI} if opts.kernel else None
+    mimi = not opts.no_mimi and (not opts.kernel or MIMI in opts.kernel)
+    run(presets, batches, kernels, context, out, opts.dry_run, not opts.no_torch, mimi)
     return 0
 
 
