@@ -231,7 +231,7 @@ def summarize_level(runs: list[dict]) -> dict:
 def realtime_streams(system, wl: Workload, plan: Plan, seed: int, levels: dict, say) -> dict:
     """The most streams (up to the engine's lanes) that all stay real time in a steady window,
     the throughput levels counting as tries already made; then, at that load, new streams
-    arriving one at a time into N - 1 running, each timed to its first audio."""
+    arriving one at a time into N - 1 running (into none when N is 0), each timed to its first audio."""
     start = time.perf_counter()
     # a level's median run (by its worst gap) stands for it
     runs = {int(n): sorted(level["runs"], key=lambda r: r["worst_gap_p99_ms"])[len(level["runs"]) // 2]
@@ -253,14 +253,15 @@ def realtime_streams(system, wl: Workload, plan: Plan, seed: int, levels: dict, 
         f"first fail {found.first_fail}) in {out['search_s']:.1f} s")
     if found.n:
         out["gap_p99_ms"] = runs[found.n]["gap_p99_ms"]
-        say(f"time to first audio: {plan.ttfa_arrivals} arrival(s) into {found.n - 1} running stream(s)")
-        load = system.arrivals(wl, found.n - 1, plan.ttfa_arrivals, stream_frames(plan, found.n), seed)
-        out.update({k: load[k] for k in ("ttfa_ms", "ttfa_p50_ms", "ttfa_p99_ms", "background_gap_p99_ms")},
-                   arrivals=load["arrivals"], background=load["background"])
-        if load["first_audio_ms"]:
-            out["first_audio_ms"] = median_parts(load["first_audio_ms"])
-        say(f"at {found.n} stream(s): ttfa p50 {load['ttfa_p50_ms']:.1f} ms, p99 {load['ttfa_p99_ms']:.1f} ms"
-            + (f"; {format_first_audio(out['first_audio_ms'])}" if "first_audio_ms" in out else ""))
+    load_n = max(found.n, 1)  # with no load real time, arrivals into an idle engine
+    say(f"time to first audio: {plan.ttfa_arrivals} arrival(s) into {load_n - 1} running stream(s)")
+    load = system.arrivals(wl, load_n - 1, plan.ttfa_arrivals, stream_frames(plan, load_n), seed)
+    out.update({k: load[k] for k in ("ttfa_ms", "ttfa_p50_ms", "ttfa_p99_ms", "background_gap_p99_ms")},
+               arrivals=load["arrivals"], background=load["background"])
+    if load["first_audio_ms"]:
+        out["first_audio_ms"] = median_parts(load["first_audio_ms"])
+    say(f"at {load_n} stream(s): ttfa p50 {load['ttfa_p50_ms']:.1f} ms, p99 {load['ttfa_p99_ms']:.1f} ms"
+        + (f"; {format_first_audio(out['first_audio_ms'])}" if "first_audio_ms" in out else ""))
     return out
 
 

@@ -193,3 +193,13 @@ def test_realtime_search_in_the_bench_uses_the_throughput_levels():
     assert system.loads == [10, 7, 8, 9]  # between the levels 4 (pass) and 16 (fail)
     assert out["gap_p99_ms"] == [80.0] * 8 and system.arrived == (7, 5)
     assert out["ttfa_p50_ms"] == 20.0 and out["first_audio_ms"]["prefill"] == pytest.approx(10.0)
+
+
+def test_with_no_load_real_time_arrivals_are_timed_into_an_idle_engine():
+    system = SteadyEngine()
+    system.steady = lambda wl, n, w, f, s: {"worst_gap_p99_ms": 200.0, "gap_p99_ms": [200.0] * n}  # never real time
+    levels = {"1": run.summarize_level([{"method": "steady", "audio_s_per_s": 1.0, "window_s": 1.0, "ramp_s": 0.1,
+                                         "worst_gap_p99_ms": 200.0, "gap_p99_ms": [200.0]}])}
+    out = run.realtime_streams(system, None, run.Plan(streams=(1,), ttfa_arrivals=2), 0, levels, lambda msg: None)
+    assert out["streams"] == 0 and out["exact"] and out["tried"] == [] and "gap_p99_ms" not in out
+    assert system.arrived == (0, 2) and out["background"] == 0
