@@ -2,7 +2,7 @@
 the runtime has one), and transformers' `CsmForConditionalGeneration.generate` (eager, and with a
 static cache, which transformers compiles on CUDA).
 
-Every system answers two calls:
+Every system answers the first call; the peers the second, the engine the third instead:
 
 - `stream(wl, frames, seed, audio)`: one stream of `frames` frames for workload `wl`; returns the
   times (seconds after the call) at which each frame reached the host -- its PCM when `audio`,
@@ -10,9 +10,8 @@ Every system answers two calls:
 - `batch(wl, streams, frames, seed)`: `streams` copies of the workload at once (seeds differ),
   every frame decoded to PCM on the host (a static batch); returns the times (seconds after the
   call) at which each frame of all streams reached the host.
-
-The engine also answers `steady(wl, n, window_frames, frames, seed)` and `arrivals(...)`: its
-streams are independent, so a load can be held steady and joined (`load.py`).
+- `steady(wl, n, window_frames, frames, seed)` and `arrivals(...)` (the engine): its streams are
+  independent, so a load of n can be held steady, timed in a window and joined (`load.py`).
 """
 from __future__ import annotations
 
@@ -231,18 +230,6 @@ class EngineSystem:
         self.last_stats = stream.stats  # its first-audio breakdown, for the latency runs
         return times, torch.cat(codes)
 
-    @torch.inference_mode()
-    def batch(self, wl: Workload, streams: int, frames: int, seed: int) -> list[float]:
-        """Kept for comparison with the peers' static batch: the same call shape, the last stream's
-        frame times (the run's steady measure is `steady`)."""
-        start, times = time.perf_counter(), []
-        its = [iter(self._submit(wl, frames, seed + i, audio=True)) for i in range(streams)]
-        for _ in range(frames):
-            for it in its:
-                next(it)
-            times.append(time.perf_counter() - start)
-        return times
-
     def submitter(self, wl: Workload, frames: int, seed: int, count: int = 1, unique: bool = False):
         """submit(i) -> stream i of `frames` frames with audio (seed + i).  unique: the i-th of `count`
         prompts starts with its own number, so no two share a prefix-cache block (each prefills its
@@ -258,6 +245,11 @@ class EngineSystem:
 
         return submit
 
+    def _idle(self) -> None:
+        """Wait for the cancelled streams to leave, so the next run starts on an idle engine."""
+        if not self.engine.wait_idle():
+            raise RuntimeError("the engine was not idle 60 s after its streams were cancelled")
+
     def steady(self, wl: Workload, n: int, window_frames: int, frames: int, seed: int) -> dict:
         """`load.steady_run` of n streams of `frames` frames; returns when the engine is idle again."""
         from .load import steady_run
@@ -265,7 +257,7 @@ class EngineSystem:
         try:
             return steady_run(self.submitter(wl, frames, seed), n, window_frames)
         finally:
-            self.engine.wait_idle()
+            self._idle()
 
     def arrivals(self, wl: Workload, background: int, probes: int, frames: int, seed: int) -> dict:
         """`load.ttfa_under_load`: `probes` new streams arriving one by one into `background` running."""
@@ -275,4 +267,4 @@ class EngineSystem:
             return ttfa_under_load(self.submitter(wl, frames, seed, background + probes, unique=True), background,
                                    probes)
         finally:
-            self.engine.wait_idle()
+            self._idle()
