@@ -7,7 +7,7 @@ import time
 import pytest
 
 from misotts.bench import run
-from misotts.bench.load import steady_run, ttfa_under_load
+from misotts.bench.load import reader_backlog, steady_run, ttfa_under_load
 from misotts.bench.rt_search import max_passing
 from misotts.bench.stats import (format_first_audio, gap_p99_ms, median_parts, window_count, window_gaps,
                                  window_rate)
@@ -133,6 +133,13 @@ def test_steady_run_counts_every_stream_in_the_window_and_cancels_them():
     assert all(s.cancelled.is_set() and s.made < 10_000 for s in streams)
     assert out["frames"] >= 4 * 5 and out["window_s"] > 0 and len(out["gap_p99_ms"]) == 4
     assert out["audio_s_per_s"] == pytest.approx(out["frames"] * 0.08 / out["window_s"])
+    assert out["reader_backlog_frames"] == 0  # the stand-ins hand out frames only as they are read
+
+
+def test_reader_backlog_is_frames_handed_out_and_not_taken():
+    stream = FakeStream(1)
+    stream.stats.frames = 7
+    assert reader_backlog(stream, 5) == 2 and reader_backlog(stream, 7) == 0 and reader_backlog(object(), 3) == 0
 
 
 def test_steady_run_refuses_streams_that_end_inside_the_window():
