@@ -136,9 +136,12 @@ class Peak:
             self.gib = torch.cuda.max_memory_allocated() / 2**30
 
 
-def measure(system, wls: dict, plan: Plan, seed: int, device, say) -> dict:
+def measure(system, wls: dict, plan: Plan, seed: int, device, say, out: dict | None = None,
+            save=lambda: None) -> dict:
+    """Fills `out` (returned) as it goes, calling save() after the latency runs, each throughput
+    level and the search, so that a step cut off by its time limit keeps what it measured."""
     forget = getattr(system, "forget", lambda: None)
-    out = {}
+    out = {} if out is None else out
     with Peak(device) as peak:
         say("warm-up")
         start = time.perf_counter()
@@ -175,6 +178,7 @@ def measure(system, wls: dict, plan: Plan, seed: int, device, say) -> dict:
                 out["follow-up"] = {"ttfa_ms": median(follow), "ttfa_runs_ms": follow}
     out["peak_mem_gib"] = peak.gib
     out["throughput"] = {}
+    save()
     for streams in [n for n in plan.streams if n <= getattr(system, "max_streams", n)]:
         runs = []
         for r in range(plan.repeats):
@@ -185,8 +189,10 @@ def measure(system, wls: dict, plan: Plan, seed: int, device, say) -> dict:
         out["throughput"][str(streams)] = level = summarize_level(runs)
         say(f"throughput: {streams} stream(s): {level['audio_s_per_s']:.2f} audio s/s (median of {len(runs)}), "
             f"worst p99 gap {level['worst_gap_p99_ms']:.1f} ms")
+        save()
     if hasattr(system, "steady") and plan.rt_search_s > 0 and plan.streams:
         out["realtime"] = realtime_streams(system, wls["short"], plan, seed, out["throughput"], say)
+        save()
     return out
 
 
@@ -334,7 +340,9 @@ def run_model(model: str, systems: list[str], plan: Plan, device, dtype, seed: i
             system = make_system(name, tts, plan, max_positions, compile)
             build_s = time.perf_counter() - start
             say = lambda msg: log(f"{model} / {name}: {msg}")  # noqa: E731
-            part["systems"][name] = {"build_s": build_s, **measure(system, wls, plan, seed, device, say)}
+            part["systems"][name] = {"build_s": build_s}
+            measure(system, wls, plan, seed, device, say, part["systems"][name],
+                    lambda: path.write_text(json.dumps(part, indent=1)))
         except Exception as err:  # noqa: BLE001 -- one system failing must not lose the others
             traceback.print_exc()
             part["errors"][name] = f"{type(err).__name__}: {err}"

@@ -210,3 +210,38 @@ def test_with_no_load_real_time_arrivals_are_timed_into_an_idle_engine():
     out = run.realtime_streams(system, None, run.Plan(streams=(1,), ttfa_arrivals=2), 0, levels, lambda msg: None)
     assert out["streams"] == 0 and out["exact"] and out["tried"] == [] and "gap_p99_ms" not in out
     assert system.arrived == (0, 2) and out["background"] == 0
+
+
+class CutOffEngine(SteadyEngine):
+    """Streams of made-up times; the search's first try dies (a step's time limit, say)."""
+
+    last_stats = None
+
+    def stream(self, wl, frames, seed, audio):
+        self.last_stats = stats(0.0, 0.01, 0.02, 0.021, 0.0212)
+        return [0.02 + 0.01 * i for i in range(frames)], None
+
+    def steady(self, wl, n, window_frames, frames, seed):
+        if n not in (1, 4):
+            raise KeyboardInterrupt
+        return super().steady(wl, n, window_frames, frames, seed)
+
+
+def test_measure_saves_what_it_has_before_a_cut_off():
+    import torch
+
+    saved, out = [], {}
+    plan = run.Plan(frames=3, repeats=2, streams=(1, 4), workloads=("short",))
+    with pytest.raises(KeyboardInterrupt):  # the search's doubling tries 8
+        run.measure(CutOffEngine(), {"short": None}, plan, 0, torch.device("cpu"), lambda msg: None, out,
+                    lambda: saved.append(json_copy(out)))
+    assert [sorted(s["throughput"]) for s in saved] == [[], ["1"], ["1", "4"]]
+    assert saved[-1]["short"]["ttfa_ms"] == pytest.approx(20) and saved[-1]["short"]["first_audio_ms"]["total"] == \
+        pytest.approx(21.2)
+    assert saved[-1]["throughput"]["4"]["audio_s_per_s"] == 4.0 and len(saved[-1]["throughput"]["4"]["runs"]) == 2
+
+
+def json_copy(d):
+    import json
+
+    return json.loads(json.dumps(d))
