@@ -365,7 +365,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
                                                    "available; transformers-static on CUDA only)")
     p.add_argument("--device", default=None, help="default: cuda if available")
     p.add_argument("--frames", type=int, default=None, help="frames per stream")
-    p.add_argument("--repeats", type=int, default=None, help="audio streams per workload")
+    p.add_argument("--repeats", type=int, default=None, help="audio streams per workload, runs per throughput level")
     p.add_argument("--streams", default=None, help="concurrency levels, e.g. 1,4,16,64")
     p.add_argument("--batch-frames", type=int, default=None, help="frames per stream in a peer's static-batch "
                                                                  "throughput run")
