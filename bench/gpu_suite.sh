@@ -10,7 +10,8 @@
 # how the limits follow from it; 100 = what is left):
 #   cuda-kernels    every kernel against its reference at the csm-1b and miso-8b shapes, fp32/bf16/fp16
 #   cuda-engine     graph replay = eager, engine = reference in fp32, 8 streams = solo, bf16 bound (-s: figures)
-#   bench-miso-8b   engine rows: latency, throughput at 1/4/16/64 streams, memory, floors
+#   bench-miso-8b   engine rows: latency, steady throughput at 1/4/16/64 streams, the most real-time
+#                   streams (a search of --rt-search-s, 12 s) and TTFA at that load, memory, floors
 #   bench-csm-1b    the same for csm-1b
 #   kernels         kernel microbenchmarks (python -m misotts.bench.kernels)
 #   profile         frame profile of PROFILE_MODEL (miso-8b) at PROFILE_BATCHES (1 64) (python -m
@@ -77,7 +78,7 @@ BENCH=("$PY" -m misotts.bench --out "$RES" --no-report)
 PEER_PLAN=(--frames 12 --repeats 1 --streams 1,16 --batch-frames 6 --workloads short)
 DRY_PLAN=()  # the dry run: tiny on the CPU, a few frames, the engine not compiled (argparse: last wins)
 [[ -n $DRY ]] && DRY_PLAN=(--models tiny --device cpu --threads 1 --no-compile --frames 2 --repeats 1 --streams 1
-                           --batch-frames 2 --workloads short)
+                           --batch-frames 2 --window-frames 2 --ttfa-arrivals 1 --workloads short)
 gpu_only() {  # a GPU-only tool; in the dry run it must refuse cleanly (exit 2, naming CUDA) or run
   [[ -n $DRY ]] || { "$@"; return; }
   local said code

@@ -10,6 +10,8 @@ from pathlib import Path
 
 from misotts.runtime.audio import FRAME_MS
 
+from .stats import format_first_audio
+
 OURS = ("engine", "reference")  # the targets judge the first of these that was measured
 PEERS = ("transformers", "transformers-static")
 
@@ -125,28 +127,77 @@ def markdown(merged: dict, checks: list[dict]) -> str:
                   + (f", load average {m['load_average'][0]:.1f}" if m.get("load_average") else "") + ".", "",
                   "| system | time to first audio, ms (short / context / follow-up) | first codes, ms (short) "
                   "| per frame, ms: median (p90) | real-time factor | audio s/s"
-                  + (" at " + " / ".join(map(str, streams)) + " streams" if streams else "") + " | peak GPU GiB |",
-                  "|---|---|---|---|---|---|---|"]
+                  + (" at " + " / ".join(map(str, streams)) + " streams" if streams else "")
+                  + " | real-time streams (TTFA p50 / p99 at that load, ms) | peak GPU GiB |",
+                  "|---|---|---|---|---|---|---|---|"]
         for sys_name, r in m["systems"].items():
             ttfa = " / ".join(_fmt(_get(r, w, "ttfa_ms")) for w in ("short", "context", "follow-up"))
             tput = " / ".join(_fmt(_get(r, "throughput", str(s), "audio_s_per_s"), "{:.2f}") for s in streams) or "–"
             frame = f"{_fmt(_get(r, 'short', 'frame_ms'))} ({_fmt(_get(r, 'short', 'frame_p90_ms'))})"
             lines.append(f"| {sys_name} | {ttfa} | {_fmt(_get(r, 'short', 'first_codes_ms'))} | {frame} | "
-                         f"{_fmt(_get(r, 'short', 'rtf'), '{:.3f}')} | {tput} | "
+                         f"{_fmt(_get(r, 'short', 'rtf'), '{:.3f}')} | {tput} | {realtime_cell(r.get('realtime'))} | "
                          f"{_fmt(r.get('peak_mem_gib'), '{:.2f}')} |")
         f = m["floors"]
         ttfa = " / ".join(_fmt(_get(f, w, "ttfa_ms"), "{:.2f}") for w in ("short", "context", "follow-up"))
         tput = " / ".join(_fmt(_get(f, "throughput", str(s)), "{:.0f}") for s in streams)
         rtf = _get(f, "short", "frame_ms")
         lines.append(f"| *floor* | {ttfa} | | {_fmt(_get(f, 'short', 'frame_ms'), '{:.2f}')} | "
-                     f"{_fmt(rtf and rtf / FRAME_MS, '{:.4f}')} | {tput} | |")
-        lines += [""] + ratio_lines(m)
+                     f"{_fmt(rtf and rtf / FRAME_MS, '{:.4f}')} | {tput} | | |")
+        lines += [""] + ratio_lines(m) + load_lines(m)
         for sys_name, err in m["errors"].items():
             lines.append(f"- {sys_name} failed: `{err}`")
         lines.append("")
     lines += ["## Targets", "", "| target | system | measured | result | device |", "|---|---|---|---|---|"]
     lines += [f"| {c['target']} | {c['system']} | {c['value']} | {c['status']} | {c['device']} |" for c in checks]
     return "\n".join(lines) + "\n"
+
+
+def realtime_cell(rt: dict | None) -> str:
+    """"16 (12.0 / 30.5)"; a "≥" when the search stopped before it could tell."""
+    if not rt:
+        return "–"
+    n = f"{'' if rt.get('exact') else '≥ '}{rt['streams']}"
+    if not rt["streams"]:  # its arrivals were timed into an idle engine, not at a load
+        return n
+    return f"{n} ({_fmt(rt.get('ttfa_p50_ms'))} / {_fmt(rt.get('ttfa_p99_ms'))})"
+
+
+def load_lines(m: dict) -> list[str]:
+    """Under the table: each system's first-audio breakdown, its throughput runs' spread, and the
+    real-time search's result with the per-stream gaps it was judged on."""
+    lines = []
+    for name, r in m["systems"].items():
+        for w in ("short", "context"):
+            parts = _get(r, w, "first_audio_ms")
+            if parts:
+                lines.append(f"- {name} {w}: {format_first_audio(parts)} (medians from submit)")
+        tput = r.get("throughput") or {}
+        if tput:
+            spread = ", ".join(f"{n}: {_fmt(v.get('audio_s_per_s_min'), '{:.2f}')}–"
+                               f"{_fmt(v.get('audio_s_per_s_max'), '{:.2f}')}"
+                               f" (p99 gap {_fmt(v.get('worst_gap_p99_ms'))} ms)"
+                               for n, v in sorted(tput.items(), key=lambda kv: int(kv[0])))
+            method = next(iter(tput.values())).get("method", "wall time")
+            lines.append(f"- {name} throughput ({method}, {len(next(iter(tput.values())).get('runs', [])) or 1} "
+                         f"run(s) per level, min–max audio s/s, worst stream's p99 gap): {spread}")
+        rt = r.get("realtime")
+        if rt:
+            state = "exact" if rt.get("exact") else f"a lower bound (stopped: {rt.get('stopped')})"
+            tried = ", ".join(f"{n} {'pass' if ok else 'fail'}" for n, ok, _ in rt.get("tried", [])) or "none"
+            line = (f"- {name} real-time streams: {rt['streams']} of {rt['cap']} lanes ({state}; first fail "
+                    f"{rt.get('first_fail') or '–'}; tried beyond the levels: {tried}; {rt['search_s']:.1f} s)")
+            gaps = rt.get("gap_p99_ms")
+            if gaps:
+                line += f"; per-stream p99 gaps {min(gaps):.1f}–{max(gaps):.1f} ms"
+            if rt.get("ttfa_ms"):
+                line += (f"; {rt['arrivals']} arrival(s) into {rt['background']} running: TTFA p50 "
+                         f"{rt['ttfa_p50_ms']:.1f} / p99 {rt['ttfa_p99_ms']:.1f} ms")
+            lines.append(line)
+            if rt.get("first_audio_ms"):
+                at = f"{rt['background']} running" if rt["background"] else "an idle engine"
+                lines.append(f"- {name}, arrivals into {at}: {format_first_audio(rt['first_audio_ms'])} "
+                             f"(medians from submit)")
+    return lines
 
 
 def ratio_lines(m: dict) -> list[str]:

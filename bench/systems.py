@@ -2,13 +2,16 @@
 the runtime has one), and transformers' `CsmForConditionalGeneration.generate` (eager, and with a
 static cache, which transformers compiles on CUDA).
 
-Every system answers two calls:
+Every system answers the first call; the peers the second, the engine the third instead:
 
 - `stream(wl, frames, seed, audio)`: one stream of `frames` frames for workload `wl`; returns the
   times (seconds after the call) at which each frame reached the host -- its PCM when `audio`,
   else its codes -- and the codes [frames, 32].  Tokenizing and embedding the prompt are inside.
 - `batch(wl, streams, frames, seed)`: `streams` copies of the workload at once (seeds differ),
-  every frame decoded to PCM on the host; returns the wall time in seconds.
+  every frame decoded to PCM on the host (a static batch); returns the times (seconds after the
+  call) at which each frame of all streams reached the host.
+- `steady(wl, n, window_frames, frames, seed)` and `arrivals(...)` (the engine): its streams are
+  independent, so a load of n can be held steady, timed in a window and joined (`load.py`).
 """
 from __future__ import annotations
 
@@ -58,7 +61,7 @@ class Reference:
         return times, torch.cat(codes)
 
     @torch.inference_mode()
-    def batch(self, wl: Workload, streams: int, frames: int, seed: int) -> float:
+    def batch(self, wl: Workload, streams: int, frames: int, seed: int) -> list[float]:
         tts, model = self.tts, self.tts.model
         dev, n = tts.device, tts.config.num_codebooks
         start = time.perf_counter()
@@ -67,15 +70,17 @@ class Reference:
         cur, cur_mask = rows.to(dev).expand(streams, -1, -1), mask.to(dev).expand(streams, -1, -1)
         positions = torch.arange(rows.shape[0], device=dev)
         seeds = torch.arange(streams, device=dev) + seed
+        times = []
         with tts.codec.stream_decoder(batch_size=streams) as decoder:
             for t in range(frames):
                 counter = torch.full((streams,), t * n, dtype=torch.long, device=dev)
                 codes = model.generate_frame(cur, cur_mask, positions, SAMPLING["temperature"], SAMPLING["topk"],
                                              seeds, counter)
                 decoder.decode_frame(mimi_codes(codes)).cpu()
+                times.append(time.perf_counter() - start)
                 cur, cur_mask = (rows[:, None] for rows in audio_rows(codes, end_of_audio=False))
                 positions = positions[-1:] + 1
-        return time.perf_counter() - start
+        return times
 
 
 # ---- transformers --------------------------------------------------------------------------------
@@ -168,14 +173,14 @@ class Transformers:
             self._generate(wl, 1, frames, seed, timer)
         return timer.times, torch.cat(timer.codes)
 
-    def batch(self, wl: Workload, streams: int, frames: int, seed: int) -> float:
+    def batch(self, wl: Workload, streams: int, frames: int, seed: int) -> list[float]:
         start = time.perf_counter()
         with self.tts.codec.stream_decoder(batch_size=streams) as decoder:
             timer = _FrameTimes(start, decoder)
             self._generate(wl, streams, frames, seed, timer)
         if len(timer.times) != frames:
             raise RuntimeError(f"transformers made {len(timer.times)} frames, not {frames}")
-        return time.perf_counter() - start
+        return timer.times
 
 
 # ---- our engine ----------------------------------------------------------------------------------
@@ -199,6 +204,8 @@ class EngineSystem:
         compile = tts.device.type == "cpu" if compile is None else compile
         self.engine = Engine(tts.model, EngineConfig(max_batch=max_batch, num_blocks=num_blocks, compile=compile),
                              codec=tts.codec)
+        self.max_streams = max_batch  # a load above its lanes would queue, not run at once
+        self.last_stats = None
 
     def forget(self):
         """Drop the prefix cache, so the next request prefills its whole prompt."""
@@ -216,16 +223,48 @@ class EngineSystem:
     @torch.inference_mode()
     def stream(self, wl: Workload, frames: int, seed: int, audio: bool):
         start, times, codes = time.perf_counter(), [], []
-        for frame in self._submit(wl, frames, seed, audio):  # with audio, frames arrive with their PCM
+        stream = self._submit(wl, frames, seed, audio)
+        for frame in stream:  # with audio, frames arrive with their PCM
             times.append(time.perf_counter() - start)
             codes.append(frame.codes[None])
+        self.last_stats = stream.stats  # its first-audio breakdown, for the latency runs
         return times, torch.cat(codes)
 
-    @torch.inference_mode()
-    def batch(self, wl: Workload, streams: int, frames: int, seed: int) -> float:
-        start = time.perf_counter()
-        its = [iter(self._submit(wl, frames, seed + i, audio=True)) for i in range(streams)]
-        for _ in range(frames):
-            for it in its:
-                next(it)
-        return time.perf_counter() - start
+    def submitter(self, wl: Workload, frames: int, seed: int, count: int = 1, unique: bool = False):
+        """submit(i) -> stream i of `frames` frames with audio (seed + i).  unique: the i-th of `count`
+        prompts starts with its own number, so no two share a prefix-cache block (each prefills its
+        whole prompt); they are tokenized here, before anything is timed."""
+        texts = [f"{i}. {wl.text}" if unique else wl.text for i in range(count if unique else 1)]
+        prompts = [self.tts.prompt(text, wl.speaker, wl.context) for text in texts]
+
+        def submit(i: int):
+            rows, mask = prompts[i % len(prompts)]
+            params = GenerationParams(max_audio_ms=frames * FRAME_MS, seed=seed + i, stop_on_eos=False, **SAMPLING)
+            with torch.inference_mode():
+                return self.engine.submit(rows, mask, params, audio=True)
+
+        return submit
+
+    def _idle(self) -> None:
+        """Wait for the cancelled streams to leave, so the next run starts on an idle engine."""
+        if not self.engine.wait_idle():
+            raise RuntimeError("the engine was not idle 60 s after its streams were cancelled")
+
+    def steady(self, wl: Workload, n: int, window_frames: int, frames: int, seed: int) -> dict:
+        """`load.steady_run` of n streams of `frames` frames; returns when the engine is idle again."""
+        from .load import steady_run
+
+        try:
+            return steady_run(self.submitter(wl, frames, seed), n, window_frames)
+        finally:
+            self._idle()
+
+    def arrivals(self, wl: Workload, background: int, probes: int, frames: int, seed: int) -> dict:
+        """`load.ttfa_under_load`: `probes` new streams arriving one by one into `background` running."""
+        from .load import ttfa_under_load
+
+        try:
+            return ttfa_under_load(self.submitter(wl, frames, seed, background + probes, unique=True), background,
+                                   probes)
+        finally:
+            self._idle()

@@ -73,3 +73,31 @@ def test_report_names_the_code_measured(tmp_path):
 def test_report_without_a_recorded_commit_says_so(tmp_path):
     (tmp_path / "part-tiny-a.json").write_text(json.dumps(part("tiny", "cpu", {})))
     assert "Code measured: unknown" in write_report(tmp_path)
+
+
+def test_report_shows_realtime_streams_first_audio_and_spread(tmp_path):
+    engine = system(3.0, 20.0, 0.04, {1: 25.0, 16: 300.0})
+    engine["short"]["first_audio_ms"] = {"queue": 0.1, "prefill": 12.0, "first_frame": 27.0,
+                                         "audio_decode": float("nan"), "hand_off": 0.2, "total": 46.5}
+    for level in engine["throughput"].values():
+        level.update(method="steady", audio_s_per_s_min=20.0, audio_s_per_s_max=30.0, worst_gap_p99_ms=50.0,
+                     runs=[{}, {}, {}])
+    engine["realtime"] = {"streams": 12, "cap": 64, "exact": True, "first_fail": 13, "stopped": "",
+                          "tried": [[32, False, 120.0], [12, True, 79.0]], "search_s": 4.5,
+                          "gap_p99_ms": [70.0, 79.0], "ttfa_ms": [30.0, 41.0], "ttfa_p50_ms": 35.5,
+                          "ttfa_p99_ms": 40.9, "arrivals": 2, "background": 11,
+                          "first_audio_ms": {"queue": 2.0, "total": 35.0}}
+    (tmp_path / "part-csm-1b.json").write_text(json.dumps(part("csm-1b", "cuda", {"engine": engine})))
+    md = write_report(tmp_path)
+    assert "| engine | 20.0 / 40.0 / 60.0 | 10.0 | 3.0 (3.3) | 0.040 | 25.00 / 300.00 | 12 (35.5 / 40.9) | 3.50 |" in md
+    assert ("- engine short: first audio 46.5 ms = queue 0.1 + prefill 12.0 + first frame 27.0 + audio - + "
+            "hand-off 0.2 (medians from submit)") in md
+    assert "- engine throughput (steady, 3 run(s) per level" in md and "16: 20.00–30.00 (p99 gap 50.0 ms)" in md
+    assert ("- engine real-time streams: 12 of 64 lanes (exact; first fail 13; tried beyond the levels: 32 fail, "
+            "12 pass; 4.5 s); per-stream p99 gaps 70.0–79.0 ms; 2 arrival(s) into 11 running: TTFA p50 35.5 / "
+            "p99 40.9 ms") in md
+    assert ("- engine, arrivals into 11 running: first audio 35.0 ms = queue 2.0 + prefill - + first frame - + "
+            "audio - + hand-off - (medians from submit)") in md
+    engine["realtime"].update(exact=False, stopped="time")
+    (tmp_path / "part-csm-1b.json").write_text(json.dumps(part("csm-1b", "cuda", {"engine": engine})))
+    assert "| ≥ 12 (35.5 / 40.9) |" in write_report(tmp_path)
