@@ -342,7 +342,7 @@ class Engine:
         decoder = LaneDecoder(self._codec() if callable(self._codec) else self._codec, self.max_batch)
         if self.stream is not None and self.config.cuda_graphs:
             with torch.cuda.device(self.stream.device):
-                decoder.capture(self.graphs.buckets)
+                decoder.capture()  # its own buckets (finer than the frame's): Mimi only for live lanes
         cuda = self.stream is not None
         with torch.inference_mode(False):  # plain tensors, whatever the caller's mode: the engine thread writes them
             audio_host = [torch.zeros(self.max_batch, decoder.frame_size, pin_memory=cuda) for _ in range(2)]
