@@ -59,7 +59,7 @@ from .kv_cache import BlockPool, PagedKV, block_keys
 from .model_runner import LaneSetup, ModelRunner
 from .ops import make_ops
 from misotts.weights.quantize import quantization
-from .requests import EngineStopped, Request, Stream
+from .requests import EngineStopped, Request, Stream, wake_readers
 from .scheduler import Plan, Scheduler
 
 _log = logging.getLogger("misotts.engine")
@@ -191,17 +191,21 @@ def default_max_batch(cuda: bool) -> int:
 
 class Engine:
     def __init__(self, model: CSMModel, config: EngineConfig | None = None, progress: bool = False,
-                 codec=None):
+                 codec=None, runner=None):
         """codec: a `MimiCodec`, or a function that makes one, for requests that ask for audio
-        (decoded in the engine's thread); made and set up at the first such request."""
+        (decoded in the engine's thread); made and set up at the first such request.
+        runner: what does the device work instead of a `ModelRunner` of `model` (same methods);
+        the host-cost bench (bench/host.py) drives the real loop over one that does none."""
         config = config or EngineConfig()
         self.model, self.config = model, config
         device = model.audio_head.device
         cuda = device.type == "cuda"
         self.max_batch = config.max_batch or default_max_batch(cuda)
         bs = config.block_size
-        ops = make_ops(config.ops, device, quantized=quantization(model) is not None)
-        self.runner = ModelRunner(model, ops, self.max_batch, bs, compile=config.compile and not cuda)
+        if runner is None:
+            ops = make_ops(config.ops, device, quantized=quantization(model) is not None)
+            runner = ModelRunner(model, ops, self.max_batch, bs, compile=config.compile and not cuda)
+        self.runner = runner
         num_blocks = config.num_blocks or self._default_num_blocks(model, bs, cuda)
         self.runner.allocate_kv(num_blocks)
         self.pool = BlockPool(num_blocks, bs)
@@ -216,7 +220,7 @@ class Engine:
         # the device (what its Mimi decode reads) and on the host (pinned: copied without a sync).
         n_codes = model.config.num_codebooks
         with torch.inference_mode(False):  # plain tensors, whatever the caller's mode: the engine thread writes them
-            self._codes_dev = [torch.zeros(self.max_batch, n_codes, dtype=torch.long, device=device) for _ in range(2)]
+            self._codes_dev = [torch.zeros_like(self.runner.state.codes) for _ in range(2)]
             self._codes_host = [torch.zeros(self.max_batch, n_codes, dtype=torch.long, pin_memory=cuda)
                                 for _ in range(2)]
         self._audio_host: list[torch.Tensor] = []  # the same for the audio, made with the decoder
@@ -466,11 +470,13 @@ class Engine:
 
     def _hand_out(self) -> None:
         """Give the streams what the scheduler decided for them: frames, and ends."""
+        wakeups = {}
         for req, item in self.scheduler.take_outbox():
             if isinstance(item, Frame):
-                req.stream._put(item)
+                req.stream._put(item, wakeups)
             else:
-                req.stream._end(item)
+                req.stream._end(item, wakeups)
+        wake_readers(wakeups)
 
     def _fail_in_flight(self, err: Exception) -> None:
         """A step failed: its requests get the error.  Host bookkeeping only -- after a sticky

@@ -48,9 +48,8 @@ class Request:
     stats: RequestStats = field(default_factory=RequestStats)
     stream: "Stream" = None
 
-    @property
-    def max_frames(self) -> int:
-        return self.params.max_frames
+    def __post_init__(self):
+        self.max_frames = self.params.max_frames  # read every frame: computed once
 
     @property
     def prompt_len(self) -> int:
@@ -65,6 +64,21 @@ class Request:
             parts.append(audio_rows(torch.stack(self.generated[max(start, s) - s:end - s]), end_of_audio=False))
         frames, mask = zip(*parts)
         return torch.cat(frames), torch.cat(mask)
+
+
+def wake_readers(wakeups: dict) -> None:
+    """Resolve the asyncio readers' futures {loop: [futures]}: one call into each loop."""
+    for loop, futures in wakeups.items():
+        try:
+            loop.call_soon_threadsafe(_resolve, futures)
+        except RuntimeError:  # that event loop is closed: nobody is waiting any more
+            pass
+
+
+def _resolve(futures) -> None:
+    for fut in futures:
+        if not fut.done():
+            fut.set_result(None)
 
 
 class Stream:
@@ -86,20 +100,23 @@ class Stream:
         return self.request.stats
 
     # engine side
-    def _put(self, item) -> None:
+    def _put(self, item, wakeups: dict | None = None) -> None:
+        """Hand an item to the reader.  An asyncio reader's wake-up goes to `wakeups` ({loop:
+        [futures]}) when given, for `wake_readers` to send once per loop (one call into each event
+        loop per frame, not one per stream: each is a syscall and a thread switch); else now."""
         with self._cond:
             self._items.append(item)
             self._cond.notify()
             waiter, self._waiter = self._waiter, None
         if waiter is not None:
             loop, fut = waiter
-            try:
-                loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(None))
-            except RuntimeError:  # that event loop is closed: nobody is waiting any more
-                pass
+            if wakeups is None:
+                wake_readers({loop: [fut]})
+            else:
+                wakeups.setdefault(loop, []).append(fut)
 
-    def _end(self, error: BaseException | None = None) -> None:
-        self._put(_END if error is None else error)
+    def _end(self, error: BaseException | None = None, wakeups: dict | None = None) -> None:
+        self._put(_END if error is None else error, wakeups)
 
     # caller side
     def cancel(self) -> None:

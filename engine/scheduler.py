@@ -174,17 +174,16 @@ class Scheduler:
         # Which lanes end their generation, for all lanes at once (per-lane tensor ops cost the host µs each).
         ends = frame_ends(codes, [len(r.generated) for r in lanes], [r.params.stop_on_eos for r in lanes])
         finished = []
+        rows = codes.unbind(0)  # one call for every lane's view (indexing lane by lane costs µs each)
+        pcm = audio.unbind(0) if audio is not None else None
         for lane, (req, end) in enumerate(zip(lanes, ends)):
             if req.stats.finish:  # ended after this frame was enqueued: its work here is void
                 continue
             if isinstance(end, Exception):  # a non-finite frame: its KV is not worth keying either
                 finished.append((req, end))
                 continue
-            frame, generated = codes[lane], len(req.generated)
+            frame = rows[lane]
             req.generated.append(frame)
-            position = req.prompt_len - 1 + generated  # the row this frame ran
-            if generated and (position + 1) % self.pool.block_size == 0:  # frame 0's row: the prefill's, keyed there
-                self._register_blocks(req, position, position + 1)
             if req.cancelled:
                 finished.append((req, "cancelled"))
                 continue
@@ -195,7 +194,7 @@ class Scheduler:
                 req.stats.first_frame_s = codes_at - req.submitted
                 req.stats.audio_ready_s = (audio_at if req.audio else codes_at) - req.submitted
             req.stats.frames += 1
-            self.outbox.append((req, Frame(frame, audio[lane] if req.audio else None)))
+            self.outbox.append((req, Frame(frame, pcm[lane] if req.audio else None)))
             if req.stats.frames == req.max_frames:
                 finished.append((req, "max_frames"))
         # Highest lane first, so that a move never carries a lane that leaves in this same frame.
@@ -204,15 +203,20 @@ class Scheduler:
             if isinstance(reason, Exception):
                 self.finish(req, "error", reason)
             else:
+                # The blocks its frames filled are keyed once, as it ends (not one block at a time
+                # on the per-frame path): frame g >= 1 wrote the row of frame g - 1, so the KV
+                # written is the prompt and all generated frames but the last.
+                self._register_blocks(req, req.prompt_len, req.prompt_len - 1 + len(req.generated))
                 self.finish(req, reason)
 
     def _register_blocks(self, req: Request, start: int, end: int) -> None:
         """Key the blocks completed by writing positions start..end-1 (keys chain from block 0)."""
         bs = self.pool.block_size
-        for i in range(start // bs, end // bs):
-            if i == len(req.keys):  # a block that ends after the prompt: key it from its rows
-                frames, mask = req.rows(i * bs, (i + 1) * bs)
-                req.keys += block_keys(frames, mask, bs, parent=req.keys[-1] if req.keys else b"")
+        first, last = start // bs, end // bs
+        if last > len(req.keys):  # blocks that end after the prompt's keys: key them from their rows, in one call
+            frames, mask = req.rows(len(req.keys) * bs, last * bs)
+            req.keys += block_keys(frames, mask, bs, parent=req.keys[-1] if req.keys else b"")
+        for i in range(first, last):
             self.pool.register(req.blocks[i], req.keys[i])
 
     def finish(self, req: Request, reason: str, error: BaseException | None = None) -> None:

@@ -70,13 +70,13 @@ def test_engine_equals_reference_in_fp32(preset, tiny_cuda):
 def test_engine_runs_on_its_own_stream_and_device(tiny_cuda):
     """Triton launches on the current device and stream: the engine thread makes its own current."""
     engine = Engine(tiny_cuda, EngineConfig(max_batch=2, num_blocks=32))
-    seen, prefill = [], engine.runner.prefill
+    seen, prefill = [], engine.runner.prefill_many
 
     def recording_prefill(*args):
         seen.append((torch.cuda.current_device(), torch.cuda.current_stream(), threading.current_thread().name))
         return prefill(*args)
 
-    engine.runner.prefill = recording_prefill
+    engine.runner.prefill_many = recording_prefill
     generate(engine, *prompt(), 2, stop_on_eos=False)
     assert seen and all(s == (tiny_cuda.audio_head.device.index, engine.stream, "misotts-engine") for s in seen)
     assert engine.stream != torch.cuda.default_stream()
@@ -94,7 +94,7 @@ def test_concurrent_streams_with_batched_audio_equal_solo_runs(tiny_cuda):
     engine = Engine(tiny_cuda, EngineConfig(max_batch=8, num_blocks=128), codec=codec)
     with torch.inference_mode():  # as the bench's first audio request does (it failed there on an H200)
         engine.start_audio()
-    assert sorted(engine.audio._graphs) == engine.graphs.buckets
+    assert sorted(engine.audio._graphs) == engine.audio.buckets
     texts = [f"stream number {i} says something" for i in range(8)]
     prompts = [prompt(t) for t in texts]
     streams = [submit(engine, f, m, 10, stop_on_eos=False, temperature=0.9, seed=i, audio=True)
@@ -107,3 +107,25 @@ def test_concurrent_streams_with_batched_audio_equal_solo_runs(tiny_cuda):
         torch.testing.assert_close(torch.cat([x.audio for x in together[i]]), want, rtol=0,
                                    atol=5e-3 * want.pow(2).mean().sqrt().item())
     engine.close()
+
+
+def test_the_loop_never_syncs_the_host_but_on_a_frames_event(tiny_cuda):
+    """Joins (prefill, lane setup), leaves (moves, clears), frames, code and audio copies: with
+    torch's sync debug mode set to "error", any op that makes the host wait for the device (a
+    pageable copy, .item(), a nonzero) raises.  Only the frames' events are waited on (an explicit
+    Event.synchronize, which the mode allows)."""
+    from misotts.runtime.codec import load_codec
+
+    engine = Engine(tiny_cuda, EngineConfig(max_batch=4, num_blocks=128), codec=load_codec(None, device="cuda"))
+    engine.start_audio()
+    frames, mask = prompt()
+    generate(engine, frames, mask, 2, stop_on_eos=False)  # the first turn's one-time work done
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        streams = [submit(engine, *prompt(f"voice {i} speaks"), 4 + 2 * i, stop_on_eos=False, seed=i, audio=True)
+                   for i in range(4)]  # different lengths: lanes leave one by one and are compacted
+        got = [len(list(s)) for s in streams]
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    engine.close()
+    assert got == [4, 6, 8, 10]
