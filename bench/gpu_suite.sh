@@ -18,6 +18,8 @@
 #                   misotts.bench.profile; noted as not run while it is not in the tree)
 #   quant-frames    miso-8b's frame (batch 1) unquantised, then with int8, fp8 and int4 weights, in one
 #                   run (python -m misotts.bench.profile --weights ...): issue 26's frame ratios
+#   host            the engine loop's host µs per frame over a null runner, csm-1b at 1/8/64 streams
+#                   (python -m misotts.bench.host: the GPU machine's CPU, no GPU work)
 #   peers-csm-1b    reference and transformers rows on a short plan (short prompt, 1 and 16 streams)
 #   peers-miso-8b   the same for miso-8b
 #   pytest-cpu      the CPU test suite as CI runs it (Triton interpreted, CUDA hidden)
@@ -117,6 +119,13 @@ quant_frames() {  # the frame with weight-only quantised linears next to the unq
       --weights int8 --weights fp8 --weights int4 --out "$RES"
   fi
 }
+host_cost() {  # the loop's host cost per frame (CPU only); in the dry run tiny and short
+  if [[ -n $DRY ]]; then
+    "$PY" -m misotts.bench.host --model tiny --batch 1,2 --frames 20 --out "$RES/host.json"
+  else
+    "$PY" -m misotts.bench.host --model csm-1b --batch 1,8,64 --out "$RES/host.json"
+  fi
+}
 export DRY PY PROFILE_MODEL PROFILE_BATCHES
 
 # --- the steps, the most valuable first; shares in % of (BUDGET - RESERVE) ---
@@ -131,6 +140,7 @@ if [[ -f bench/profile.py ]]; then
 else
   note profile "not run: bench/profile.py is not in this tree yet"
 fi
+step host 3 host_cost
 step peers-csm-1b 100 "${BENCH[@]}" --models csm-1b --systems reference,transformers "${PEER_PLAN[@]}" "${DRY_PLAN[@]}"
 step peers-miso-8b 100 "${BENCH[@]}" --models miso-8b --systems reference,transformers "${PEER_PLAN[@]}" "${DRY_PLAN[@]}"
 if [[ -n $DRY ]]; then  # the whole suite collects on a bare machine

@@ -65,10 +65,12 @@ class FrameGraphs:
     def bucket(self, n: int) -> int:
         return next(b for b in self.buckets if b >= n)
 
-    def capture(self, progress: bool = False) -> None:
-        """Warm up and capture every bucket of both kinds (CUDA only). The step's writes land on padding lanes."""
-        start, total = time.perf_counter(), 2 * len(self.buckets)
-        for k, backbone in enumerate((True, False)):
+    def capture(self, progress: bool = False, depth_only: bool = True) -> None:
+        """Warm up and capture every bucket, of both kinds unless depth_only is False (CUDA only).
+        The step's writes land on padding lanes."""
+        kinds = (True, False) if depth_only else (True,)
+        start, total = time.perf_counter(), len(kinds) * len(self.buckets)
+        for k, backbone in enumerate(kinds):
             def report(i: int, n: int) -> None:
                 if progress:
                     print(f"\rcapturing CUDA graphs: batch {n:>3}{'' if backbone else ', depth only'} "

@@ -84,7 +84,7 @@ class PrefillChunk:
 class LaneSetup(NamedTuple):
     """A request taking a lane: its last prompt row, that row's position, its blocks, its
     sampling settings, and which row of the joining prefill call's last hidden states is its own
-    (the frame's backbone does not run that row again: the prefill already did)."""
+    (what a depth-only first frame starts from)."""
 
     lane: int
     row: torch.Tensor  # [n + 1] ids
@@ -94,7 +94,7 @@ class LaneSetup(NamedTuple):
     seed: int
     temperature: float
     topk: int
-    hidden_row: int = -1  # -1: no hidden state from a prefill (the frame's backbone runs the row)
+    hidden_row: int = -1  # -1: no hidden state from a prefill (the lane's first frame must run its backbone)
 
 
 class BatchState:
@@ -104,9 +104,9 @@ class BatchState:
     then its previous frame); positions [B]: that row's position; counter [B]: the frame's first
     RNG counter (frame index * num_codebooks); codes [B, n]: the frame just made; active [B]: 1 for
     a request's lane, 0 for a padding lane (whose position stays 0: its attention reads one position,
-    not a context that grows every frame); hidden [B, D], use_hidden [B]: the backbone's last hidden
-    state of a lane's row when its prompt's prefill already computed it (the lane's first frame
-    then skips that row's backbone pass and KV write; the frame clears the flag).
+    not a context that grows every frame); hidden [B, D]: the backbone's last hidden state of a
+    lane's last prompt row, from its prefill -- a frame whose lanes all just joined is the depth
+    decoder alone, from these (`ModelRunner.decode_frame(n, backbone=False)`).
     """
 
     def __init__(self, max_batch: int, num_codebooks: int, max_blocks: int, scratch_block: int, device,
@@ -124,13 +124,12 @@ class BatchState:
         self.codes = torch.zeros(b, num_codebooks, dtype=torch.long, **z)
         self.active = torch.zeros(b, dtype=torch.long, **z)
         self.hidden = torch.zeros(b, dim, dtype=dtype, **z)
-        self.use_hidden = torch.zeros(b, dtype=torch.bool, **z)
         self.audio_row_mask = audio_row_mask(num_codebooks, device)
         self.scratch_block, self.device = scratch_block, torch.device(device)
 
     def lane_tensors(self):
         return (self.rows, self.row_mask, self.positions, self.block_tables, self.seed, self.counter,
-                self.temperature, self.topk, self.codes, self.active, self.hidden, self.use_hidden)
+                self.temperature, self.topk, self.codes, self.active, self.hidden)
 
     def set_lanes(self, setups: list[LaneSetup], hidden: torch.Tensor | None = None) -> None:
         """Requests take lanes: one host-to-device copy for all of them (no host sync on CUDA),
@@ -158,7 +157,6 @@ class BatchState:
             if not all(with_hidden):
                 raise ValueError("set_lanes: either every joining lane has a prefill hidden row or none")
             self.hidden[lanes] = hidden[ints[:, 4]]
-        self.use_hidden[lanes] = bool(all(with_hidden))
 
     def set_lane(self, lane: int, row, row_mask, position: int, blocks: list[int], seed: int,
                  temperature: float, topk: int) -> None:
@@ -169,8 +167,7 @@ class BatchState:
         """A padding lane: reads and writes only the scratch block, samples greedily (scalar fills
         only: nothing from the host)."""
         for t, value in ((self.rows, 0), (self.row_mask, False), (self.positions, 0), (self.block_tables, self.scratch_block),
-                         (self.seed, 0), (self.counter, 0), (self.temperature, 0.0), (self.topk, 1), (self.active, 0),
-                         (self.use_hidden, False)):
+                         (self.seed, 0), (self.counter, 0), (self.temperature, 0.0), (self.topk, 1), (self.active, 0)):
             t[lane] = value
 
     def move_lane(self, src: int, dst: int) -> None:
@@ -351,25 +348,22 @@ class ModelRunner:
     # ---- one frame for lanes 0..n-1 ------------------------------------------------------------
     @torch.inference_mode()
     def decode_frame(self, n: int, backbone: bool = True) -> None:
-        """One frame for lanes 0..n-1.  backbone=False: every lane's hidden state comes from its
-        prefill (`BatchState.use_hidden`: all lanes joined at this boundary), so the frame is the
-        codebook-0 head and the depth decoder alone: first audio reads the backbone once."""
+        """One frame for lanes 0..n-1.  backbone=False: every lane just joined and its prefill ran
+        its row through the backbone (`BatchState.hidden`), so the frame is the codebook-0 head and
+        the depth decoder alone: first audio reads the backbone once.  (A lane that joins running
+        lanes runs its row again with them: their frame reads the backbone anyway.)"""
         st, bs = self.state, self.block_size
-        positions, tables, use_hidden = st.positions[:n], st.block_tables[:n], st.use_hidden[:n]
+        positions, tables = st.positions[:n], st.block_tables[:n]
         if backbone:
             # Padding lanes stay at position 0 (see `active`); clamping keeps any read in bounds (real lanes never clamp).
             block_index = (positions // bs).clamp(max=self.max_blocks - 1)
             slots = tables.gather(1, block_index[:, None])[:, 0].long() * bs + positions % bs
-            # A lane whose row the prefill ran keeps the prefill's KV: its write goes to the scratch block.
-            slots = torch.where(use_hidden, st.scratch_block * bs, slots)
             context_lens = (positions + 1).clamp(max=self.max_blocks * bs).to(torch.int32)
             x = self.ops.embed(st.rows[:n], st.row_mask[:n], self.text_table, self.audio_table)
             h = self._backbone(x, positions, slots, lambda q, k_cache, v_cache: self.ops.decode_attention(
                 q, k_cache, v_cache, tables, context_lens, self.bb.scale))
-            h = torch.where(use_hidden[:, None], st.hidden[:n], h)
         else:
             h = st.hidden[:n]
-        use_hidden.zero_()
         codes, eps, sums = st.codes[:n], self.bb.cfg.norm_eps, self.logit_sums[:, :n]
         frame = self.ops.frame_sampling(st.temperature[:n], st.topk[:n], st.seed[:n], st.counter[:n], self.n,
                                         self.vocab)

@@ -146,8 +146,7 @@ def cmd_serve(args) -> int:
     from misotts.server.voices import VoiceStore
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    engine = {"max_batch": args.max_batch, "max_waiting": args.max_waiting}
-    engine = {k: v for k, v in engine.items() if v is not None}
+    engine = _engine_settings(args)
     api_key = checks.api_key(args.api_key, os.environ.get("MISOTTS_API_KEY"))
     if args.ray:
         return _serve_on_ray(args, engine, api_key)
@@ -170,6 +169,14 @@ def cmd_serve(args) -> int:
         sock.close()
         tts.close()
     return 0
+
+
+def _engine_settings(args) -> dict:
+    """The EngineConfig fields `serve` sets (the same for its engine and for every Ray replica's);
+    the rest keep EngineConfig's defaults."""
+    engine = {"max_batch": args.max_batch, "max_waiting": args.max_waiting, "prefill_chunk": args.prefill_chunk,
+              "kv_memory_fraction": args.kv_memory_fraction}
+    return {k: v for k, v in engine.items() if v is not None}
 
 
 def _voice_aliases(given: list[str] | None) -> dict:
@@ -217,9 +224,12 @@ def _check_serve_args(args) -> None:
         raise ValueError(f"--shutdown-grace must be >= 0 seconds, got {args.shutdown_grace}")
     if args.max_connections is not None and args.max_connections < 1:
         raise ValueError(f"--max-connections must be >= 1, got {args.max_connections}")
-    for flag, value in (("--max-batch", args.max_batch), ("--max-waiting", args.max_waiting)):
+    for flag, value in (("--max-batch", args.max_batch), ("--max-waiting", args.max_waiting),
+                        ("--prefill-chunk", args.prefill_chunk)):
         if value is not None and value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")
+    if args.kv_memory_fraction is not None and not 0 < args.kv_memory_fraction <= 1:
+        raise ValueError(f"--kv-memory-fraction must be in (0, 1], got {args.kv_memory_fraction}")
     ray_only = [flag for flag, value in (("--replicas", args.replicas), ("--autoscale", args.autoscale),
                                          ("--target-ongoing", args.target_ongoing), ("--ray-address", args.ray_address),
                                          ("--threads", args.threads)) if value is not None]
@@ -288,6 +298,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--voices-dir", default="voices", help="where registered voices are stored")
     p.add_argument("--max-batch", type=int, default=None, help="engine lanes (default: 32 on CUDA, 8 on CPU)")
     p.add_argument("--max-waiting", type=int, default=None, help="queued requests before 429 (default 64)")
+    p.add_argument("--prefill-chunk", type=int, default=None,
+                   help="prompt positions prefilled per frame boundary, all admitted prompts in one call (default 512)")
+    p.add_argument("--kv-memory-fraction", type=float, default=None, metavar="F",
+                   help="share of the free GPU memory for the KV pool (default 0.8)")
     p.add_argument("--shutdown-grace", type=float, default=5.0, metavar="S",
                    help="on SIGTERM / Ctrl-C, seconds streams in flight get to finish before they are ended "
                         "(default 5; a second signal exits at once)")

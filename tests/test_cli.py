@@ -56,6 +56,8 @@ def no_loading(monkeypatch):
     (["serve", "--api-key", "clé"], r"--api-key: the API key must be printable ASCII"),
     (["serve", "--shutdown-grace", "-1"], r"--shutdown-grace must be >= 0"),
     (["serve", "--max-batch", "0"], r"--max-batch must be >= 1"),
+    (["serve", "--prefill-chunk", "0"], r"--prefill-chunk must be >= 1"),
+    (["serve", "--kv-memory-fraction", "1.5"], r"--kv-memory-fraction must be in \(0, 1\]"),
     (["convert", "tiny", "out"], r"'tiny' is a preset with random weights only: there is no checkpoint to convert"),
     (["convert", "nothere", "out"], r"nothere: no such checkpoint folder"),
 ])
@@ -218,3 +220,15 @@ def test_load_takes_dtype_names():
     assert tts.model.text_embeddings.weight.dtype == torch.float32
     with pytest.raises(ValueError, match="dtype 'half8': expected a torch dtype or one of bf16"):
         misotts.load("tiny", device="cpu", dtype="half8")
+
+
+def test_serve_passes_its_engine_settings_to_the_engine_and_the_ray_replicas():
+    from misotts.cli import _engine_settings, build_parser
+    from misotts.engine import EngineConfig
+
+    args = build_parser().parse_args(["serve", "--max-batch", "64", "--prefill-chunk", "256",
+                                      "--kv-memory-fraction", "0.6"])
+    settings = _engine_settings(args)
+    assert settings == {"max_batch": 64, "prefill_chunk": 256, "kv_memory_fraction": 0.6}
+    EngineConfig(**settings)  # every key is an EngineConfig field
+    assert _engine_settings(build_parser().parse_args(["serve"])) == {}  # unset: EngineConfig's defaults

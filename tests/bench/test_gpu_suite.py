@@ -182,7 +182,7 @@ def test_the_suite_runs_its_steps_in_order_of_value(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     order = re.findall(r"^== ([a-z0-9-]+): (?:not in STEPS|not run)", done.stdout, re.M)
     assert order == ["cuda-kernels", "cuda-engine", "bench-miso-8b", "bench-csm-1b", "kernels", "profile",
-                     "quant-frames", "peers-csm-1b", "peers-miso-8b", "pytest-cpu"]
+                     "quant-frames", "host", "peers-csm-1b", "peers-miso-8b", "pytest-cpu"]
     versions = (tmp_path / "res" / "versions.txt").read_text()
     from misotts.bench.provenance import code_version
 

@@ -84,10 +84,9 @@ def test_first_audio_reads_the_backbone_once(tiny_model, monkeypatch):
     engine.close()
 
 
-def test_a_request_joining_running_lanes_keeps_its_prefill_kv_and_equals_its_solo_run(tiny_model, monkeypatch):
-    """The joiner's first frame runs with the full backbone (others are running) but takes its
-    hidden state from the prefill and writes its row's KV to the scratch block, not over the
-    prefill's: its codes (and the running request's) equal solo runs."""
+def test_a_request_joining_running_lanes_equals_its_solo_run(tiny_model, monkeypatch):
+    """The joiner's first frame runs the full frame with the lanes already running (their frame
+    reads the backbone anyway), its row again: its codes and the running request's equal solo runs."""
     from .conftest import frames_wait_for
 
     engine = Engine(tiny_model, EngineConfig(max_batch=4))
