@@ -12,12 +12,16 @@ Each turn of the loop is a frame boundary (nano-vllm's schedule -> run -> postpr
    positions) and returns a `Plan`: lane states to move and clear (lanes left by finished
    requests, compacted so that lanes 0..n-1 are always the running ones) and prompt chunks to
    prefill (up to `prefill_chunk` positions);
-2. the engine applies the plan on the device; the requests whose prompt is written (all but its
-   last row, which the first frame runs) join the lanes the scheduler gives them;
-3. one frame for every lane (a CUDA graph replay on CUDA), every lane's audio in one batched
-   streaming Mimi call (when a running request asked for audio), then the codes are read -- the
-   one host sync per frame -- and `postprocess` keys the blocks they complete and decides who
-   ends; the engine hands the frames and ends in its outbox to the streams.
+2. the engine applies the plan on the device -- every chunk in one varlen prefill call -- and the
+   requests whose prompt is written join the lanes the scheduler gives them (their prefill ran
+   their last row too: a frame of lanes that all just joined is the depth decoder alone);
+3. one frame for every lane is enqueued (a CUDA graph replay on CUDA), the copy of its codes to
+   pinned host memory behind an event, and on the audio stream the lanes' batched streaming Mimi
+   call (when a running request asked for audio) with its copy behind another event;
+4. the previous frame is read -- the host waits only for its events, while the device runs the
+   frame just enqueued (`pipelined`, the default on CUDA; otherwise the frame just enqueued) --
+   and `postprocess` decides who ends; the engine hands the frames and ends in its outbox to the
+   streams.
 
 The scheduler (`scheduler.py`) is host-side policy that returns data and never calls the engine;
 the device side is `model_runner.py` (prefill and the batched frame), `graphs.py` (one CUDA
@@ -310,7 +314,7 @@ class Engine:
         if needed > self.pool.num_blocks:
             raise ValueError(f"this request needs {needed} KV blocks of {bs} positions but the pool has "
                              f"{self.pool.num_blocks}: raise num_blocks")
-        keys = block_keys(frames[:-1], mask[:-1], bs)  # the last row always runs in the first frame
+        keys = block_keys(frames[:-1], mask[:-1], bs)  # the last row is always prefilled: its hidden state starts the frame
         req = Request(frames, mask, params, bool(audio), keys)
         req.stream = Stream(req, self._wake, self._serving)
         req.stats.prompt_positions = frames.shape[0]

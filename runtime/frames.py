@@ -18,7 +18,7 @@ class Frame(NamedTuple):
 class RequestStats:
     prompt_positions: int = 0
     reused_positions: int = 0  # prompt positions whose KV came from the prefix cache
-    computed_positions: int = 0  # prompt positions prefilled (or run by the first frame)
+    computed_positions: int = 0  # prompt positions prefilled
     frames: int = 0
     wait_s: float = 0.0  # queued for a lane and KV blocks
     first_frame_s: float = float("nan")  # from submit to the first frame's codes on the host
