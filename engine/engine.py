@@ -183,6 +183,18 @@ def _serve(engine_ref: weakref.ref, wakeup: _Wakeup) -> None:
                 wakeup.wait(wait)
 
 
+def prefill_warmup_lengths(block_size: int, fused_rows: int) -> list[int]:
+    """Prompt chunk lengths whose prefill meets every kernel variant a request can: Triton
+    specialises integer arguments on == 1 and on divisibility by 16, the fused norm + GEMV takes its
+    row tile from the rows (16, 32, 64: one length of each tile on either side of 16's multiples),
+    and past `fused_rows` rows rmsnorm + cuBLAS take over."""
+    top, lengths, tile = max(block_size, fused_rows), {1}, 16
+    while tile <= top:
+        lengths |= {3 if tile == 16 else tile // 2 + 1, tile}
+        tile *= 2
+    return sorted(lengths | {top + 1, top + 16})
+
+
 def default_pipelined(cuda: bool) -> bool:
     """Whether the loop keeps a frame in flight when EngineConfig.pipelined is not set."""
     return cuda
@@ -258,19 +270,15 @@ class Engine:
             return (torch.zeros(length, n + 1, dtype=torch.long), torch.zeros(length, n + 1, dtype=torch.bool), 0,
                     [scratch] * -(-length // bs))
 
-        # Triton specializes on 1 and on multiples of 16; up to fused_rows rows a prefill takes the
-        # fused norm + GEMV, past it rmsnorm + cuBLAS; several sequences make a varlen call.
-        fused = self.runner.ops.fused_rows
-        for length in sorted({1, 3, bs, max(bs, fused), max(bs, fused) + 1}):
+        for length in prefill_warmup_lengths(bs, self.runner.ops.fused_rows):
             self.runner.prefill_many([chunk(length)])
-        self.runner.prefill_many([chunk(1), chunk(bs + 1)])
+        self.runner.prefill_many([chunk(1), chunk(bs + 1)])  # several sequences: the varlen metadata
         if self.stream is not None and self.config.cuda_graphs:
-            self.graphs.capture(progress)
+            self.graphs.capture(progress)  # both frames: whole, and depth-only
         elif self.config.compile:
             self._compile_buckets(progress)
         else:
-            self.runner.decode_frame(1)
-            self.runner.decode_frame(1, backbone=False)
+            self.runner.decode_frame(1)  # (the depth-only frame runs a subset of its kernels)
         if self.stream is not None:
             self.stream.synchronize()
 

@@ -70,16 +70,18 @@ def test_the_recorder_catches_what_capture_forbids():
     assert not record(lambda n: (x * 2).sum(), 1).problems
 
 
+@pytest.mark.parametrize("backbone", [True, False], ids=["frame", "depth-only"])
 @pytest.mark.parametrize("n", [1, 4])
-def test_frame_step_is_capturable_after_warm_up(n):
+def test_frame_step_is_capturable_after_warm_up(n, backbone):
     engine = Engine(make_model(), EngineConfig(max_batch=4, num_blocks=32))  # warms up the step
     fast = engine.runner
+    step = lambda n: fast.decode_frame(n, backbone)  # noqa: E731
     join_lanes(fast, n)
-    first = record(fast.decode_frame, n)
+    first = record(step, n)
     assert not first.problems, "\n".join(first.problems[:10])
     join_lanes(fast, n, start=40)  # other positions, seeds and blocks: the same ops and shapes
     fast.state.clear_lane(n - 1)
-    second = record(fast.decode_frame, n)
+    second = record(step, n)
     assert not second.problems
     assert second.trace == first.trace
     engine.close()
@@ -94,6 +96,7 @@ def test_frame_step_runs_on_tensors_without_data():
     assert fast.state.codes.is_meta
     for n in (1, 3):
         fast.decode_frame(n)
+        fast.decode_frame(n, backbone=False)
 
 
 # ---- prefill: eager, but no host-to-device copy per layer -------------------------------------------
@@ -130,7 +133,7 @@ def test_warm_up_launches_every_kernel_a_request_launches(monkeypatch):
         return run(self, *args, **kwargs)
 
     monkeypatch.setattr(InterpretedFunction, "run", recording_run)
-    engine = Engine(make_model(), EngineConfig(max_batch=2, num_blocks=32, ops="triton"))
+    engine = Engine(make_model(), EngineConfig(max_batch=2, num_blocks=32, ops="triton", pipelined=False))
     at_load = set(launched)
     launched.clear()
     frames, mask = prompt("a prompt long enough to fill a block of sixteen positions and then some")

@@ -85,7 +85,7 @@ def test_triton_ops_in_the_interpreter_equal_reference():
     Triton's CPU interpreter gives the reference codes: checks the engine's calls to the kernels."""
     frames, mask = prompt("Hi!", 0, history(1, frames=10))  # 28 rows: a two-block prefill
     model = make_model()
-    engine = Engine(model, EngineConfig(max_batch=1, ops="triton"))
+    engine = Engine(model, EngineConfig(max_batch=1, ops="triton", pipelined=False))
     kw = SETTINGS[1]
     ref = generate_codes(model, frames, mask, 2, stop_on_eos=False, **kw)
     assert torch.equal(generate(engine, frames, mask, 2, stop_on_eos=False, **kw), ref)
@@ -106,7 +106,7 @@ def test_triton_ops_with_requests_joining_and_leaving_equal_reference(monkeypatc
             for (f, m), n, t, s in ((prompt("Hi!"), 3, 0.9, 7), (prompt("Yo", 1), 1, 0.0, 0),
                                     (prompt("Ok.", 0), 2, 0.9, 3))]
     want = [generate_codes(model, **r) for r in reqs]
-    engine = Engine(model, EngineConfig(max_batch=2, ops="triton", wait_timeout_s=3600.0))  # interpreted: slow frames
+    engine = Engine(model, EngineConfig(max_batch=2, ops="triton", wait_timeout_s=3600.0, pipelined=False))  # interpreted: slow frames (the loop order is tested with the torch ops)
     submitted, results = [], [None] * len(reqs)
     frames_wait_for(monkeypatch, engine, submitted, len(reqs), timeout=600.0)  # frame 2 waits for all three
 

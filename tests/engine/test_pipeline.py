@@ -122,3 +122,21 @@ def test_first_audio_breakdown_sums_to_what_the_caller_waited(tiny_model):
     assert 0 < parts["total"] <= waited_ms  # the caller waited at least that (submit is inside)
     # the prefill and the frame are real work on a CPU; with audio asked for, so is its decode
     assert parts["prefill"] > 0 and parts["first_frame"] > 0 and parts["audio_decode"] > 0, parts
+
+
+def test_warm_up_prefill_lengths_cover_every_kernel_variant_a_chunk_can_meet():
+    """Every chunk length 1..200 falls in the same variant class as some warm-up length: the fused
+    norm + GEMV's row tile (read from its launcher, bf16), Triton's == 1 and divisible-by-16
+    specialisations, and fused vs rmsnorm + cuBLAS past fused_rows."""
+    from misotts.engine.engine import prefill_warmup_lengths
+    from misotts.engine.ops import TritonOps
+    from misotts.kernels.norm_linear import _tiles
+
+    fused = TritonOps.fused_rows
+
+    def variant(rows):
+        tile = _tiles(rows, 4096, torch.bfloat16)[0] if rows <= fused else None
+        return tile, rows == 1, rows % 16 == 0
+
+    warmed = {variant(n) for n in prefill_warmup_lengths(16, fused)}
+    assert {variant(n) for n in range(1, 201)} <= warmed
