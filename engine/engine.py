@@ -435,7 +435,7 @@ class Engine:
 
     def stats(self) -> dict:
         s = self.scheduler
-        return {"ops": self.runner.ops.name, "graphs": len(self.graphs.graphs),
+        return {"ops": self.runner.ops.name, "graphs": len(self.graphs.graphs), "pipelined": self.pipelined,
                 "reused_positions": self.pool.reused_positions, "computed_positions": self.pool.computed_positions,
                 "frames_run": self.frames_run, "running": len(s.lanes), "waiting": len(s.waiting),
                 "blocks_total": self.pool.num_blocks, "blocks_available": self.pool.available(),
