@@ -39,20 +39,20 @@ def max_passing(passes: Callable[[int], bool], cap: int, max_tries: int, known: 
         return known[n]
 
     stopped = ""
-    while fail == cap + 1 and lo < cap:  # doubling
-        n = min(cap, max(1, 2 * lo))
+
+    def step(n: int) -> bool:
+        """Try load n and narrow (lo, fail); False when out of tries or time."""
+        nonlocal lo, fail, stopped
         if n not in known and (stopped := stop()):
-            break
+            return False
         if check(n):
             lo = n
         else:
             fail = n
-    while not stopped and fail - lo > 1:  # bisection
-        n = (lo + fail) // 2
-        if n not in known and (stopped := stop()):
-            break
-        if check(n):
-            lo = n
-        else:
-            fail = n
+        return True
+
+    while fail == cap + 1 and lo < cap and step(min(cap, max(1, 2 * lo))):  # doubling
+        pass
+    while not stopped and fail - lo > 1 and step((lo + fail) // 2):  # bisection
+        pass
     return SearchResult(lo, fail if fail <= cap else None, fail - lo <= 1, tried, stopped)
