@@ -5,6 +5,7 @@ the test's are the same one, used one request at a time, so pcm16 is byte-equal)
 import base64
 import json
 import threading
+import time
 
 import httpx
 import openai
@@ -158,18 +159,33 @@ def test_a_full_queue_is_429_with_retry_after(tts):
     try:
         with running(create_app(small)) as url, httpx.Client(timeout=TIMEOUT) as client:
             with client.stream("POST", f"{url}/v1/audio/speech", json=body) as running_one:
-                next(running_one.iter_raw())
-                queued_done = threading.Event()
+                # Keep the iterator: a dropped httpx iter_raw generator closes the connection at once,
+                # the server cancels the first request, and the second could take the lane before it
+                # is ever seen waiting (the CI flake of this test).
+                first_chunks = running_one.iter_raw()
+                next(first_chunks)
+                queued_done, queued_failed = threading.Event(), []
 
                 def queued():
-                    with httpx.stream("POST", f"{url}/v1/audio/speech", json=body, timeout=TIMEOUT) as r:
-                        assert r.status_code == 200
-                        next(r.iter_raw())
-                    queued_done.set()
+                    try:
+                        with httpx.stream("POST", f"{url}/v1/audio/speech", json=body, timeout=TIMEOUT) as r:
+                            assert r.status_code == 200, (r.status_code, r.read())
+                            next(r.iter_raw())
+                        queued_done.set()
+                    except BaseException as err:  # noqa: BLE001 -- said by the wait below, not lost in the thread
+                        queued_failed.append(err)
 
                 thread = threading.Thread(target=queued, daemon=True)
                 thread.start()
-                wait_for(lambda: small.engine.stats()["waiting"] == 1, 30, "the second request to queue")
+
+                def second_queued() -> bool:
+                    assert not queued_failed, f"the second request failed: {queued_failed[0]!r}"
+                    return small.engine.stats()["waiting"] == 1
+
+                deadline = time.monotonic() + 30
+                while not second_queued():  # what the engine holds is in the message if it never does
+                    assert time.monotonic() < deadline, f"the second request never queued: {small.engine.stats()}"
+                    time.sleep(0.05)
                 refused = client.post(f"{url}/v1/audio/speech", json=body)
                 assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
                 assert refused.json()["error"]["type"] == "rate_limit_error"
