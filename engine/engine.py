@@ -234,11 +234,10 @@ class Engine:
         self.pipelined = default_pipelined(cuda) if config.pipelined is None else config.pipelined
         # Per in-flight slot (two: the frame being read and the one running): the frame's codes on
         # the device (what its Mimi decode reads) and on the host (pinned: copied without a sync).
-        n_codes = model.config.num_codebooks
+        codes = self.runner.state.codes
         with torch.inference_mode(False):  # plain tensors, whatever the caller's mode: the engine thread writes them
-            self._codes_dev = [torch.zeros_like(self.runner.state.codes) for _ in range(2)]
-            self._codes_host = [torch.zeros(self.max_batch, n_codes, dtype=torch.long, pin_memory=cuda)
-                                for _ in range(2)]
+            self._codes_dev = [torch.zeros_like(codes) for _ in range(2)]
+            self._codes_host = [torch.zeros(codes.shape, dtype=codes.dtype, pin_memory=cuda) for _ in range(2)]
         self._audio_host: list[torch.Tensor] = []  # the same for the audio, made with the decoder
         self._inflight: deque[_InFlight] = deque()
         self.frames_enqueued = 0
@@ -523,7 +522,7 @@ class Engine:
         up the requests that join, then enqueue one frame for every lane.  Nothing here waits for
         the device.  Returns whether a frame was enqueued."""
         started = self._mark(timing=True) if plan.prefill else None
-        hidden, rows, failed = self._prefill([c for c in plan.prefill if c.end > c.start])
+        hidden, rows, failed = self._prefill(plan.prefill)
         prefilled = self._mark(timing=True) if plan.prefill else None
         joins = self.scheduler.prefilled(plan, failed)
         if joins:
@@ -608,7 +607,7 @@ class Engine:
             audio_at = self._wait(frame.audio_done)
             audio = self._audio_host[frame.slot][:n].clone()
         started, prefilled = frame.prefill_marks
-        if frame.joined and not isinstance(started, (float, type(None))):
+        if frame.joined and isinstance(started, torch.cuda.Event):
             # On a GPU the prefill ran after the host enqueued it: its device time belongs to the prefill.
             device_s = started.elapsed_time(prefilled) / 1e3
             for req in frame.joined:

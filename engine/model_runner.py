@@ -17,6 +17,7 @@ made sync-free where the reference syncs) or `TritonOps` (the launchers in misot
 """
 from __future__ import annotations
 
+from itertools import accumulate
 from typing import NamedTuple
 
 import torch
@@ -64,20 +65,12 @@ class PrefillChunk:
         self.block_table = meta[2 * k + 1:].view(k, -1)
         self.lengths, self.context_list = lengths, context_list
 
-    @property
-    def context_len(self) -> int:  # one sequence's (the single-sequence callers')
-        return self.context_list[0]
-
     @staticmethod
-    def host_meta(lengths: list[int], starts: list[int], blocks: list[list[int]], pad_block: int) -> list[int]:
+    def host_meta(cu_seqlens: list[int], context_list: list[int], blocks: list[list[int]], pad_block: int) -> list[int]:
         """The metadata as one list of ints: cu_seqlens, context_lens, the block tables padded
         with pad_block to one width."""
-        cu = [0]
-        for n in lengths:
-            cu.append(cu[-1] + n)
         width = max(1, max(len(b) for b in blocks))
-        return [*cu, *(s + n for s, n in zip(starts, lengths)),
-                *(i for b in blocks for i in (*b, *[pad_block] * (width - len(b))))]
+        return [*cu_seqlens, *context_list, *(i for b in blocks for i in (*b, *[pad_block] * (width - len(b))))]
 
 
 # ---- the batch state: everything a frame reads or writes ------------------------------------
@@ -128,8 +121,10 @@ class BatchState:
         self.scratch_block, self.device = scratch_block, torch.device(device)
 
     def lane_tensors(self):
+        """What a lane carries from frame to frame (and a move takes along).  Not `hidden`: only a
+        depth-only frame reads it, whose lanes all just joined, and a join sets it."""
         return (self.rows, self.row_mask, self.positions, self.block_tables, self.seed, self.counter,
-                self.temperature, self.topk, self.codes, self.active, self.hidden)
+                self.temperature, self.topk, self.codes, self.active)
 
     def set_lanes(self, setups: list[LaneSetup], hidden: torch.Tensor | None = None) -> None:
         """Requests take lanes: one host-to-device copy for all of them (no host sync on CUDA),
@@ -299,14 +294,16 @@ class ModelRunner:
         (not final-normed; a device tensor, no sync): a chunk that ends its prompt hands it to
         that request's first frame (`LaneSetup.hidden_row`)."""
         lengths, starts = [c[0].shape[0] for c in chunks], [c[2] for c in chunks]
-        t, k, w = sum(lengths), len(chunks), chunks[0][0].shape[1]
+        cu = [0, *accumulate(lengths)]
+        contexts = [s + n for s, n in zip(starts, lengths)]
+        t, k, w = cu[-1], len(chunks), chunks[0][0].shape[1]
         ints = []  # every position, its chunk, each chunk's last row, then the attention's metadata
         for start, length in zip(starts, lengths):
             ints += range(start, start + length)
         for i, length in enumerate(lengths):
             ints += [i] * length
-        ints += [sum(lengths[:i + 1]) - 1 for i in range(k)]
-        ints += PrefillChunk.host_meta(lengths, starts, [c[3] for c in chunks], self.kv.scratch_block)
+        ints += [end - 1 for end in cu[1:]]
+        ints += PrefillChunk.host_meta(cu, contexts, [c[3] for c in chunks], self.kv.scratch_block)
         rows = torch.cat([torch.cat([f, m.long()], 1) for f, m, *_ in chunks]).long()
         # One host-to-device copy for the call (on CUDA each copy of host data stalls the host).
         packed = to_device(torch.cat([rows.flatten(), torch.tensor(ints, dtype=torch.long)]), self.device)
@@ -314,7 +311,7 @@ class ModelRunner:
         frames, mask = rows[:, :w].contiguous(), rows[:, w:].bool()
         positions, seq_of_row, last_rows = packed[:t], packed[t:2 * t], packed[2 * t:2 * t + k]
         meta = packed[2 * t + k:].to(torch.int32)
-        chunk = PrefillChunk(meta, lengths, [s + n for s, n in zip(starts, lengths)])
+        chunk = PrefillChunk(meta, lengths, contexts)
         tables = chunk.block_table.long()
         slots = tables[seq_of_row, positions // self.block_size] * self.block_size + positions % self.block_size
         x = self.ops.embed(frames, mask, self.text_table, self.audio_table)

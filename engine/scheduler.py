@@ -32,8 +32,8 @@ from .requests import EngineBusy, Request
 
 @dataclass
 class Chunk:
-    """Prompt positions start..end-1 of `req` to prefill (end == start: nothing left to write,
-    the request only joins)."""
+    """Prompt positions start..end-1 of `req` to prefill (end > start: a prompt's last row is
+    always prefilled, so a request never joins without a chunk)."""
 
     req: Request
     start: int
@@ -96,7 +96,7 @@ class Scheduler:
                 continue
             if admitted:
                 self.waiting.popleft()
-                req.stats.wait_s = req.stats.admitted_s = waited
+                req.stats.wait_s = waited
                 self.prefilling.append(req)
                 continue
             if waited > self.wait_timeout_s:

@@ -20,16 +20,15 @@ class RequestStats:
     reused_positions: int = 0  # prompt positions whose KV came from the prefix cache
     computed_positions: int = 0  # prompt positions prefilled
     frames: int = 0
-    wait_s: float = 0.0  # queued for a lane and KV blocks
+    wait_s: float = 0.0  # queued for a lane and KV blocks (from submit to admission)
     first_frame_s: float = float("nan")  # from submit to the first frame's codes on the host
     total_s: float = float("nan")
     finish: str = ""  # "eos", "max_frames", "cancelled" or "error"
     # Where first audio goes: marks in seconds from submit, in the order a first frame passes them
-    # (nan until reached).  Admitted: a lane and KV blocks taken; prompt written: its prefill is
-    # done (on a GPU, the prefill's device time, measured by events, is counted here, not in the
-    # frame); first_frame_s: the first frame's codes on the host; audio ready: its samples on the
-    # host (= the codes' mark without audio); received: the caller took it from the stream.
-    admitted_s: float = float("nan")
+    # (nan until reached).  wait_s: admitted; prompt written: its prefill is done (on a GPU, the
+    # prefill's device time, measured by events, is counted here, not in the frame); first_frame_s:
+    # the first frame's codes on the host; audio ready: its samples on the host (= the codes' mark
+    # without audio); received: the caller took it from the stream.
     prompt_written_s: float = float("nan")
     audio_ready_s: float = float("nan")
     received_s: float = float("nan")
@@ -38,7 +37,7 @@ class RequestStats:
         """The first frame's time from submit to the caller, in ms, split into queue, prefill,
         first_frame, audio_decode and hand_off: consecutive differences of the marks, so they sum
         to total (nan until the caller has the first frame)."""
-        marks = [0.0, self.admitted_s, self.prompt_written_s, self.first_frame_s, self.audio_ready_s,
+        marks = [0.0, self.wait_s, self.prompt_written_s, self.first_frame_s, self.audio_ready_s,
                  self.received_s]
         names = ("queue", "prefill", "first_frame", "audio_decode", "hand_off")
         out = {name: (b - a) * 1e3 for name, a, b in zip(names, marks, marks[1:])}

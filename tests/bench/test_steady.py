@@ -77,7 +77,7 @@ def test_search_starts_from_known_loads_and_stops_at_its_bounds():
 # ---- the first-audio breakdown --------------------------------------------------------------------
 
 def stats(admitted, written, first, audio, received):
-    return RequestStats(admitted_s=admitted, prompt_written_s=written, first_frame_s=first, audio_ready_s=audio,
+    return RequestStats(wait_s=admitted, prompt_written_s=written, first_frame_s=first, audio_ready_s=audio,
                         received_s=received)
 
 
