@@ -62,17 +62,21 @@ class NullRunner:
 
 
 class _Timed:
-    """Wraps a bound method, adding the seconds spent in it to `total`."""
+    """Wraps a bound method, noting when each call ran (perf_counter start, end)."""
 
     def __init__(self, fn):
-        self.fn, self.total = fn, 0.0
+        self.fn, self.calls = fn, []
 
     def __call__(self, *args, **kwargs):
         start = time.perf_counter()
         try:
             return self.fn(*args, **kwargs)
         finally:
-            self.total += time.perf_counter() - start
+            self.calls.append((start, time.perf_counter()))
+
+    def within(self, t0: float, t1: float) -> float:
+        """Seconds spent in it inside [t0, t1] (a call that straddles an end counts its part inside)."""
+        return sum(max(0.0, min(b, t1) - max(a, t0)) for a, b in list(self.calls))
 
 
 def _prompt(config, rows: int, seed: int):
@@ -128,7 +132,7 @@ def measure(model_name: str, batch: int, frames: int, prompt_rows: int = 64, tim
         if time.monotonic() > deadline:
             raise TimeoutError(f"batch {batch}: not every stream started within {timeout_s} s")
         time.sleep(0.001)
-    run0, post0, hand0, t0 = engine.frames_run, postprocess.total, hand_out.total, time.perf_counter()
+    run0, t0 = engine.frames_run, time.perf_counter()
     while engine.frames_run - run0 < frames:
         if time.monotonic() > deadline:
             raise TimeoutError(f"batch {batch}: {engine.frames_run - run0} of {frames} frames in {timeout_s} s")
@@ -136,7 +140,7 @@ def measure(model_name: str, batch: int, frames: int, prompt_rows: int = 64, tim
     made, wall = engine.frames_run - run0, time.perf_counter() - t0
     if any(s.stats.finish for s in streams):
         raise RuntimeError(f"batch {batch}: a stream ended inside the window (lower --frames)")
-    post, hand = postprocess.total - post0, hand_out.total - hand0
+    post, hand = postprocess.within(t0, t0 + wall), hand_out.within(t0, t0 + wall)
     backlog = made * batch - (sum(taken) - batch)  # frames handed out in the window not yet taken
     stop.set()
     for s in streams:
