@@ -71,17 +71,28 @@ def test_prompts_admitted_together_prefill_in_one_call_and_start_with_a_depth_on
 
 
 def test_first_audio_reads_the_backbone_once(tiny_model, monkeypatch):
-    """Before, the prompt's last row ran again in the first frame: two backbone passes."""
+    """Before, the prompt's last row ran again in the first frame: two backbone passes.  Now the
+    first frame is enqueued after one pass (the whole prompt) and runs none of its own; the passes
+    are counted where each frame is enqueued, so the engine running on meanwhile cannot blur it."""
     engine = Engine(tiny_model, EngineConfig(max_batch=2))
-    passes, backbone = [], engine.runner._backbone
+    passes, backbone, run = [], engine.runner._backbone, engine.graphs.run
+    passes_before_frame = []  # (passes so far, passes the frame itself ran) per frame
+
+    def counted_run(n, backbone=True):
+        before = len(passes)
+        result = run(n, backbone)
+        passes_before_frame.append((before, len(passes) - before))
+        return result
+
     monkeypatch.setattr(engine.runner, "_backbone", lambda *a: passes.append(a[0].shape[0]) or backbone(*a))
+    monkeypatch.setattr(engine.graphs, "run", counted_run)
     frames, mask = prompt()
-    stream = submit(engine, frames, mask, 3, seed=1, **GEN)
-    next(iter(stream))
-    assert passes[0] == frames.shape[0]  # the whole prompt, its last row included, in one pass ...
-    assert len(passes) <= 2  # ... and at most the second frame's pass by the time the first is out
-    stream.cancel()
+    codes = submit(engine, frames, mask, 3, seed=1, **GEN).codes()
     engine.close()
+    assert len(codes) == 3
+    assert passes[0] == frames.shape[0]  # the whole prompt, its last row included, in one pass ...
+    assert passes_before_frame[0] == (1, 0)  # ... before the first frame, which runs no backbone pass
+    assert all(own == 1 for _, own in passes_before_frame[1:])  # the later frames run one each
 
 
 def test_a_request_joining_running_lanes_equals_its_solo_run(tiny_model, monkeypatch):
